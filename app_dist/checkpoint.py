@@ -1,0 +1,220 @@
+"""Megabatch checkpoints: written atomically, verified on load, never loaded half-written.
+
+Layout: RUN_DIR/checkpoints/megabatch-0003/
+    state.pt        rank 0: engine state (model, optimizer, scheduler), masks, run state
+    rank-00001.pt   every rank: its RNG states
+    COMPLETE.json   written last: megabatch, world size, sha256 of every file above
+
+All files are written into a hidden temporary folder which is renamed into place only after
+COMPLETE.json is in it, so a folder named megabatch-NNNN is complete or absent. The run
+directory must be shared by all ranks (as on any cluster file system).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app_dist.distributed import Platform
+from app_dist.errors import CheckpointError
+
+log = logging.getLogger("app_dist")
+
+MARKER = "COMPLETE.json"
+STATE = "state.pt"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_torch_save(value: Any, path: Path) -> None:
+    """torch.save to a temporary name, fsync, then rename over `path`."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("wb") as handle:
+        torch.save(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types torch.load(weights_only=True) accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    *internal, version = state["python"]
+    random.setstate((version, tuple(internal), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint folder."""
+
+    path: Path
+    megabatch: int
+    world_size: int
+
+    def load_state(self) -> dict[str, Any]:
+        return _load(self.path / STATE)
+
+    def load_rank_state(self, rank: int) -> dict[str, Any]:
+        return _load(self.path / _rank_file(rank))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
+
+
+class Checkpointer:
+    """Saves and finds the megabatch checkpoints of one run directory."""
+
+    def __init__(self, run_dir: Path, platform: Platform, keep_last: int) -> None:
+        self.root = run_dir / "checkpoints"
+        self.platform = platform
+        self.keep_last = keep_last
+
+    def folder(self, megabatch: int) -> Path:
+        return self.root / f"megabatch-{megabatch:04d}"
+
+    def save(self, megabatch: int, state: dict[str, Any]) -> Path:
+        """Write checkpoint `megabatch`. Call on every rank; `state` matters on rank 0 only."""
+        final = self.folder(megabatch)
+        staging = self.root / f".{final.name}.incomplete"
+        if self.platform.is_primary:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if staging.exists():  # left by a crash during an earlier save: never valid
+                shutil.rmtree(staging)
+            staging.mkdir()
+        self.platform.barrier()
+        atomic_torch_save(rng_state(), staging / _rank_file(self.platform.rank))
+        if self.platform.is_primary:
+            atomic_torch_save(state, staging / STATE)
+        self.platform.barrier()
+        if self.platform.is_primary:
+            self._seal(staging, final, megabatch)
+            self._retire_old()
+        self.platform.barrier()
+        return final
+
+    def _seal(self, staging: Path, final: Path, megabatch: int) -> None:
+        files = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
+        marker = {
+            "megabatch": megabatch,
+            "world_size": self.platform.world_size,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "sha256": {name: _sha256(staging / name) for name in files},
+        }
+        temporary = staging / f".{MARKER}.tmp"
+        temporary.write_text(json.dumps(marker, indent=1))
+        os.replace(temporary, staging / MARKER)
+        _fsync_dir(staging)
+        if final.exists():
+            # Only happens when a resume skipped a damaged newer checkpoint: keep it for
+            # inspection rather than deleting it.
+            aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
+            log.warning("keeping the unusable checkpoint %s as %s", final, aside)
+            os.replace(final, aside)
+        os.replace(staging, final)
+        _fsync_dir(self.root)
+
+    def _retire_old(self) -> None:
+        valid = [c for c in self._scan() if isinstance(c, Checkpoint)]
+        for old in valid[: -self.keep_last]:
+            shutil.rmtree(old.path)
+
+    def _scan(self) -> list[Checkpoint | tuple[Path, str]]:
+        """Every megabatch-NNNN folder, oldest first: a Checkpoint, or (path, why not)."""
+        if not self.root.is_dir():
+            return []
+        found: list[Checkpoint | tuple[Path, str]] = []
+        for folder in sorted(self.root.glob("megabatch-[0-9][0-9][0-9][0-9]")):
+            problem = verify(folder)
+            if problem:
+                found.append((folder, problem))
+            else:
+                marker = json.loads((folder / MARKER).read_text())
+                found.append(Checkpoint(folder, marker["megabatch"], marker["world_size"]))
+        return found
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies, chosen on rank 0 and agreed by all ranks.
+        Damaged newer ones are reported and left on disk."""
+        choice = None
+        if self.platform.is_primary:
+            for item in reversed(self._scan()):
+                if isinstance(item, Checkpoint):
+                    choice = (str(item.path), item.megabatch, item.world_size)
+                    break
+                log.warning("skipping checkpoint %s: %s", item[0], item[1])
+        choice = self.platform.broadcast_object(choice)
+        if choice is None:
+            return None
+        return Checkpoint(Path(choice[0]), choice[1], choice[2])
+
+
+def verify(folder: Path) -> str | None:
+    """None when the folder is a complete checkpoint whose files match their sha256,
+    else a one-line reason."""
+    marker_path = folder / MARKER
+    if not marker_path.is_file():
+        return f"no {MARKER} (incomplete write)"
+    try:
+        marker = json.loads(marker_path.read_text())
+        expected = marker["sha256"]
+        int(marker["megabatch"]), int(marker["world_size"])
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{MARKER} is unreadable ({error})"
+    if STATE not in expected:
+        return f"{MARKER} lists no {STATE}"
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its sha256 (corrupt or truncated)"
+    return None

@@ -1,0 +1,25 @@
+"""Training engines: how a model, its optimizer and its masks take one step on one rank.
+
+The megabatch loop talks only to the `Engine` interface; `build_engine` picks the
+implementation named by `engine.kind`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from app_dist.config import Config
+from app_dist.distributed import Platform
+from app_dist.engine.base import Engine, StepResult
+from app_dist.pruning.masks import MaskSet
+
+
+def build_engine(config: Config, model: nn.Module, masks: MaskSet, platform: Platform) -> Engine:
+    if config.engine.kind == "ddp":
+        from app_dist.engine.ddp import DDPEngine
+
+        return DDPEngine(model, masks, platform, config.train)
+    raise ValueError(f"unknown engine.kind '{config.engine.kind}'")
+
+
+__all__ = ["Engine", "StepResult", "build_engine"]

@@ -1,0 +1,94 @@
+"""The DDP engine: torch DistributedDataParallel (or the bare model in a single process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import MultiStepLR
+
+from app_dist.config import TrainSettings
+from app_dist.distributed import Platform
+from app_dist.engine.base import StepResult
+from app_dist.pruning.masks import MaskSet
+
+
+class DDPEngine:
+    def __init__(self, model: nn.Module, masks: MaskSet, platform: Platform,
+                 settings: TrainSettings) -> None:
+        self.platform = platform
+        self.settings = settings
+        self.module = model.to(platform.device)
+        self.masks = masks
+        # Masks are registered before wrapping; buffers are not broadcast every forward because
+        # that would hide a mask divergence (masks are checked by checksum instead) and BN
+        # statistics are averaged once per epoch in end_epoch.
+        self.model: nn.Module = (
+            DistributedDataParallel(self.module, broadcast_buffers=False,
+                                    device_ids=[platform.device.index]
+                                    if platform.device.type == "cuda" else None)
+            if platform.distributed else self.module
+        )
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.lr,
+                                         momentum=settings.momentum,
+                                         weight_decay=settings.weight_decay)
+        self.scheduler = self._new_scheduler()
+
+    def _new_scheduler(self) -> MultiStepLR:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr
+            group["initial_lr"] = self.settings.lr
+        return MultiStepLR(self.optimizer, milestones=list(self.settings.milestones),
+                           gamma=self.settings.gamma)
+
+    def start_megabatch(self) -> None:
+        self.scheduler = self._new_scheduler()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        images = images.to(self.platform.device, non_blocking=True)
+        labels = labels.to(self.platform.device, non_blocking=True)
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.masks.apply_to_weights()
+        with torch.no_grad():
+            correct = (logits.argmax(1) == labels).sum()
+        return StepResult(loss.detach() * labels.numel(), correct, labels.numel())
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+        self._average_batchnorm_statistics()
+
+    @torch.no_grad()
+    def _average_batchnorm_statistics(self) -> None:
+        """Each rank's BN running statistics saw only its own batches: average them so every
+        rank holds the same model (as timm's distribute_bn does)."""
+        if not self.platform.distributed:
+            return
+        stats = [buffer for name, buffer in self.module.named_buffers()
+                 if name.endswith(("running_mean", "running_var"))]
+        if not stats:
+            return
+        flat = torch.cat([s.reshape(-1) for s in stats])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.platform.world_size
+        for stat, averaged in zip(stats, flat.split([s.numel() for s in stats])):
+            stat.copy_(averaged.view_as(stat))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

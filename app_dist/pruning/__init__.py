@@ -1,0 +1,1 @@
+"""Pruning: density schedules, scoring criteria, thresholds and the masks the engine owns."""

@@ -1,0 +1,137 @@
+"""Masks the engine owns: one 0/1 buffer per prunable weight, applied in three places.
+
+1. Forward: a masked layer computes with `weight * weight_mask`, so a pruned weight never
+   reaches an output, whatever the optimizer did to it.
+2. Backward: a hook on each prunable parameter multiplies its gradient by the mask. Parameter
+   hooks run before DDP's reducer, so the all-reduced gradient is already masked.
+3. After every optimizer step and at every pruning step the weights are multiplied by the mask
+   again, and momentum at newly pruned positions is zeroed, so nothing comes back through
+   momentum or weight decay (PITFALLS.md, "Masks").
+
+We do not use torch.nn.utils.prune: it renames `weight` to `weight_orig`, and loading such a
+state dict into an unpruned model silently loses the trained weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app_dist.models import classifier_of
+
+
+class MaskedConv2d(nn.Conv2d):
+    weight_mask: torch.Tensor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight * self.weight_mask, self.bias)
+
+
+class MaskedLinear(nn.Linear):
+    weight_mask: torch.Tensor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight * self.weight_mask, self.bias)
+
+
+_MASKED_CLASS = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
+
+
+def attach_masks(model: nn.Module, include_linear: bool = False) -> dict[str, torch.Tensor]:
+    """Give every prunable layer an all-ones `weight_mask` buffer and a masked forward.
+
+    Prunable: every Conv2d; with include_linear, every Linear but the classifier. The layer's
+    class is swapped in place to its masked subclass so the parameter objects and the state
+    dict names (`...weight`) stay exactly as they were. Call before wrapping in DDP.
+    Returns {parameter name: mask buffer}.
+    """
+    classifier = classifier_of(model)
+    masks: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        kind = type(module)
+        prunable = kind is nn.Conv2d or (include_linear and kind is nn.Linear
+                                         and module is not classifier)
+        if not prunable:
+            continue
+        module.register_buffer("weight_mask", torch.ones_like(module.weight, dtype=torch.float32))
+        module.__class__ = _MASKED_CLASS[kind]
+        masks[f"{name}.weight"] = module.weight_mask
+    if not masks:
+        raise ValueError("the model has no prunable layer (Conv2d, or Linear with include_linear)")
+    return masks
+
+
+class MaskSet:
+    """The prunable weights of a model and their masks, addressed by parameter name."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        self.masks = masks
+        self.weights = {name: params[name] for name in masks}
+        self._hooks = [
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+            for weight, mask in zip(self.weights.values(), self.masks.values())
+        ]
+
+    @property
+    def total(self) -> int:
+        return sum(mask.numel() for mask in self.masks.values())
+
+    @property
+    def kept(self) -> int:
+        return int(sum(int(mask.count_nonzero()) for mask in self.masks.values()))
+
+    def density(self) -> float:
+        return self.kept / self.total
+
+    def layer_densities(self) -> dict[str, float]:
+        return {name: float(mask.mean()) for name, mask in self.masks.items()}
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        """Re-zero pruned weights (after every optimizer step): one fused foreach kernel."""
+        weights = list(self.weights.values())
+        torch._foreach_mul_(weights, [m.to(w.dtype) for m, w in zip(self.masks.values(), weights)])
+
+    @torch.no_grad()
+    def update(self, new_masks: dict[str, torch.Tensor],
+               optimizer: torch.optim.Optimizer | None) -> None:
+        """Install new masks in place (the buffers keep their identity for DDP and hooks),
+        zero the weights and every optimizer state slot at the pruned positions."""
+        for name, mask in self.masks.items():
+            mask.copy_(new_masks[name].to(mask.device, mask.dtype))
+        self.apply_to_weights()
+        if optimizer is not None:
+            zero_optimizer_state(optimizer, self)
+
+    def checksums(self) -> torch.Tensor:
+        """One int64 per layer, equal across ranks iff the masks are bit-identical (almost
+        surely): the first 8 bytes of the sha256 of the packed mask bits."""
+        values = []
+        for mask in self.masks.values():
+            bits = mask.detach().bool().cpu().flatten().numpy()
+            digest = hashlib.sha256(bits.tobytes()).digest()
+            values.append(int.from_bytes(digest[:8], "little", signed=True))
+        return torch.tensor(values, dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: mask.detach().bool().cpu().clone() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        missing = set(self.masks) ^ set(saved)
+        if missing:
+            raise KeyError(f"mask names differ from the model's: {sorted(missing)[:3]}")
+        self.update(saved, optimizer=None)
+
+
+@torch.no_grad()
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, masks: MaskSet) -> None:
+    """Zero every tensor-valued optimizer state of shape weight at pruned positions
+    (SGD momentum_buffer, Adam exp_avg/exp_avg_sq, ...)."""
+    for weight, mask in zip(masks.weights.values(), masks.masks.values()):
+        for value in optimizer.state.get(weight, {}).values():
+            if torch.is_tensor(value) and value.shape == weight.shape:
+                value.mul_(mask.to(value.dtype))

@@ -71,19 +71,24 @@ def rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+        "python": _python_rng_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _python_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    *internal, version = state["python"]
-    random.setstate((version, tuple(internal), None))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -121,8 +126,9 @@ class Checkpointer:
     def folder(self, megabatch: int) -> Path:
         return self.root / f"megabatch-{megabatch:04d}"
 
-    def save(self, megabatch: int, state: dict[str, Any]) -> Path:
-        """Write checkpoint `megabatch`. Call on every rank; `state` matters on rank 0 only."""
+    def save(self, megabatch: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Write checkpoint `megabatch`. Call on every rank: `state` is saved from rank 0,
+        `rank_state` (plus the RNG states) from every rank into its own file."""
         final = self.folder(megabatch)
         staging = self.root / f".{final.name}.incomplete"
         if self.platform.is_primary:
@@ -131,7 +137,8 @@ class Checkpointer:
                 shutil.rmtree(staging)
             staging.mkdir()
         self.platform.barrier()
-        atomic_torch_save(rng_state(), staging / _rank_file(self.platform.rank))
+        atomic_torch_save({"rng": rng_state(), **rank_state},
+                          staging / _rank_file(self.platform.rank))
         if self.platform.is_primary:
             atomic_torch_save(state, staging / STATE)
         self.platform.barrier()

@@ -177,7 +177,8 @@ def validate(config: Config) -> None:
     _one_of("data.augment", data.augment, AUGMENTATIONS)
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1")
-    _require(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size, "must be >= 1")
+    _require(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size,
+             "must be >= 1")
     _require(len(config.model.mean) == len(config.model.std), "model.std", config.model.std,
              "must have as many entries as model.mean")
     _require(all(s > 0 for s in config.model.std), "model.std", config.model.std, "must be > 0")

@@ -176,10 +176,15 @@ class MegabatchLoop:
         return Evaluation(correct=int(sums[0]), count=count, loss=float(sums[2]) / max(1, count))
 
     def _checkpoint(self, state: RunState) -> None:
+        masks = self.engine.masks
         self.checkpointer.save(state.completed, {
             "engine": self.engine.state_dict(),
-            "masks": self.engine.masks.state_dict(),
+            "masks": masks.state_dict(),
             "run": state.to_dict(),
             "settings": computation_settings(self.config),
             "world_size": self.platform.world_size,
+        }, rank_state={
+            # Audit trail: every rank's own masks and residue, compared across ranks in tests.
+            "masks": masks.state_dict(),
+            "pruned_residue": masks.pruned_residue(self.engine.optimizer),
         })

@@ -96,10 +96,12 @@ def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: Mask
     if checkpoint is None:
         return RunState()
     saved = checkpoint.load_state()
-    if saved["world_size"] != platform.world_size and not config.checkpoint.allow_world_size_change:
+    allow_resize = config.checkpoint.allow_world_size_change
+    if saved["world_size"] != platform.world_size and not allow_resize:
         raise CheckpointError(
             f"{checkpoint.path} was written by {saved['world_size']} ranks, this run has "
-            f"{platform.world_size}; set checkpoint.allow_world_size_change=true to continue anyway")
+            f"{platform.world_size}; set checkpoint.allow_world_size_change=true to continue "
+            "anyway")
     changes = changed_settings(saved["settings"], config)
     if changes and not config.checkpoint.allow_config_change:
         raise CheckpointError(
@@ -108,7 +110,7 @@ def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: Mask
     engine.load_state_dict(saved["engine"])
     masks.load_state_dict(saved["masks"])
     if platform.rank < checkpoint.world_size:
-        set_rng_state(checkpoint.load_rank_state(platform.rank))
+        set_rng_state(checkpoint.load_rank_state(platform.rank)["rng"])
     run = saved["run"]
     log.info("resuming after megabatch %d from %s", run["completed"], checkpoint.path)
     return RunState(completed=run["completed"], history=run["history"], wandb_id=run["wandb_id"])

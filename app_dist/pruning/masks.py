@@ -117,6 +117,21 @@ class MaskSet:
             values.append(int.from_bytes(digest[:8], "little", signed=True))
         return torch.tensor(values, dtype=torch.int64)
 
+    @torch.no_grad()
+    def pruned_residue(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """The largest |value| at pruned positions of the weights and of the optimizer state:
+        both must be exactly 0. Recorded per rank in every checkpoint as an audit."""
+        weight_residue, state_residue = 0.0, 0.0
+        for weight, mask in zip(self.weights.values(), self.masks.values()):
+            pruned = ~mask.bool()
+            if not pruned.any():
+                continue
+            weight_residue = max(weight_residue, float(weight[pruned].abs().max()))
+            for value in optimizer.state.get(weight, {}).values():
+                if torch.is_tensor(value) and value.shape == weight.shape:
+                    state_residue = max(state_residue, float(value[pruned].abs().max()))
+        return {"weights": weight_residue, "optimizer_state": state_residue}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: mask.detach().bool().cpu().clone() for name, mask in self.masks.items()}
 

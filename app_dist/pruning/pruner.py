@@ -30,7 +30,8 @@ class MaskMismatchError(RuntimeError):
     """Ranks ended a pruning step with different masks."""
 
 
-def _all_reduce_dict(values: dict[str, torch.Tensor], platform: Platform) -> dict[str, torch.Tensor]:
+def _all_reduce_dict(values: dict[str, torch.Tensor],
+                     platform: Platform) -> dict[str, torch.Tensor]:
     """Sum a dict of tensors over ranks with a single collective."""
     if not platform.distributed:
         return values

@@ -1,0 +1,144 @@
+"""The ALMA megabatch stream as pure bookkeeping: which samples each megabatch trains and
+validates on. Nothing here reads images; `app_dist.data.loader` turns a Selection into batches.
+
+The training split (already permuted once by the shard writer) is cut into T megabatches of
+consecutive shards. Each megabatch's 90/10 train/validation split is drawn from the seed, and
+the replay policy decides which earlier megabatches are trained on again (APP_SPEC.md 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from app_dist.data.manifest import Manifest, ShardInfo, SplitInfo
+from app_dist.errors import DataError
+from app_dist.seeding import numpy_rng
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """A subset of one split: sorted sample indices (the shard keys) and the split they index."""
+
+    split: SplitInfo
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    @cached_property
+    def shard_counts(self) -> list[tuple[ShardInfo, int]]:
+        """(shard, number of selected samples in it) for every shard holding any, in order."""
+        starts = np.array([s.first_index for s in self.split.shards])
+        ends = starts + np.array([s.count for s in self.split.shards])
+        lo = np.searchsorted(self.indices, starts)
+        hi = np.searchsorted(self.indices, ends)
+        return [(s, int(end - start)) for s, start, end in zip(self.split.shards, lo, hi)
+                if end > start]
+
+    @cached_property
+    def membership(self) -> np.ndarray:
+        """A bool per sample of the split: cheap to test in a worker for every key read."""
+        member = np.zeros(self.split.num_samples, dtype=bool)
+        member[self.indices] = True
+        return member
+
+    def first(self, count: int) -> Selection:
+        return Selection(self.split, self.indices[:count])
+
+
+def _union(split: SplitInfo, parts: list[np.ndarray]) -> Selection:
+    return Selection(split, np.unique(np.concatenate(parts)) if parts else np.array([], int))
+
+
+def reservoir(items: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Algorithm R over `items` in stream order: a uniform sample of `size` of them."""
+    if items.size <= size:
+        return items.copy()
+    kept = items[:size].copy()
+    draws = rng.integers(0, np.arange(size, items.size) + 1)
+    for position, slot in enumerate(draws, start=size):
+        if slot < size:
+            kept[slot] = items[position]
+    return kept
+
+
+class MegabatchStream:
+    """Megabatches t = 1..T over a shard manifest; every method is a pure function of (t, seed)."""
+
+    def __init__(self, manifest: Manifest, megabatches: int, val_fraction: float, replay: str,
+                 replay_window: int, replay_buffer: int, seed: int) -> None:
+        shards = manifest.splits["train"].shards
+        if megabatches > len(shards):
+            raise DataError(
+                f"data.megabatches={megabatches} but {manifest.dataset} has only {len(shards)} "
+                "training shards: write smaller shards (--samples-per-shard) or use fewer "
+                "megabatches"
+            )
+        self.manifest = manifest
+        self.train_split = manifest.splits["train"]
+        self.megabatches = megabatches
+        self.val_fraction = val_fraction
+        self.replay = replay
+        self.replay_window = replay_window
+        self.replay_buffer = replay_buffer
+        self.seed = seed
+        # Megabatch t holds shards [bounds[t-1], bounds[t]): equal up to one shard.
+        self._bounds = [t * len(shards) // megabatches for t in range(megabatches + 1)]
+        self._splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _check(self, t: int) -> None:
+        if not 1 <= t <= self.megabatches:
+            raise ValueError(f"megabatch {t} outside 1..{self.megabatches}")
+
+    def megabatch_shards(self, t: int) -> list[ShardInfo]:
+        self._check(t)
+        return self.train_split.shards[self._bounds[t - 1] : self._bounds[t]]
+
+    def megabatch_split(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train indices, validation indices) of megabatch t, each sorted."""
+        if t not in self._splits:
+            shards = self.megabatch_shards(t)
+            indices = np.concatenate([np.arange(s.first_index, s.first_index + s.count)
+                                      for s in shards])
+            order = numpy_rng(self.seed, "val-split", t).permutation(indices.size)
+            val_count = int(round(self.val_fraction * indices.size))
+            val = np.sort(indices[order[:val_count]])
+            train = np.sort(indices[order[val_count:]])
+            self._splits[t] = (train, val)
+        return self._splits[t]
+
+    def _replayed(self, t: int, part: int) -> list[np.ndarray]:
+        if self.replay == "full":
+            return [self.megabatch_split(s)[part] for s in range(1, t + 1)]
+        if self.replay == "none":
+            return [self.megabatch_split(t)[part]]
+        if self.replay == "window":
+            first = max(1, t - self.replay_window + 1)
+            return [self.megabatch_split(s)[part] for s in range(first, t + 1)]
+        if self.replay == "buffer":
+            earlier = [self.megabatch_split(s)[part] for s in range(1, t)]
+            size = self.replay_buffer
+            if part == 1:  # validation keeps the same train:val proportion as the data
+                size = max(1, round(size * self.val_fraction / (1 - self.val_fraction)))
+            history = np.concatenate(earlier) if earlier else np.array([], dtype=int)
+            kept = reservoir(history, size, numpy_rng(self.seed, "replay-buffer", part))
+            return [self.megabatch_split(t)[part], kept]
+        raise ValueError(f"unknown replay policy '{self.replay}'")
+
+    def train_selection(self, t: int) -> Selection:
+        self._check(t)
+        return _union(self.train_split, self._replayed(t, 0))
+
+    def val_selection(self, t: int) -> Selection:
+        self._check(t)
+        return _union(self.train_split, self._replayed(t, 1))
+
+    def test_selection(self) -> Selection:
+        split = self.manifest.splits["test"]
+        return Selection(split, np.arange(split.num_samples))
+
+    def megabatch_train_size(self, t: int) -> int:
+        return int(self.megabatch_split(t)[0].size)

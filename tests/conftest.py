@@ -1,0 +1,54 @@
+"""Shared fixtures: real digits shards, and a launcher for real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's real 8x8 digits as shards of 25 samples (60 train, 12 test shards)."""
+    from app_dist.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    write_shards("digits", None, str(out), samples_per_shard=25, seed=0)
+    return out
+
+
+def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
+                timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run app_dist/train.py for real: plain python for 1 process, torchrun (gloo) for more."""
+    if nproc == 1:
+        command = [sys.executable, str(REPO / "app_dist" / "train.py"), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                   str(nproc), "--master_port", str(free_port()),
+                   str(REPO / "app_dist" / "train.py"), *args]
+    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields, which legitimately differ between runs."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("seconds")
+        record.pop("train_images_per_second")
+    return records

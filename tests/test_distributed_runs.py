@@ -1,0 +1,152 @@
+"""Real multi-process runs of app_dist/train.py (torchrun, gloo, 2 ranks) on real digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app_dist.pruning.schedule import density_schedule
+
+from .conftest import REPO, free_port, read_metrics, run_trainer
+
+pytestmark = pytest.mark.slow
+
+
+def args_for(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
+            f"run.dir={run_dir}", "data.megabatches=3", "train.epochs=2", "log.progress=false",
+            "checkpoint.keep_last=10", *extra]
+
+
+def checkpoint(run_dir: Path, megabatch: int) -> Path:
+    return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_trainer(args_for(digits_shards, run_dir), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_two_rank_run_has_identical_masks_on_every_rank_after_every_pruning(uninterrupted):
+    schedule = density_schedule("app", 3, 4.5)
+    for t in range(1, 4):
+        folder = checkpoint(uninterrupted, t)
+        ranks = [torch.load(folder / f"rank-{r:05d}.pt", weights_only=True) for r in range(2)]
+        for name, mask in ranks[0]["masks"].items():
+            assert torch.equal(mask, ranks[1]["masks"][name]), (t, name)
+        state = torch.load(folder / "state.pt", weights_only=True)
+        kept = sum(int(m.sum()) for m in state["masks"].values())
+        total = sum(m.numel() for m in state["masks"].values())
+        assert kept == round(schedule[t - 1] * total)
+
+
+def test_pruned_weights_and_momentum_are_exactly_zero_after_training(uninterrupted):
+    folder = checkpoint(uninterrupted, 3)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    model, masks = state["engine"]["model"], state["masks"]
+    momentum = state["engine"]["optimizer"]["state"]
+    names = list(model)
+    parameter_names = [n for n in names if not n.endswith(
+        ("running_mean", "running_var", "num_batches_tracked", "weight_mask"))]
+    for name, mask in masks.items():
+        pruned = ~mask
+        assert pruned.any()
+        assert torch.count_nonzero(model[name][pruned]) == 0, name
+        slot = momentum[parameter_names.index(name)]["momentum_buffer"]
+        assert torch.count_nonzero(slot[pruned]) == 0, name
+    for rank in range(2):
+        audit = torch.load(folder / f"rank-{rank:05d}.pt", weights_only=True)["pruned_residue"]
+        assert audit == {"weights": 0.0, "optimizer_state": 0.0}
+
+
+def test_metrics_are_recorded_per_megabatch(uninterrupted):
+    records = read_metrics(uninterrupted)
+    assert [r["megabatch"] for r in records] == [1, 2, 3]
+    assert records[-1]["cer_count"] == sum(r["test_errors"] for r in records)
+    assert records[-1]["test_accuracy"] > 0.5  # real digits: the model learns
+    assert (uninterrupted / "config.yaml").is_file()
+
+
+def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uninterrupted,
+                                                               tmp_path):
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "app_dist/train.py"),
+               *args_for(digits_shards, run_dir)]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = checkpoint(run_dir, 1) / "COMPLETE.json"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists()
+    # A crash: SIGKILL every process of this run (the launcher and both ranks).
+    subprocess.run(["pkill", "-9", "-f", f"run.dir={run_dir}"], check=False)
+    launcher.wait(timeout=30)
+    assert not checkpoint(run_dir, 3).exists()
+
+    resumed = run_trainer(args_for(digits_shards, run_dir), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after megabatch" in resumed.stdout
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+    final = [torch.load(checkpoint(d, 3) / "state.pt", weights_only=True) for d in
+             (run_dir, uninterrupted)]
+    for name, mask in final[0]["masks"].items():
+        assert torch.equal(mask, final[1]["masks"][name])
+    for name, value in final[0]["engine"]["model"].items():
+        assert torch.equal(value, final[1]["engine"]["model"][name]), name
+
+
+def test_resume_with_another_world_size_is_refused(digits_shards, uninterrupted):
+    result = run_trainer(args_for(digits_shards, uninterrupted), nproc=1)
+    assert result.returncode == 2
+    assert "written by 2 ranks" in result.stderr and "allow_world_size_change" in result.stderr
+
+
+def test_resume_with_changed_settings_is_refused(digits_shards, uninterrupted):
+    result = run_trainer(args_for(digits_shards, uninterrupted, "train.lr=0.2"), nproc=2)
+    assert result.returncode != 0  # torchrun reports a worker's exit 2 as its own exit 1
+    assert "train.lr: 0.05 -> 0.2" in result.stderr
+
+
+def test_single_process_runs_are_deterministic(digits_shards, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result = run_trainer(args_for(digits_shards, tmp_path / name, "data.megabatches=2",
+                                      "prune.method=osp"), nproc=1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(read_metrics(tmp_path / name))
+    assert runs[0] == runs[1]
+    assert runs[0][0]["density"] == pytest.approx(0.8**4.5, abs=1e-3)
+
+
+def test_sigkill_of_one_rank_does_not_leave_the_job_hanging(digits_shards, tmp_path):
+    """torchrun notices the dead rank and stops the other one; nothing waits forever."""
+    run_dir = tmp_path / "one-rank-dies"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "app_dist/train.py"),
+               *args_for(digits_shards, run_dir, "engine.timeout_s=60")]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = checkpoint(run_dir, 1) / "COMPLETE.json"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-f", f"app_dist/train.py.*run.dir={run_dir}"],
+                             capture_output=True, text=True).stdout.split()
+    workers = [int(p) for p in workers if int(p) != launcher.pid]
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0

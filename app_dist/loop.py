@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,10 @@ from app_dist.pruning.pruner import prune_step
 from app_dist.pruning.threshold import keep_count
 
 log = logging.getLogger("app_dist")
+
+# Called on every rank after megabatch t is checkpointed: (metrics record, checkpoint folder).
+# Ray Tune reporting plugs in here; the loop itself knows nothing about who listens.
+MegabatchCallback = Callable[[dict[str, Any], Path], None]
 
 
 @dataclass
@@ -52,7 +58,8 @@ class Evaluation:
 class MegabatchLoop:
     def __init__(self, config: Config, platform: Platform, reader: StreamReader, engine: Engine,
                  schedule: list[float], checkpointer: Checkpointer, metrics: MetricsLog | None,
-                 wandb: WandbLog | None) -> None:
+                 wandb: WandbLog | None,
+                 callbacks: list[MegabatchCallback] | None = None) -> None:
         self.config = config
         self.platform = platform
         self.reader = reader
@@ -61,6 +68,7 @@ class MegabatchLoop:
         self.checkpointer = checkpointer
         self.metrics = metrics
         self.wandb = wandb
+        self.callbacks = callbacks or []
         self.show_progress = platform.is_primary and config.log.progress
 
     def run(self, state: RunState) -> RunState:
@@ -76,7 +84,7 @@ class MegabatchLoop:
                           seconds=time.perf_counter() - started)
             state.history.append(record)
             state.completed = megabatch
-            self._checkpoint(state)
+            folder = self._checkpoint(state)
             if self.metrics is not None:
                 self.metrics.append(record)
             if self.wandb is not None:
@@ -85,6 +93,8 @@ class MegabatchLoop:
                      megabatch, len(self.schedule), record["density"],
                      100 * record["val_accuracy"], 100 * record["test_accuracy"], cer,
                      record["seconds"])
+            for callback in self.callbacks:
+                callback(record, folder)
         return state
 
     def _prune(self, megabatch: int) -> None:
@@ -175,9 +185,9 @@ class MegabatchLoop:
         count = int(sums[1])
         return Evaluation(correct=int(sums[0]), count=count, loss=float(sums[2]) / max(1, count))
 
-    def _checkpoint(self, state: RunState) -> None:
+    def _checkpoint(self, state: RunState) -> Path:
         masks = self.engine.masks
-        self.checkpointer.save(state.completed, {
+        return self.checkpointer.save(state.completed, {
             "engine": self.engine.state_dict(),
             "masks": masks.state_dict(),
             "run": state.to_dict(),

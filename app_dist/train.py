@@ -39,7 +39,7 @@ from app_dist.data.stream import MegabatchStream
 from app_dist.distributed import Platform, start_platform
 from app_dist.engine import build_engine
 from app_dist.errors import AppDistError, CheckpointError, ConfigError
-from app_dist.loop import MegabatchLoop, RunState
+from app_dist.loop import MegabatchCallback, MegabatchLoop, RunState
 from app_dist.metrics import MetricsLog, WandbLog, summary_table
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
@@ -116,8 +116,9 @@ def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: Mask
     return RunState(completed=run["completed"], history=run["history"], wandb_id=run["wandb_id"])
 
 
-def train(config: Config, manifest: Manifest, stream: MegabatchStream,
-          platform: Platform) -> RunState:
+def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform: Platform,
+          callbacks: list[MegabatchCallback] | None = None) -> RunState:
+    """Run (or resume) the megabatch loop on this rank; `callbacks` hear every megabatch."""
     run_dir = run_directory(config)
     if platform.is_primary:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,8 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream,
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
              platform.world_size, platform.device, config.data.megabatches,
              schedule[-1] if config.prune.method != "dense" else 1.0)
-    loop = MegabatchLoop(config, platform, reader, engine, schedule, checkpointer, metrics, wandb)
+    loop = MegabatchLoop(config, platform, reader, engine, schedule, checkpointer, metrics, wandb,
+                         callbacks)
     try:
         state = loop.run(state)
     finally:

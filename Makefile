@@ -1,0 +1,34 @@
+# The two commands a newcomer types: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test lint bench clean-runs
+
+setup: $(VENV)/.installed
+
+# Exact versions from requirements.lock (torch 2.14.1 + torchvision 0.29.1: the +cpu torch
+# wheel breaks torchvision's import), then the project itself in editable mode.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements.lock
+	$(PYTHON) -m pip install --quiet --no-deps -e .
+	touch $@
+
+data/digits/manifest.json: | setup
+	$(PYTHON) -m app_dist.data.shards digits --out data/digits --samples-per-shard 25
+
+# APP on scikit-learn's real 8x8 digits, 2 ranks (DDP over gloo on CPU), 4 megabatches.
+demo: setup data/digits/manifest.json
+	$(VENV)/bin/torchrun --nproc_per_node 2 app_dist/train.py --config configs/digits.yaml
+
+test: setup
+	$(VENV)/bin/ruff check app_dist tests bench launch
+	$(VENV)/bin/pytest
+
+bench: setup
+	$(PYTHON) bench/masking_overhead.py
+
+clean-runs:
+	rm -rf runs

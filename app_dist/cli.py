@@ -1,0 +1,47 @@
+"""`app-dist`: one entry point with a subcommand per job."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+def _shards(argv: list[str]) -> int:
+    from app_dist.data.shards import main
+
+    return main(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from app_dist.train import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "shards": (_shards, "write WebDataset shards and their manifest"),
+    "train": (_train, "train one run (same as app_dist/train.py)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: app-dist SUBCOMMAND [--help] ...", "", "subcommands:"]
+    lines += [f"  {name:<10} {about}" for name, (_, about) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"error: unknown subcommand '{name}'; choose one of: {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return SUBCOMMANDS[name][0](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

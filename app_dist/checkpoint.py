@@ -1,8 +1,9 @@
 """Megabatch checkpoints: written atomically, verified on load, never loaded half-written.
 
 Layout: RUN_DIR/checkpoints/megabatch-0003/
-    state.pt        rank 0: engine state (model, optimizer, scheduler), masks, run state
-    rank-00001.pt   every rank: its RNG states
+    state.pt        rank 0: masks, run state (history, stream position), settings
+    engine.pt       the engine's files: model, optimizer, scheduler (DeepSpeed: its tag folder)
+    rank-00001.pt   every rank: its RNG states and its own masks (an audit)
     COMPLETE.json   written last: megabatch, world size, sha256 of every file above
 
 All files are written into a hidden temporary folder which is renamed into place only after
@@ -108,6 +109,11 @@ class Checkpoint:
         return _load(self.path / _rank_file(rank))
 
 
+def load_verified_file(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True (no pickled code runs), errors as CheckpointError."""
+    return _load(path)
+
+
 def _load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -126,9 +132,11 @@ class Checkpointer:
     def folder(self, megabatch: int) -> Path:
         return self.root / f"megabatch-{megabatch:04d}"
 
-    def save(self, megabatch: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+    def save(self, megabatch: int, state: dict[str, Any], rank_state: dict[str, Any],
+             engine: Any) -> Path:
         """Write checkpoint `megabatch`. Call on every rank: `state` is saved from rank 0,
-        `rank_state` (plus the RNG states) from every rank into its own file."""
+        `rank_state` (plus the RNG states) from every rank into its own file, and the engine
+        writes its own files (DeepSpeed's go into a subfolder, from every rank)."""
         final = self.folder(megabatch)
         staging = self.root / f".{final.name}.incomplete"
         if self.platform.is_primary:
@@ -141,6 +149,7 @@ class Checkpointer:
                           staging / _rank_file(self.platform.rank))
         if self.platform.is_primary:
             atomic_torch_save(state, staging / STATE)
+        engine.save(staging)
         self.platform.barrier()
         if self.platform.is_primary:
             self._seal(staging, final, megabatch)
@@ -149,7 +158,8 @@ class Checkpointer:
         return final
 
     def _seal(self, staging: Path, final: Path, megabatch: int) -> None:
-        files = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
         marker = {
             "megabatch": megabatch,
             "world_size": self.platform.world_size,

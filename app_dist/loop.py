@@ -105,8 +105,7 @@ class MegabatchLoop:
         settings = self.config.prune
         started = time.perf_counter()
         prune_step(density=density, criterion=settings.criterion, scope=settings.scope,
-                   model=self.engine.module, masks=masks, optimizer=self.engine.optimizer,
-                   platform=self.platform,
+                   engine=self.engine, platform=self.platform,
                    scoring_batches=lambda: self.reader.scoring(megabatch, settings.snip_fraction),
                    seed=self.config.run.seed, megabatch=megabatch)
         log.info("megabatch %d: pruned to density %.4f (%s, %s) in %.2f s", megabatch,
@@ -132,7 +131,7 @@ class MegabatchLoop:
                         "weights": copy.deepcopy(engine.module.state_dict())}
         assert best is not None
         # Warm start: megabatch t+1 (and the test pass of t) uses the best-validation weights.
-        engine.module.load_state_dict(best.pop("weights"))
+        engine.load_weights(best.pop("weights"))
         masks = engine.masks
         return {
             "megabatch": megabatch,
@@ -188,7 +187,6 @@ class MegabatchLoop:
     def _checkpoint(self, state: RunState) -> Path:
         masks = self.engine.masks
         return self.checkpointer.save(state.completed, {
-            "engine": self.engine.state_dict(),
             "masks": masks.state_dict(),
             "run": state.to_dict(),
             "settings": computation_settings(self.config),
@@ -197,4 +195,4 @@ class MegabatchLoop:
             # Audit trail: every rank's own masks and residue, compared across ranks in tests.
             "masks": masks.state_dict(),
             "pruned_residue": masks.pruned_residue(self.engine.optimizer),
-        })
+        }, engine=self.engine)

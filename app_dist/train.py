@@ -107,8 +107,8 @@ def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: Mask
         raise CheckpointError(
             f"{checkpoint.path} was made with other settings ({'; '.join(changes[:4])}); "
             "set checkpoint.allow_config_change=true, or checkpoint.resume=false to start over")
-    engine.load_state_dict(saved["engine"])
     masks.load_state_dict(saved["masks"])
+    engine.load(checkpoint.path)
     if platform.rank < checkpoint.world_size:
         set_rng_state(checkpoint.load_rank_state(platform.rank)["rng"])
     run = saved["run"]

@@ -52,9 +52,9 @@ def test_two_rank_run_has_identical_masks_on_every_rank_after_every_pruning(unin
 
 def test_pruned_weights_and_momentum_are_exactly_zero_after_training(uninterrupted):
     folder = checkpoint(uninterrupted, 3)
-    state = torch.load(folder / "state.pt", weights_only=True)
-    model, masks = state["engine"]["model"], state["masks"]
-    momentum = state["engine"]["optimizer"]["state"]
+    masks = torch.load(folder / "state.pt", weights_only=True)["masks"]
+    engine = torch.load(folder / "engine.pt", weights_only=True)
+    model, momentum = engine["model"], engine["optimizer"]["state"]
     names = list(model)
     parameter_names = [n for n in names if not n.endswith(
         ("running_mean", "running_var", "num_batches_tracked", "weight_mask"))]
@@ -100,12 +100,11 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uni
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after megabatch" in resumed.stdout
     assert read_metrics(run_dir) == read_metrics(uninterrupted)
-    final = [torch.load(checkpoint(d, 3) / "state.pt", weights_only=True) for d in
-             (run_dir, uninterrupted)]
-    for name, mask in final[0]["masks"].items():
-        assert torch.equal(mask, final[1]["masks"][name])
-    for name, value in final[0]["engine"]["model"].items():
-        assert torch.equal(value, final[1]["engine"]["model"][name]), name
+    for file, key in (("state.pt", "masks"), ("engine.pt", "model")):
+        final = [torch.load(checkpoint(d, 3) / file, weights_only=True)[key]
+                 for d in (run_dir, uninterrupted)]
+        for name, value in final[0].items():
+            assert torch.equal(value, final[1][name]), name
 
 
 def test_resume_with_another_world_size_is_refused(digits_shards, uninterrupted):

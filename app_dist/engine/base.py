@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +35,24 @@ class Engine(Protocol):
     def end_epoch(self) -> None:
         """Advance the lr schedule and make the non-parameter state agree across ranks."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def masks_changed(self) -> None:
+        """The mask buffers were just rewritten: zero the pruned positions everywhere the
+        engine keeps a copy (weights, master weights, optimizer state). All ranks call it."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a module state dict (the best-validation weights) into every copy the engine
+        keeps. All ranks call it."""
+
+    def save(self, folder: Path) -> None:
+        """Write the engine's state (model, optimizer, scheduler) into `folder`. All ranks."""
+
+    def load(self, folder: Path) -> None:
+        """Restore what `save` wrote. All ranks."""
+
+    def engine_state_files(self) -> list[str]:
+        """Names (relative to the checkpoint folder) that `save` writes, for documentation."""
+        ...
+
+
+def module_state(module: nn.Module) -> dict[str, Any]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -11,10 +11,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 
+from app_dist.checkpoint import atomic_torch_save, load_verified_file
 from app_dist.config import TrainSettings
 from app_dist.distributed import Platform
-from app_dist.engine.base import StepResult
-from app_dist.pruning.masks import MaskSet
+from app_dist.engine.base import StepResult, module_state
+from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
 
 class DDPEngine:
@@ -81,14 +82,29 @@ class DDPEngine:
         for stat, averaged in zip(stats, flat.split([s.numel() for s in stats])):
             stat.copy_(averaged.view_as(stat))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+    def masks_changed(self) -> None:
+        self.masks.apply_to_weights()
+        zero_optimizer_state(self.optimizer, self.masks)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    ENGINE_FILE = "engine.pt"
+
+    def engine_state_files(self) -> list[str]:
+        return [self.ENGINE_FILE]
+
+    def save(self, folder: Path) -> None:
+        # DDP replicas are identical: rank 0's copy is the whole state.
+        if self.platform.is_primary:
+            atomic_torch_save({
+                "model": module_state(self.module),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }, folder / self.ENGINE_FILE)
+
+    def load(self, folder: Path) -> None:
+        state = load_verified_file(folder / self.ENGINE_FILE)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

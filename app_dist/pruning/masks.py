@@ -97,12 +97,16 @@ class MaskSet:
         torch._foreach_mul_(weights, [m.to(w.dtype) for m, w in zip(self.masks.values(), weights)])
 
     @torch.no_grad()
-    def update(self, new_masks: dict[str, torch.Tensor],
-               optimizer: torch.optim.Optimizer | None) -> None:
-        """Install new masks in place (the buffers keep their identity for DDP and hooks),
-        zero the weights and every optimizer state slot at the pruned positions."""
+    def set(self, new_masks: dict[str, torch.Tensor]) -> None:
+        """Install new masks in place: the buffers keep their identity for DDP and the hooks.
+        The engine then zeroes what it keeps at the pruned positions (`masks_changed`)."""
         for name, mask in self.masks.items():
             mask.copy_(new_masks[name].to(mask.device, mask.dtype))
+
+    def update(self, new_masks: dict[str, torch.Tensor],
+               optimizer: torch.optim.Optimizer | None) -> None:
+        """set() plus zeroing the weights and the optimizer state of a plain torch optimizer."""
+        self.set(new_masks)
         self.apply_to_weights()
         if optimizer is not None:
             zero_optimizer_state(optimizer, self)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from app_dist.distributed import Platform
+from app_dist.engine.base import Engine
 from app_dist.pruning.masks import MaskSet
 from app_dist.pruning.scores import (
     magnitude_scores,
@@ -69,11 +70,14 @@ def verify_identical_masks(masks: MaskSet, platform: Platform) -> None:
             )
 
 
-def prune_step(*, density: float, criterion: str, scope: str, model: nn.Module, masks: MaskSet,
-               optimizer: torch.optim.Optimizer, platform: Platform,
-               scoring_batches: ScoringBatches, seed: int, megabatch: int) -> None:
-    """Prune the model to `density` (nested in the current mask) on every rank."""
-    scores = compute_scores(criterion, model, masks, platform, scoring_batches, seed, megabatch)
+def prune_step(*, density: float, criterion: str, scope: str, engine: Engine,
+               platform: Platform, scoring_batches: ScoringBatches, seed: int,
+               megabatch: int) -> None:
+    """Prune the engine's model to `density` (nested in the current mask) on every rank."""
+    masks = engine.masks
+    scores = compute_scores(criterion, engine.module, masks, platform, scoring_batches, seed,
+                            megabatch)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
-    masks.update(masks_from_scores(scores, current, density, scope), optimizer)
+    masks.set(masks_from_scores(scores, current, density, scope))
+    engine.masks_changed()
     verify_identical_masks(masks, platform)

@@ -25,6 +25,7 @@ demo: setup data/digits/manifest.json
 
 test: setup
 	$(VENV)/bin/ruff check app_dist tests bench launch
+	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/pytest
 
 bench: setup

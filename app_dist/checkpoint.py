@@ -96,11 +96,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class Checkpoint:
-    """A verified checkpoint folder."""
+    """A verified checkpoint folder: after megabatch `megabatch` completed, or (partial) in the
+    middle of megabatch `megabatch + 1`, written when a pre-emption notice arrived."""
 
     path: Path
     megabatch: int
     world_size: int
+    partial: bool = False
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """megabatch-3 (3, 0) < preempted-4, i.e. inside megabatch 4 (3, 1) < megabatch-4."""
+        return (self.megabatch, 1 if self.partial else 0)
 
     def load_state(self) -> dict[str, Any]:
         return _load(self.path / STATE)
@@ -129,15 +136,18 @@ class Checkpointer:
         self.platform = platform
         self.keep_last = keep_last
 
-    def folder(self, megabatch: int) -> Path:
+    def folder(self, megabatch: int, partial: bool = False) -> Path:
+        """megabatch-NNNN after megabatch NNNN; preempted-NNNN inside megabatch NNNN."""
+        if partial:
+            return self.root / f"preempted-{megabatch + 1:04d}"
         return self.root / f"megabatch-{megabatch:04d}"
 
     def save(self, megabatch: int, state: dict[str, Any], rank_state: dict[str, Any],
-             engine: Any) -> Path:
+             engine: Any, partial: bool = False) -> Path:
         """Write checkpoint `megabatch`. Call on every rank: `state` is saved from rank 0,
         `rank_state` (plus the RNG states) from every rank into its own file, and the engine
         writes its own files (DeepSpeed's go into a subfolder, from every rank)."""
-        final = self.folder(megabatch)
+        final = self.folder(megabatch, partial)
         staging = self.root / f".{final.name}.incomplete"
         if self.platform.is_primary:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -145,23 +155,33 @@ class Checkpointer:
                 shutil.rmtree(staging)
             staging.mkdir()
         self.platform.barrier()
-        atomic_torch_save({"rng": rng_state(), **rank_state},
-                          staging / _rank_file(self.platform.rank))
+        try:
+            atomic_torch_save({"rng": rng_state(), **rank_state},
+                              staging / _rank_file(self.platform.rank))
+            if self.platform.is_primary:
+                atomic_torch_save(state, staging / STATE)
+            engine.save(staging)
+            self.platform.barrier()
+            if self.platform.is_primary:
+                self._seal(staging, final, megabatch, partial)
+        except OSError as error:
+            # Disk full, quota, read-only mount: the earlier checkpoints are untouched because
+            # nothing is renamed into place before COMPLETE.json is written.
+            if self.platform.is_primary:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}; "
+                                  "earlier checkpoints are intact") from None
         if self.platform.is_primary:
-            atomic_torch_save(state, staging / STATE)
-        engine.save(staging)
-        self.platform.barrier()
-        if self.platform.is_primary:
-            self._seal(staging, final, megabatch)
             self._retire_old()
         self.platform.barrier()
         return final
 
-    def _seal(self, staging: Path, final: Path, megabatch: int) -> None:
+    def _seal(self, staging: Path, final: Path, megabatch: int, partial: bool) -> None:
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
                        if p.is_file() and not p.name.startswith("."))
         marker = {
             "megabatch": megabatch,
+            "partial": partial,
             "world_size": self.platform.world_size,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "sha256": {name: _sha256(staging / name) for name in files},
@@ -180,23 +200,35 @@ class Checkpointer:
         _fsync_dir(self.root)
 
     def _retire_old(self) -> None:
+        """Keep the newest `keep_last` valid megabatch checkpoints and no pre-emption
+        checkpoint older than the newest one. Damaged folders are never deleted here: they
+        are evidence, and they never count towards keep_last, so the valid ones survive."""
         valid = [c for c in self._scan() if isinstance(c, Checkpoint)]
-        for old in valid[: -self.keep_last]:
+        newest = valid[-1]
+        complete = [c for c in valid if not c.partial]
+        stale = complete[: -self.keep_last] + [c for c in valid
+                                                if c.partial and c.order < newest.order]
+        for old in stale:
             shutil.rmtree(old.path)
 
     def _scan(self) -> list[Checkpoint | tuple[Path, str]]:
-        """Every megabatch-NNNN folder, oldest first: a Checkpoint, or (path, why not)."""
+        """Every checkpoint folder, oldest first: a Checkpoint, or (path, why it is unusable)."""
         if not self.root.is_dir():
             return []
-        found: list[Checkpoint | tuple[Path, str]] = []
-        for folder in sorted(self.root.glob("megabatch-[0-9][0-9][0-9][0-9]")):
-            problem = verify(folder)
-            if problem:
-                found.append((folder, problem))
-            else:
+        found: list[tuple[tuple[int, int], Checkpoint | tuple[Path, str]]] = []
+        for pattern, partial in (("megabatch-[0-9][0-9][0-9][0-9]", False),
+                                 ("preempted-[0-9][0-9][0-9][0-9]", True)):
+            for folder in self.root.glob(pattern):
+                number = int(folder.name.split("-")[1])
+                completed = number - 1 if partial else number
+                problem = verify(folder)
+                if problem:
+                    found.append(((completed, 1 if partial else 0), (folder, problem)))
+                    continue
                 marker = json.loads((folder / MARKER).read_text())
-                found.append(Checkpoint(folder, marker["megabatch"], marker["world_size"]))
-        return found
+                checkpoint = Checkpoint(folder, marker["megabatch"], marker["world_size"], partial)
+                found.append((checkpoint.order, checkpoint))
+        return [item for _, item in sorted(found, key=lambda pair: pair[0])]
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that verifies, chosen on rank 0 and agreed by all ranks.
@@ -205,13 +237,13 @@ class Checkpointer:
         if self.platform.is_primary:
             for item in reversed(self._scan()):
                 if isinstance(item, Checkpoint):
-                    choice = (str(item.path), item.megabatch, item.world_size)
+                    choice = (str(item.path), item.megabatch, item.world_size, item.partial)
                     break
                 log.warning("skipping checkpoint %s: %s", item[0], item[1])
         choice = self.platform.broadcast_object(choice)
         if choice is None:
             return None
-        return Checkpoint(Path(choice[0]), choice[1], choice[2])
+        return Checkpoint(Path(choice[0]), choice[1], choice[2], choice[3])
 
 
 def verify(folder: Path) -> str | None:

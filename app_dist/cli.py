@@ -18,9 +18,30 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from app_dist.report import main
+
+    return main(argv)
+
+
+def _inspect(argv: list[str]) -> int:
+    from app_dist.inspection import main
+
+    return main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from app_dist.demo import main
+
+    return main(argv)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "shards": (_shards, "write WebDataset shards and their manifest"),
     "train": (_train, "train one run (same as app_dist/train.py)"),
+    "report": (_report, "plot runs against megabatch and write an HTML report"),
+    "inspect": (_inspect, "show a run or checkpoint: config, progress, densities, resumable?"),
+    "demo": (_demo, "digits shards + a 2-rank APP run with torchrun (as `make demo`)"),
 }
 
 

@@ -18,46 +18,49 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from app_dist.errors import ConfigError
+from app_dist.models.registry import MODEL_NAMES, STEMS
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
 AUGMENTATIONS = ("none", "cifar", "imagenet")
 PRUNE_METHODS = ("dense", "osp", "app")
-CRITERIA = ("snip", "magnitude", "random")
+CRITERIA = ("snip", "magnitude", "random", "grasp", "synflow")
 SCOPES = ("global", "local")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("ddp",)
+ENGINES = ("ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
 class RunSettings:
-    name: str = "app"
+    name: str = "app"  # names the run directory and the wandb run
     # Empty: runs/<name>-<hash of the settings>, so the same command finds its own run again.
     dir: str = ""
-    seed: int = 1
-    device: str = "auto"
+    seed: int = 1  # the stream permutation, initial weights, augmentation and pruning ties
+    device: str = "auto"  # auto: cuda when a GPU is visible (nccl), else cpu (gloo)
 
 
 @dataclass
 class DataSettings:
     shards: str = "data/digits"  # a folder holding manifest.json (see app_dist.data.shards)
-    megabatches: int = 4
-    val_fraction: float = 0.1
-    replay: str = "full"
+    megabatches: int = 4  # T: equal chunks the training set arrives in (ALMA)
+    val_fraction: float = 0.1  # of every megabatch, held out for best-epoch selection
+    replay: str = "full"  # what megabatch t trains on: full = all of 1..t (paper)
     replay_window: int = 2  # megabatches kept by replay=window
     replay_buffer: int = 1000  # training samples kept by replay=buffer
-    augment: str = "cifar"
+    augment: str = "cifar"  # train only: pad-crop + flip (cifar), resized crop + flip (imagenet)
     image_size: int = 224  # crop size for augment=imagenet
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    eval_batch_size: int = 512
-    verify_checksums: bool = True
+    num_workers: int = 2  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer of each reader
+    eval_batch_size: int = 512  # per rank, for validation and test passes
+    verify_checksums: bool = True  # sha256 of every shard against the manifest at start
 
 
 @dataclass
 class ModelSettings:
-    name: str = "resnet20s"
-    stem: str = "cifar"
+    name: str = "resnet20s"  # resnet20s/32s/44s/56s, resnet18/34/50, vgg16_bn, digits_cnn
+    stem: str = "cifar"  # cifar: 3x3 conv for 32x32 inputs; imagenet: 7x7/2 + max-pool
+    # Input normalisation inside the model, one value per channel (CIFAR-10 here).
     mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     std: List[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
 
@@ -67,47 +70,58 @@ class TrainSettings:
     epochs: int = 50  # per megabatch
     batch_size: int = 64  # global: split evenly over the ranks
     lr: float = 0.1  # restarted at every megabatch
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: List[int] = field(default_factory=lambda: [20, 40])
-    gamma: float = 0.1
+    momentum: float = 0.9  # SGD momentum, carried over between megabatches
+    weight_decay: float = 1e-4  # SGD weight decay (pruned weights stay exactly zero)
+    milestones: List[int] = field(default_factory=lambda: [20, 40])  # epochs: lr *= gamma
+    gamma: float = 0.1  # MultiStepLR decay factor at each milestone
+    # Stop a megabatch's training after this many epochs without a validation accuracy gain
+    # of more than min_delta over its best so far (ALMA's code: 25). 0 = off, as in the paper.
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclass
 class PruneSettings:
-    method: str = "app"
-    criterion: str = "snip"
-    scope: str = "global"
+    method: str = "app"  # dense, osp (one-shot at t=1) or app (progressive, every t)
+    criterion: str = "snip"  # the score that decides which weights to keep
+    scope: str = "global"  # global: one threshold over all layers; local: each layer to d_t
     sparsity_level: float = 4.5  # tau: final density 0.8 ** tau
     target_density: Optional[float] = None  # when set, replaces sparsity_level
-    snip_fraction: float = 0.2
-    include_linear: bool = False
+    snip_fraction: float = 0.2  # of a megabatch, scored by data-driven criteria
+    include_linear: bool = False  # also prune Linear layers (never the classifier)
+    synflow_iterations: int = 100  # re-scoring rounds of each SynFlow prune step (paper: 100)
 
 
 @dataclass
 class EngineSettings:
-    kind: str = "ddp"
+    kind: str = "ddp"  # ddp | deepspeed
     timeout_s: int = 600  # collective timeout: a lost rank fails the job instead of hanging it
+    # DeepSpeed only (app_dist/engine/deepspeed_config.py translates these):
+    zero_stage: int = 1  # 0, 1 or 2; ZeRO-3 is refused (masks need whole weights)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (half precisions: GPU and ZeRO 1/2 only)
+    gradient_accumulation: int = 1  # micro-batches of train.batch_size per optimizer step
+    gradient_clipping: float = 0.0  # max global gradient norm; 0 = off
+    deepspeed_config: str = ""  # a raw DeepSpeed JSON whose keys override the translated ones
 
 
 @dataclass
 class CheckpointSettings:
-    resume: bool = True
-    keep_last: int = 2
-    allow_config_change: bool = False
-    allow_world_size_change: bool = False
+    resume: bool = True  # continue from the newest checkpoint that verifies
+    keep_last: int = 2  # megabatch checkpoints kept on disk
+    allow_config_change: bool = False  # resume although computation settings changed
+    allow_world_size_change: bool = False  # resume with another number of ranks
 
 
 @dataclass
 class WandbSettings:
-    mode: str = "offline"
-    project: str = "app-dist"
-    group: str = ""
+    mode: str = "offline"  # offline: files in RUN_DIR/wandb, `wandb sync` uploads later
+    project: str = "app-dist"  # the wandb project
+    group: str = ""  # wandb group: runs of one sweep share it
 
 
 @dataclass
 class LogSettings:
-    progress: bool = True
+    progress: bool = True  # tqdm progress bars on rank 0
     wandb: WandbSettings = field(default_factory=WandbSettings)
 
 
@@ -182,6 +196,8 @@ def validate(config: Config) -> None:
     _require(len(config.model.mean) == len(config.model.std), "model.std", config.model.std,
              "must have as many entries as model.mean")
     _require(all(s > 0 for s in config.model.std), "model.std", config.model.std, "must be > 0")
+    _one_of("model.name", config.model.name, MODEL_NAMES)
+    _one_of("model.stem", config.model.stem, STEMS)
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
     _require(train.lr > 0, "train.lr", train.lr, "must be > 0")
@@ -198,14 +214,51 @@ def validate(config: Config) -> None:
     else:
         _require(prune.sparsity_level >= 1, "prune.sparsity_level", prune.sparsity_level,
                  "must be >= 1 (final density 0.8 ** sparsity_level <= 0.8)")
+    _require(prune.synflow_iterations >= 1, "prune.synflow_iterations",
+             prune.synflow_iterations, "must be >= 1")
+    _require(train.early_stopping_patience >= 0, "train.early_stopping_patience",
+             train.early_stopping_patience, "must be >= 0 (0 turns early stopping off)")
+    _require(train.early_stopping_min_delta >= 0, "train.early_stopping_min_delta",
+             train.early_stopping_min_delta, "must be >= 0 (a fraction of accuracy)")
     _require(0 < prune.snip_fraction <= 1, "prune.snip_fraction", prune.snip_fraction,
              "must be in (0, 1]")
     _one_of("engine.kind", config.engine.kind, ENGINES)
     _require(config.engine.timeout_s >= 1, "engine.timeout_s", config.engine.timeout_s,
              "must be >= 1")
+    _validate_engine(config)
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
              config.checkpoint.keep_last, "must be >= 1 (the newest checkpoint is always kept)")
     _one_of("log.wandb.mode", config.log.wandb.mode, WANDB_MODES)
+
+
+def _validate_engine(config: Config) -> None:
+    engine = config.engine
+    _require(engine.zero_stage != 3, "engine.zero_stage", 3,
+             "ZeRO-3 is not supported (its partitioned weights are empty outside forward, "
+             "where masks and pruning scores need them); use 0, 1 or 2")
+    _require(engine.zero_stage in (0, 1, 2), "engine.zero_stage", engine.zero_stage,
+             "must be 0, 1 or 2")
+    _one_of("engine.precision", engine.precision, PRECISIONS)
+    _require(engine.gradient_accumulation >= 1, "engine.gradient_accumulation",
+             engine.gradient_accumulation, "must be >= 1")
+    _require(engine.gradient_clipping >= 0, "engine.gradient_clipping",
+             engine.gradient_clipping, "must be >= 0 (0 turns clipping off)")
+    if engine.kind != "deepspeed":
+        for key, value, default in (("precision", engine.precision, "fp32"),
+                                    ("gradient_accumulation", engine.gradient_accumulation, 1),
+                                    ("gradient_clipping", engine.gradient_clipping, 0.0),
+                                    ("deepspeed_config", engine.deepspeed_config, "")):
+            _require(value == default, f"engine.{key}", value,
+                     f"only engine.kind=deepspeed uses it (engine.kind is '{engine.kind}')")
+        return
+    half = engine.precision != "fp32"
+    _require(not half or engine.zero_stage >= 1, "engine.precision", engine.precision,
+             "needs engine.zero_stage 1 or 2 (at stage 0 DeepSpeed's half-precision optimizer "
+             "keeps an fp32 master copy that masks cannot reach)")
+    _require(not half or config.run.device != "cpu", "engine.precision", engine.precision,
+             "half precision needs a GPU (run.device is cpu); use fp32")
+    _require(not engine.deepspeed_config or Path(engine.deepspeed_config).is_file(),
+             "engine.deepspeed_config", engine.deepspeed_config, "no such file")
 
 
 def final_density(prune: PruneSettings) -> float:

@@ -50,6 +50,16 @@ class Platform:
         dist.all_gather(gathered, staged)
         return [t.cpu() for t in gathered]
 
+    def broadcast(self, tensor: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """Overwrite `tensor` in place with rank `source`'s copy (same shape on every rank)."""
+        if not self.distributed:
+            return tensor
+        staged = tensor.to(self.device)
+        dist.broadcast(staged, src=source)
+        if staged is not tensor:
+            tensor.copy_(staged)
+        return tensor
+
     def broadcast_object(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
         if not self.distributed:

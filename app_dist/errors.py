@@ -15,3 +15,15 @@ class DataError(AppDistError):
 
 class CheckpointError(AppDistError):
     """A checkpoint is missing, corrupt or does not match the run."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` as one line. An error raised in a DataLoader worker arrives
+    re-wrapped as "Caught X in DataLoader worker process N.\\nOriginal Traceback ...": the
+    original message is the traceback's last line."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from app_dist.data.loader import Batches
 from app_dist.data.reader import StreamReader
 from app_dist.distributed import Platform
 from app_dist.engine import Engine
+from app_dist.faults import FaultInjector
 from app_dist.metrics import MetricsLog, WandbLog, cumulative_error
 from app_dist.pruning.pruner import prune_step
 from app_dist.pruning.threshold import keep_count
@@ -42,6 +44,58 @@ class RunState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"completed": self.completed, "history": self.history, "wandb_id": self.wandb_id}
+
+
+@dataclass
+class MegabatchProgress:
+    """Where training of one megabatch stands: enough to continue it after a pre-emption.
+
+    Data order is a pure function of (seed, megabatch, epoch, rank), so a resumed epoch replays
+    its batches and skips the first `steps_done` to land exactly where the stopped run was.
+    """
+
+    megabatch: int
+    epoch: int = 0  # epochs finished
+    steps_done: int = 0  # steps finished in the current epoch
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    best: dict[str, Any] | None = None  # best-validation epoch so far, with its weights
+    # This rank's running sums of the current epoch: loss sum, correct, count.
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def shared_state(self) -> dict[str, Any]:
+        """The part that is the same on every rank (saved once, by rank 0)."""
+        return {"megabatch": self.megabatch, "epoch": self.epoch, "steps_done": self.steps_done,
+                "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+                "best": self.best}
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the step in flight finished and a checkpoint was written."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later; distinct from errors (1) and bad input (2)
+
+
+class PreemptionNotice:
+    """Turns SIGTERM into a flag that the ranks agree on between steps (all stop together)."""
+
+    CHECK_EVERY = 5  # steps between agreements: one tiny all-reduce, amortised
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, platform: Platform, step: int) -> bool:
+        if step % self.CHECK_EVERY:
+            return False
+        flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
+        return bool(platform.all_reduce_sum(flag).item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass
@@ -70,18 +124,32 @@ class MegabatchLoop:
         self.wandb = wandb
         self.callbacks = callbacks or []
         self.show_progress = platform.is_primary and config.log.progress
+        self.faults = FaultInjector(platform.rank)
+        self.preemption = PreemptionNotice()
 
-    def run(self, state: RunState) -> RunState:
+    def run(self, state: RunState, progress: MegabatchProgress | None = None) -> RunState:
+        """Megabatches completed+1 .. T; `progress` continues a pre-empted megabatch.
+        Raises Preempted after checkpointing when SIGTERM arrives."""
+        try:
+            return self._run(state, progress)
+        finally:
+            self.preemption.restore()
+
+    def _run(self, state: RunState, progress: MegabatchProgress | None) -> RunState:
         for megabatch in range(state.completed + 1, len(self.schedule) + 1):
             started = time.perf_counter()
-            self._prune(megabatch)
-            record = self._train_megabatch(megabatch)
+            if progress is None or progress.megabatch != megabatch:
+                self._prune(megabatch)
+                self.engine.start_megabatch()
+                progress = MegabatchProgress(megabatch)
+            record = self._train_megabatch(progress, state)
+            progress = None
             test = self.evaluate(self.reader.evaluation(self.reader.stream.test_selection()))
             errors = [r["test_errors"] for r in state.history] + [test.count - test.correct]
             cer_count, cer = cumulative_error(errors, test.count)
             record.update(test_accuracy=test.accuracy, test_loss=test.loss,
                           test_errors=test.count - test.correct, cer_count=cer_count, cer=cer,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started + record.pop("resumed_seconds"))
             state.history.append(record)
             state.completed = megabatch
             folder = self._checkpoint(state)
@@ -107,28 +175,35 @@ class MegabatchLoop:
         prune_step(density=density, criterion=settings.criterion, scope=settings.scope,
                    engine=self.engine, platform=self.platform,
                    scoring_batches=lambda: self.reader.scoring(megabatch, settings.snip_fraction),
-                   seed=self.config.run.seed, megabatch=megabatch)
+                   seed=self.config.run.seed, megabatch=megabatch,
+                   synflow_iterations=settings.synflow_iterations)
         log.info("megabatch %d: pruned to density %.4f (%s, %s) in %.2f s", megabatch,
                  masks.density(), settings.criterion, settings.scope,
                  time.perf_counter() - started)
 
-    def _train_megabatch(self, megabatch: int) -> dict[str, Any]:
+    def _train_megabatch(self, progress: MegabatchProgress, state: RunState) -> dict[str, Any]:
         engine, stream = self.engine, self.reader.stream
-        engine.start_megabatch()
-        best: dict[str, Any] | None = None
-        images_seen, train_seconds = 0, 0.0
+        megabatch = progress.megabatch
+        resumed_seconds = progress.train_seconds
         val_selection = stream.val_selection(megabatch)
-        for epoch in range(self.config.train.epochs):
+        while progress.epoch < self.config.train.epochs:
             epoch_started = time.perf_counter()
-            train = self._train_epoch(megabatch, epoch)
-            train_seconds += time.perf_counter() - epoch_started
-            images_seen += train.count
+            train = self._train_epoch(progress, state)
+            progress.train_seconds += time.perf_counter() - epoch_started
+            progress.images_seen += train.count
             engine.end_epoch()
             val = self.evaluate(self.reader.evaluation(val_selection))
-            if best is None or val.accuracy > best["val_accuracy"]:
-                best = {"epoch": epoch + 1, "val_accuracy": val.accuracy,
-                        "train_accuracy": train.accuracy, "train_loss": train.loss,
-                        "weights": copy.deepcopy(engine.module.state_dict())}
+            if progress.best is None or (val.accuracy
+                                         > progress.best["val_accuracy"] + self._min_gain()):
+                progress.best = {"epoch": progress.epoch + 1, "val_accuracy": val.accuracy,
+                                 "train_accuracy": train.accuracy, "train_loss": train.loss,
+                                 "weights": copy.deepcopy(engine.module.state_dict())}
+            progress.epoch += 1
+            progress.steps_done = 0
+            progress.epoch_sums = [0.0, 0.0, 0.0]
+            if self._stop_early(progress):
+                break
+        best = progress.best
         assert best is not None
         # Warm start: megabatch t+1 (and the test pass of t) uses the best-validation weights.
         engine.load_weights(best.pop("weights"))
@@ -144,25 +219,54 @@ class MegabatchLoop:
             "train_samples": len(stream.train_selection(megabatch)),
             "val_samples": len(val_selection),
             "best_epoch": best["epoch"],
+            "epochs_trained": progress.epoch,
             "train_accuracy": best["train_accuracy"],
             "train_loss": best["train_loss"],
             "val_accuracy": best["val_accuracy"],
             "generalization_gap": 100 * (best["train_accuracy"] - best["val_accuracy"]),
-            "train_images_per_second": images_seen * self.platform.world_size / train_seconds,
+            "train_images_per_second": progress.images_seen * self.platform.world_size
+            / max(progress.train_seconds, 1e-9),
+            "resumed_seconds": resumed_seconds,
         }
 
-    def _train_epoch(self, megabatch: int, epoch: int) -> Evaluation:
+    def _min_gain(self) -> float:
+        """How much an epoch must beat the best validation accuracy by to become the best
+        (and reset the patience): min_delta with early stopping on, as in Keras'
+        EarlyStopping(restore_best_weights=True); any gain when it is off."""
+        train = self.config.train
+        return train.early_stopping_min_delta if train.early_stopping_patience else 0.0
+
+    def _stop_early(self, progress: MegabatchProgress) -> bool:
+        """`patience` epochs in a row without a new best. Every rank sees the same all-reduced
+        validation accuracy, so all ranks stop after the same epoch."""
+        patience = self.config.train.early_stopping_patience
+        assert progress.best is not None
+        return patience > 0 and progress.epoch - progress.best["epoch"] >= patience
+
+    def _train_epoch(self, progress: MegabatchProgress, state: RunState) -> Evaluation:
+        """One epoch (or its remainder after a pre-emption); sums agreed over ranks."""
+        megabatch, epoch = progress.megabatch, progress.epoch
         self.engine.module.train()
         batches = self.reader.train_epoch(megabatch, epoch)
-        sums = torch.zeros(2, device=self.platform.device)  # loss sum, correct
-        count = 0
-        progress = tqdm(batches, disable=not self.show_progress, leave=False, mininterval=2,
-                        desc=f"megabatch {megabatch} epoch {epoch + 1}")
-        for images, labels in progress:
+        sums = torch.zeros(2, device=self.platform.device, dtype=torch.float64)
+        sums += torch.tensor(progress.epoch_sums[:2], dtype=torch.float64).to(sums.device)
+        count = int(progress.epoch_sums[2])
+        bar = tqdm(batches, disable=not self.show_progress, leave=False, mininterval=2,
+                   desc=f"megabatch {megabatch} epoch {epoch + 1}")
+        for index, (images, labels) in enumerate(bar):
+            if index < progress.steps_done:
+                continue  # replayed to reach the pre-empted run's position
             step = self.engine.train_step(images, labels)
             sums[0] += step.loss_sum
             sums[1] += step.correct
             count += step.count
+            progress.steps_done = index + 1
+            self.faults.after_step(megabatch, epoch, progress.steps_done)
+            if self.preemption.agreed(self.platform, progress.steps_done):
+                progress.epoch_sums = [float(sums[0]), float(sums[1]), float(count)]
+                self._checkpoint(state, progress)
+                raise Preempted(f"pre-empted in megabatch {megabatch}, epoch {epoch + 1}, "
+                                f"after step {progress.steps_done}; checkpoint written")
         totals = self.platform.all_reduce_sum(
             torch.cat([sums.double().cpu(), torch.tensor([float(count)], dtype=torch.float64)]))
         total = int(totals[2])
@@ -184,15 +288,18 @@ class MegabatchLoop:
         count = int(sums[1])
         return Evaluation(correct=int(sums[0]), count=count, loss=float(sums[2]) / max(1, count))
 
-    def _checkpoint(self, state: RunState) -> Path:
+    def _checkpoint(self, state: RunState, progress: MegabatchProgress | None = None) -> Path:
+        """After a completed megabatch (progress None) or mid-megabatch (pre-emption)."""
         masks = self.engine.masks
         return self.checkpointer.save(state.completed, {
             "masks": masks.state_dict(),
             "run": state.to_dict(),
+            "progress": None if progress is None else progress.shared_state(),
             "settings": computation_settings(self.config),
             "world_size": self.platform.world_size,
         }, rank_state={
             # Audit trail: every rank's own masks and residue, compared across ranks in tests.
             "masks": masks.state_dict(),
-            "pruned_residue": masks.pruned_residue(self.engine.optimizer),
-        }, engine=self.engine)
+            "pruned_residue": self.engine.pruned_residue(),
+            "epoch_sums": None if progress is None else progress.epoch_sums,
+        }, engine=self.engine, partial=progress is not None)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from app_dist.config import Config, to_dict
+from app_dist.errors import AppDistError, one_line
+
+log = logging.getLogger("app_dist")
 
 
 def cumulative_error(errors_per_megabatch: list[int], test_size: int) -> tuple[int, float]:
@@ -36,31 +40,75 @@ class MetricsLog:
 
 
 class WandbLog:
-    """An offline-by-default wandb run, resumed by id, with `megabatch` as its x-axis."""
+    """The run as W&B users know it, written by rank 0 only.
 
-    def __init__(self, config: Config, run_dir: Path, run_id: str) -> None:
+    Offline by default (files under RUN_DIR/wandb, uploaded later with `wandb sync`);
+    `log.wandb.mode=online` streams instead, `disabled` writes nothing. The resolved config is
+    the run's config; every metric is plotted against `megabatch`, which is also the wandb step,
+    so a resumed run (same id, `resume="allow"`) continues its curves instead of restarting
+    them; the per-layer densities of all megabatches so far are one table, `layer_density`
+    (megabatch, layer, density). Runs sharing `log.wandb.group` (one sweep) are grouped, and
+    the pruning method is the job type, so dense / OSP / APP split within a group.
+    """
+
+    TABLE_COLUMNS = ["megabatch", "layer", "density"]
+
+    def __init__(self, config: Config, run_dir: Path, run_id: str,
+                 history: list[dict[str, Any]] | None = None) -> None:
         settings = config.log.wandb
         self.run = None
+        self.layer_rows = [row for record in history or [] for row in self._layer_rows(record)]
         if settings.mode == "disabled":
             return
         import wandb
 
-        self.run = wandb.init(
-            project=settings.project, group=settings.group or None, name=config.run.name,
-            id=run_id, resume="allow", mode=settings.mode, dir=str(run_dir),
-            config=to_dict(config), settings=wandb.Settings(silent=True, console="off"),
-        )
+        self._wandb = wandb
+        try:
+            self.run = wandb.init(
+                project=settings.project, group=settings.group or None,
+                job_type=config.prune.method, name=config.run.name,
+                tags=[config.prune.method, config.prune.criterion, config.model.name],
+                id=run_id, resume="allow", mode=settings.mode, dir=str(run_dir),
+                config=to_dict(config), settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as error:  # noqa: BLE001 - wandb raises many kinds; all mean "fix setup"
+            raise AppDistError(
+                f"wandb could not start in mode '{settings.mode}' ({one_line(error)}); for "
+                "online mode run `wandb login` or set WANDB_API_KEY, or keep "
+                "log.wandb.mode=offline and upload later with `wandb sync`") from None
         self.run.define_metric("megabatch")
         self.run.define_metric("*", step_metric="megabatch")
 
+    @staticmethod
+    def _layer_rows(record: dict[str, Any]) -> list[list[Any]]:
+        return [[record["megabatch"], name, density]
+                for name, density in (record.get("layer_density") or {}).items()]
+
     def log(self, record: dict[str, Any]) -> None:
-        if self.run is not None:
-            flat = {k: v for k, v in record.items() if not isinstance(v, dict)}
-            self.run.log(flat)
+        """One megabatch's record: its scalars, and the per-layer table so far."""
+        if self.run is None:
+            return
+        flat = {k: v for k, v in record.items() if not isinstance(v, dict)}
+        self.layer_rows += self._layer_rows(record)
+        if self.layer_rows:
+            flat["layer_density"] = self._wandb.Table(columns=self.TABLE_COLUMNS,
+                                                      data=self.layer_rows)
+        self.run.log(flat, step=int(record["megabatch"]))
+
+    @property
+    def offline_dir(self) -> str | None:
+        """The folder `wandb sync` uploads, when the run is offline."""
+        if self.run is None or self.run.settings.mode != "offline":
+            return None
+        return str(Path(self.run.dir).parent)
 
     def finish(self) -> None:
         if self.run is not None:
+            folder = self.offline_dir
             self.run.finish()
+            if folder is not None:
+                log.info("wandb run saved offline; upload it with: wandb sync %s", folder)
+            self.run = None
 
 
 SUMMARY_COLUMNS = [

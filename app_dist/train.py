@@ -33,13 +33,14 @@ from app_dist.config import (
     sparsity_level,
     to_yaml,
 )
+from app_dist.data.loader import stop_readers
 from app_dist.data.manifest import Manifest, verify_shard
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
 from app_dist.distributed import Platform, start_platform
 from app_dist.engine import build_engine
-from app_dist.errors import AppDistError, CheckpointError, ConfigError
-from app_dist.loop import MegabatchCallback, MegabatchLoop, RunState
+from app_dist.errors import AppDistError, CheckpointError, ConfigError, one_line
+from app_dist.loop import MegabatchCallback, MegabatchLoop, MegabatchProgress, Preempted, RunState
 from app_dist.metrics import MetricsLog, WandbLog, summary_table
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
@@ -48,8 +49,15 @@ from app_dist.pruning.schedule import density_schedule
 log = logging.getLogger("app_dist")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (and exit code 2), not usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
 def parse_arguments(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="app-dist train", description="Train APP / OSP / dense under the megabatch stream.",
         epilog="Overrides: key=value pairs, e.g. prune.method=osp train.epochs=2",
     )
@@ -88,13 +96,14 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: MaskSet,
-                 platform: Platform) -> RunState:
-    """The run state to continue from: the last valid checkpoint's, or a fresh one."""
+                 platform: Platform) -> tuple[RunState, MegabatchProgress | None]:
+    """The run state to continue from (the last valid checkpoint's, or a fresh one), and the
+    progress inside a megabatch when that checkpoint was written at a pre-emption."""
     if not config.checkpoint.resume:
-        return RunState()
+        return RunState(), None
     checkpoint = checkpointer.latest()
     if checkpoint is None:
-        return RunState()
+        return RunState(), None
     saved = checkpoint.load_state()
     allow_resize = config.checkpoint.allow_world_size_change
     if saved["world_size"] != platform.world_size and not allow_resize:
@@ -109,11 +118,23 @@ def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: Mask
             "set checkpoint.allow_config_change=true, or checkpoint.resume=false to start over")
     masks.load_state_dict(saved["masks"])
     engine.load(checkpoint.path)
-    if platform.rank < checkpoint.world_size:
-        set_rng_state(checkpoint.load_rank_state(platform.rank)["rng"])
+    rank_state = (checkpoint.load_rank_state(platform.rank)
+                  if platform.rank < checkpoint.world_size else None)
+    if rank_state is not None:
+        set_rng_state(rank_state["rng"])
     run = saved["run"]
-    log.info("resuming after megabatch %d from %s", run["completed"], checkpoint.path)
-    return RunState(completed=run["completed"], history=run["history"], wandb_id=run["wandb_id"])
+    state = RunState(completed=run["completed"], history=run["history"], wandb_id=run["wandb_id"])
+    progress = None
+    if saved.get("progress") is not None:
+        if rank_state is None or checkpoint.world_size != platform.world_size:
+            raise CheckpointError(f"{checkpoint.path} was written mid-megabatch by "
+                                  f"{checkpoint.world_size} ranks: resume it with as many")
+        progress = MegabatchProgress(**saved["progress"], epoch_sums=rank_state["epoch_sums"])
+        log.info("resuming megabatch %d at epoch %d, step %d from %s", progress.megabatch,
+                 progress.epoch + 1, progress.steps_done, checkpoint.path)
+    else:
+        log.info("resuming after megabatch %d from %s", state.completed, checkpoint.path)
+    return state, progress
 
 
 def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform: Platform,
@@ -121,8 +142,12 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
     """Run (or resume) the megabatch loop on this rank; `callbacks` hear every megabatch."""
     run_dir = run_directory(config)
     if platform.is_primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(config))
+        except OSError as error:
+            raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} "
+                              f"({error.strerror or error})") from None
         if config.data.verify_checksums:
             for split in manifest.splits.values():
                 for shard in split.shards:
@@ -135,7 +160,7 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
     masks = MaskSet(model, attach_masks(model, config.prune.include_linear))
     engine = build_engine(config, model, masks, platform)
     checkpointer = Checkpointer(run_dir, platform, config.checkpoint.keep_last)
-    state = resume_state(config, checkpointer, engine, masks, platform)
+    state, progress = resume_state(config, checkpointer, engine, masks, platform)
     if not state.wandb_id:
         state.wandb_id = platform.broadcast_object(uuid.uuid4().hex[:12])
 
@@ -145,7 +170,8 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
                           config.train.batch_size // platform.world_size, platform,
                           config.run.seed)
     metrics = MetricsLog(run_dir, state.history) if platform.is_primary else None
-    wandb = WandbLog(config, run_dir, state.wandb_id) if platform.is_primary else None
+    wandb = (WandbLog(config, run_dir, state.wandb_id, state.history) if platform.is_primary
+             else None)
     log.info("run %s: %s/%s on %s, %d rank(s) on %s, %d megabatches, final density %.3f",
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
              platform.world_size, platform.device, config.data.megabatches,
@@ -153,7 +179,7 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
     loop = MegabatchLoop(config, platform, reader, engine, schedule, checkpointer, metrics, wandb,
                          callbacks)
     try:
-        state = loop.run(state)
+        state = loop.run(state, progress)
     finally:
         if wandb is not None:
             wandb.finish()
@@ -168,16 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(config_path, overrides)
         manifest, stream = prepare(config)
     except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
     try:
         train(config, manifest, stream, platform)
     except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    except Preempted as notice:
+        log.warning("%s; run the same command again to continue", notice)
+        return Preempted.exit_code
     finally:
+        stop_readers()
         platform.shutdown()
     return 0
 

@@ -52,3 +52,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
         record.pop("seconds")
         record.pop("train_images_per_second")
     return records
+
+
+def digits_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A small real run: 3 megabatches of digits, 2 epochs each, every checkpoint kept."""
+    return ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
+            f"run.dir={run_dir}", "data.megabatches=3", "train.epochs=2", "log.progress=false",
+            "checkpoint.keep_last=10", *extra]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference 2-rank run (torchrun, gloo) that interrupted runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def checkpoint_folder(run_dir: Path, megabatch: int) -> Path:
+    return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,26 +14,10 @@ import torch
 from app_dist.pruning.schedule import density_schedule
 
 from .conftest import REPO, free_port, read_metrics, run_trainer
+from .conftest import checkpoint_folder as checkpoint
+from .conftest import digits_run_args as args_for
 
 pytestmark = pytest.mark.slow
-
-
-def args_for(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
-            f"run.dir={run_dir}", "data.megabatches=3", "train.epochs=2", "log.progress=false",
-            "checkpoint.keep_last=10", *extra]
-
-
-def checkpoint(run_dir: Path, megabatch: int) -> Path:
-    return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(digits_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_trainer(args_for(digits_shards, run_dir), nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def test_two_rank_run_has_identical_masks_on_every_rank_after_every_pruning(uninterrupted):

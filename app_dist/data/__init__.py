@@ -1,0 +1,1 @@
+"""Data: shard writing, the megabatch stream and the WebDataset readers."""

@@ -8,6 +8,8 @@ they all agree on one batch count per epoch: no rank runs out early and hangs DD
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +102,11 @@ class ShardReader(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        urls = self.urls[worker]
         pipeline = wds.DataPipeline(
-            lambda: iter([{"url": url} for url in urls]),
-            wds.tarfile_to_samples(handler=_raise_with_shard),
+            lambda: _open_local_shards(self.urls[worker]),
+            lambda streams: wds.tariterators.tar_file_expander(streams,
+                                                               handler=_raise_naming_shard),
+            lambda files: wds.tariterators.group_by_keys(files, handler=_raise_naming_shard),
             self._selected,
         )
         samples = iter(pipeline)
@@ -156,8 +159,41 @@ class ShardReader(IterableDataset):
             raise DataError(f"{where}: cannot decode image ({error})") from None
 
 
-def _raise_with_shard(error: Exception) -> bool:
-    raise DataError(f"cannot read shard: {error}") from None
+def _ignore_termination(worker_id: int) -> None:
+    """A pre-emption notice is for the training process to act on (finish the step, write a
+    checkpoint); readers must not die first and break the step in flight. They exit with it:
+    torch's worker loop notices a dead parent, and `stop_readers` ends them on the way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_readers() -> None:
+    """Kill reader processes still alive (an error left an epoch unfinished). Call before the
+    process exits: multiprocessing would otherwise SIGTERM them, which they ignore, and wait
+    for them forever."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
+
+
+def _raise_naming_shard(error: Exception) -> bool:
+    """webdataset appends (stream, url) to a failed read's args: name the shard."""
+    url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")),
+               "a shard")
+    raise DataError(f"cannot read {url}: {error.args[0] if error.args else error} "
+                    "(truncated or not a tar file?)") from None
+
+
+def _open_local_shards(paths: list[str]) -> Iterator[dict]:
+    """Open the shards ourselves instead of through webdataset's gopen: only local files named
+    by the manifest are read, never a `pipe:` or remote URL (what WDS_SECURE guards against;
+    webdataset 1.0.2's secure mode refuses local files altogether, so it cannot be used)."""
+    for path in paths:
+        try:
+            stream = open(path, "rb")
+        except OSError as error:
+            raise DataError(f"cannot open shard {path}: {error.strerror}") from None
+        with stream:
+            yield {"url": path, "stream": stream}
 
 
 def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -219,6 +255,7 @@ def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: S
                          seed=seed)
     processes = len(worker_shards) if num_workers > 0 else 0
     loader = DataLoader(reader, batch_size=None, num_workers=processes, pin_memory=pin_memory,
-                        prefetch_factor=4 if processes else None)
+                        prefetch_factor=4 if processes else None,
+                        worker_init_fn=_ignore_termination if processes else None)
     expected = None if train else sum(count for shards in worker_shards for _, count in shards)
     return Batches(loader, count, expected)

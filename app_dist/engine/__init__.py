@@ -19,6 +19,10 @@ def build_engine(config: Config, model: nn.Module, masks: MaskSet, platform: Pla
         from app_dist.engine.ddp import DDPEngine
 
         return DDPEngine(model, masks, platform, config.train)
+    if config.engine.kind == "deepspeed":
+        from app_dist.engine.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, masks, platform, config)
     raise ValueError(f"unknown engine.kind '{config.engine.kind}'")
 
 

@@ -39,6 +39,11 @@ class Engine(Protocol):
         """The mask buffers were just rewritten: zero the pruned positions everywhere the
         engine keeps a copy (weights, master weights, optimizer state). All ranks call it."""
 
+    def pruned_residue(self) -> dict[str, float]:
+        """The largest |value| at pruned positions of every copy the engine keeps (weights,
+        master weights, optimizer state), by copy: all must be exactly 0. All ranks call it
+        (DeepSpeed gathers partitioned copies); recorded per rank in every checkpoint."""
+
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a module state dict (the best-validation weights) into every copy the engine
         keeps. All ranks call it."""

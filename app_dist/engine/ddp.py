@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -15,6 +14,7 @@ from app_dist.checkpoint import atomic_torch_save, load_verified_file
 from app_dist.config import TrainSettings
 from app_dist.distributed import Platform
 from app_dist.engine.base import StepResult, module_state
+from app_dist.engine.batchnorm import average_batchnorm_statistics
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
 
@@ -64,27 +64,14 @@ class DDPEngine:
 
     def end_epoch(self) -> None:
         self.scheduler.step()
-        self._average_batchnorm_statistics()
-
-    @torch.no_grad()
-    def _average_batchnorm_statistics(self) -> None:
-        """Each rank's BN running statistics saw only its own batches: average them so every
-        rank holds the same model (as timm's distribute_bn does)."""
-        if not self.platform.distributed:
-            return
-        stats = [buffer for name, buffer in self.module.named_buffers()
-                 if name.endswith(("running_mean", "running_var"))]
-        if not stats:
-            return
-        flat = torch.cat([s.reshape(-1) for s in stats])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.platform.world_size
-        for stat, averaged in zip(stats, flat.split([s.numel() for s in stats])):
-            stat.copy_(averaged.view_as(stat))
+        average_batchnorm_statistics(self.module, self.platform)
 
     def masks_changed(self) -> None:
         self.masks.apply_to_weights()
         zero_optimizer_state(self.optimizer, self.masks)
+
+    def pruned_residue(self) -> dict[str, float]:
+        return self.masks.pruned_residue(self.optimizer)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)

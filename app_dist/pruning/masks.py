@@ -69,12 +69,21 @@ class MaskSet:
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())
-        self.masks = masks
+        # Layers, not buffer tensors: model.to(device) and DeepSpeed's .half()/.bfloat16()
+        # replace a module's buffer objects (parameters keep theirs), so the live mask is
+        # always read from its layer.
+        self._layers = {name: model.get_submodule(name.rpartition(".")[0]) for name in masks}
         self.weights = {name: params[name] for name in masks}
         self._hooks = [
-            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
-            for weight, mask in zip(self.weights.values(), self.masks.values())
+            weight.register_hook(
+                lambda grad, layer=layer: grad * layer.weight_mask.to(grad.dtype))
+            for weight, layer in zip(self.weights.values(), self._layers.values())
         ]
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{parameter name: its layer's weight_mask buffer, as the forward uses it}."""
+        return {name: layer.weight_mask for name, layer in self._layers.items()}
 
     @property
     def total(self) -> int:

@@ -3,6 +3,8 @@
 Every rank computes the same threshold from the same all-reduced scores, so the masks agree
 by construction; the checksum comparison afterwards turns any divergence (a nondeterministic
 kernel, a rank-dependent seed) into an error naming the layer instead of a silent drift.
+Data-dependent criteria (SNIP, GraSP) sum their per-rank parts with one all-reduce per pass;
+SynFlow sees no data, so rank 0 computes it and broadcasts the scores.
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ from torch import nn
 
 from app_dist.distributed import Platform
 from app_dist.engine.base import Engine
+from app_dist.models import classifier_of
 from app_dist.pruning.masks import MaskSet
 from app_dist.pruning.scores import (
+    GRASP_SAMPLES_PER_CLASS,
+    SYNFLOW_ITERATIONS,
+    class_balanced_batches,
+    grasp_gradient,
+    grasp_hessian_gradient_product,
+    grasp_scores_from_products,
     magnitude_scores,
     random_scores,
     snip_gradient_sums,
     snip_scores_from_gradients,
+    synflow_iterated_scores,
 )
 from app_dist.pruning.threshold import masks_from_scores
 from app_dist.seeding import derived_seed
@@ -42,9 +52,14 @@ def _all_reduce_dict(values: dict[str, torch.Tensor],
 
 
 def compute_scores(criterion: str, model: nn.Module, masks: MaskSet, platform: Platform,
-                   scoring_batches: ScoringBatches, seed: int, megabatch: int
-                   ) -> dict[str, torch.Tensor]:
-    """Scores of every prunable weight, identical on every rank (CPU tensors)."""
+                   scoring_batches: ScoringBatches, seed: int, megabatch: int, *,
+                   density: float = 1.0, scope: str = "global",
+                   synflow_iterations: int = SYNFLOW_ITERATIONS) -> dict[str, torch.Tensor]:
+    """Scores of every prunable weight, identical on every rank (CPU tensors).
+
+    `density` and `scope` are the step's target: iterative SynFlow prunes towards it in
+    rounds and returns scores whose top `density` of the survivors is its last round's mask.
+    """
     if criterion == "magnitude":
         return magnitude_scores(masks.weights)
     if criterion == "random":
@@ -52,7 +67,46 @@ def compute_scores(criterion: str, model: nn.Module, masks: MaskSet, platform: P
     if criterion == "snip":
         sums = snip_gradient_sums(model, masks.weights, scoring_batches(), platform.device)
         return snip_scores_from_gradients(masks.weights, _all_reduce_dict(sums, platform))
+    if criterion == "grasp":
+        return _grasp_scores(model, masks, platform, scoring_batches)
+    if criterion == "synflow":
+        return _synflow_scores(model, masks, platform, scoring_batches, density, scope,
+                               synflow_iterations)
     raise ValueError(f"unknown pruning criterion '{criterion}'")
+
+
+def _grasp_scores(model: nn.Module, masks: MaskSet, platform: Platform,
+                  scoring_batches: ScoringBatches) -> dict[str, torch.Tensor]:
+    """GraSP over all ranks: g from the first class-balanced batch of every rank (summed),
+    then H g from the second (summed). Each rank takes its share of the 10 samples per class
+    of each batch from its own share of the scoring sample."""
+    per_rank = -(-GRASP_SAMPLES_PER_CLASS // platform.world_size)
+    num_classes = classifier_of(model).out_features
+    first, second = class_balanced_batches(scoring_batches(), num_classes, per_rank, count=2)
+    gradient = grasp_gradient(model, masks.weights, first, platform.device)
+    gradient = _all_reduce_dict(gradient, platform)
+    product = grasp_hessian_gradient_product(model, masks.weights, second, gradient,
+                                             platform.device)
+    return grasp_scores_from_products(masks.weights, _all_reduce_dict(product, platform))
+
+
+def _synflow_scores(model: nn.Module, masks: MaskSet, platform: Platform,
+                    scoring_batches: ScoringBatches, density: float, scope: str,
+                    iterations: int) -> dict[str, torch.Tensor]:
+    """Iterative SynFlow computed once, on rank 0, and broadcast: identical on every rank
+    whatever the ranks' kernels or thread counts. The input shape (SynFlow feeds one
+    all-ones image) is that of the scoring batches, as in the authors' code."""
+    scores = {name: torch.empty(weight.shape) for name, weight in masks.weights.items()}
+    if platform.is_primary:
+        images, _ = next(iter(scoring_batches()))
+        current = {name: mask.detach() for name, mask in masks.masks.items()}
+        scores = synflow_iterated_scores(model, current, tuple(images.shape[1:]), density,
+                                         scope, iterations)
+    if not platform.distributed:
+        return scores
+    flat = platform.broadcast(torch.cat([s.reshape(-1) for s in scores.values()]))
+    parts = flat.split([s.numel() for s in scores.values()])
+    return {name: part.view_as(scores[name]) for name, part in zip(scores, parts)}
 
 
 def verify_identical_masks(masks: MaskSet, platform: Platform) -> None:
@@ -72,11 +126,12 @@ def verify_identical_masks(masks: MaskSet, platform: Platform) -> None:
 
 def prune_step(*, density: float, criterion: str, scope: str, engine: Engine,
                platform: Platform, scoring_batches: ScoringBatches, seed: int,
-               megabatch: int) -> None:
+               megabatch: int, synflow_iterations: int = SYNFLOW_ITERATIONS) -> None:
     """Prune the engine's model to `density` (nested in the current mask) on every rank."""
     masks = engine.masks
     scores = compute_scores(criterion, engine.module, masks, platform, scoring_batches, seed,
-                            megabatch)
+                            megabatch, density=density, scope=scope,
+                            synflow_iterations=synflow_iterations)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
     masks.set(masks_from_scores(scores, current, density, scope))
     engine.masks_changed()

@@ -1,0 +1,266 @@
+"""Faults and bad input (docs/RELIABILITY.md): every scenario injected for real."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from app_dist.checkpoint import Checkpointer, verify
+from app_dist.data.manifest import file_sha256
+from app_dist.distributed import Platform
+from app_dist.errors import CheckpointError
+
+from .conftest import (
+    REPO,
+    checkpoint_folder,
+    digits_run_args,
+    free_port,
+    read_metrics,
+    run_trainer,
+)
+
+CPU = Platform(0, 1, 0, torch.device("cpu"))
+
+
+# --- pre-emption (SIGTERM) ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_mid_megabatch_exits_75_and_resumes_exactly(digits_shards,
+                                                                         uninterrupted, tmp_path):
+    """Rank 1 alone gets the notice; both ranks agree, finish the step, write a checkpoint."""
+    run_dir = tmp_path / "preempted"
+    fault = {"APP_DIST_FAULT": "sigterm:rank=1,megabatch=2,epoch=1,step=2"}
+    first = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2, env=fault)
+    assert first.returncode != 0
+    assert "pre-empted in megabatch 2, epoch 2" in first.stdout + first.stderr
+    assert (run_dir / "checkpoints" / "preempted-0002" / "COMPLETE.json").is_file()
+    assert not checkpoint_folder(run_dir, 2).exists()
+
+    resumed = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming megabatch 2 at epoch 2" in resumed.stdout
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+    assert not (run_dir / "checkpoints" / "preempted-0002").exists()  # superseded, removed
+
+
+def test_sigterm_exit_code_is_75_in_a_single_process(digits_shards, tmp_path):
+    fault = {"APP_DIST_FAULT": "sigterm:rank=0,megabatch=1,epoch=0,step=1"}
+    args = digits_run_args(digits_shards, tmp_path / "run", "data.megabatches=2")
+    result = run_trainer(args, nproc=1, env=fault)
+    assert result.returncode == 75, result.stderr[-2000:]
+
+
+# --- damaged checkpoints ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_is_reported_kept_and_skipped(digits_shards, uninterrupted,
+                                                                tmp_path):
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, run_dir)
+    newest = checkpoint_folder(run_dir, 3)
+    engine_file = newest / "engine.pt"
+    engine_file.write_bytes(engine_file.read_bytes()[: engine_file.stat().st_size // 2])
+    assert "does not match its sha256" in verify(newest)
+
+    resumed = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "skipping checkpoint" in output and "megabatch-0003" in output
+    assert "resuming after megabatch 2" in output
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+    kept_aside = list((run_dir / "checkpoints").glob("megabatch-0003.replaced-*"))
+    assert len(kept_aside) == 1 and verify(kept_aside[0]) is not None  # bad file not deleted
+    assert verify(checkpoint_folder(run_dir, 3)) is None
+
+
+class FakeEngine:
+    """Writes one real engine file, or fails like a full disk."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def save(self, folder: Path) -> None:
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        torch.save({"weights": torch.ones(3)}, folder / "engine.pt")
+
+
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(tmp_path):
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
+    checkpointer.save(1, {"x": 1}, {}, FakeEngine())
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        checkpointer.save(2, {"x": 2}, {}, FakeEngine(fail=True))
+    assert verify(checkpointer.folder(1)) is None
+    assert not checkpointer.folder(2).exists()
+    assert not list((tmp_path / "checkpoints").glob(".*incomplete"))
+    assert checkpointer.latest().megabatch == 1
+
+
+def test_retention_never_deletes_the_only_valid_checkpoint(tmp_path):
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=1)
+    checkpointer.save(1, {}, {}, FakeEngine())
+    checkpointer.save(2, {}, {}, FakeEngine())
+    assert not checkpointer.folder(1).exists()
+    (checkpointer.folder(2) / "state.pt").write_bytes(b"garbage")  # newest now damaged
+    checkpointer.save(3, {}, {}, FakeEngine())
+    assert verify(checkpointer.folder(3)) is None
+    assert checkpointer.folder(2).exists()  # damaged: kept as evidence, not counted
+    (checkpointer.folder(3) / "engine.pt").write_bytes(b"garbage")
+    assert checkpointer.latest() is None  # nothing valid left: start over, never load garbage
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
+    checkpointer.save(1, {"x": 1}, {}, FakeEngine())
+    folder = checkpointer.folder(1)
+    torch.save({"evil": Payload()}, folder / "state.pt")
+    marker = json.loads((folder / "COMPLETE.json").read_text())
+    marker["sha256"]["state.pt"] = file_sha256(folder / "state.pt")  # even if checksums match
+    (folder / "COMPLETE.json").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="cannot load"):
+        checkpointer.latest().load_state()
+
+
+def test_unwritable_run_directory_is_a_one_line_error(digits_shards, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_trainer(digits_run_args(digits_shards, blocker / "run"), nproc=1)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: config key 'run.dir'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- bad data ------------------------------------------------------------------------------
+
+def copy_shards(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def rewrite_shard(directory: Path, name: str, edit) -> None:
+    """Rewrite one shard's samples through `edit(sample) -> sample` and fix its sha256, so
+    only the content is bad (the manifest checksum still matches)."""
+    path = directory / name
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(edit({k: v for k, v in sample.items() if k != "__url__"}))
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        if shard["name"] == name:
+            shard["sha256"] = file_sha256(path)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def first_sample_key(directory: Path, name: str) -> str:
+    return next(iter(wds.WebDataset(str(directory / name), shardshuffle=False)))["__key__"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: {**s, "cls": b"99"}, "label 99 outside 0..9"),
+    (lambda s: {k: v for k, v in s.items() if k != "cls"}, "no label (.cls)"),
+    (lambda s: {**s, "png": b"\x89PNG not really"}, "cannot decode image"),
+])
+def test_bad_sample_stops_the_run_naming_shard_and_key(digits_shards, tmp_path, damage, message):
+    shards = copy_shards(digits_shards, tmp_path / "shards")
+    rewrite_shard(shards, "train-000000.tar", damage)
+    key = first_sample_key(shards, "train-000000.tar")
+    result = run_trainer(digits_run_args(shards, tmp_path / "run", "data.megabatches=2"), nproc=1)
+    assert result.returncode == 2
+    assert "train-000000.tar" in result.stderr and message in result.stderr
+    assert key in result.stderr
+
+
+def test_shard_whose_checksum_differs_is_refused_before_training(digits_shards, tmp_path):
+    shards = copy_shards(digits_shards, tmp_path / "shards")
+    target = shards / "train-000003.tar"
+    target.write_bytes(target.read_bytes()[:-1024])  # truncated
+    result = run_trainer(digits_run_args(shards, tmp_path / "run"), nproc=1)
+    assert result.returncode == 2
+    assert "train-000003.tar" in result.stderr and "sha256" in result.stderr
+
+
+def test_truncated_shard_is_caught_while_reading_even_without_checksums(digits_shards,
+                                                                        tmp_path):
+    shards = copy_shards(digits_shards, tmp_path / "shards")
+    target = shards / "train-000001.tar"
+    target.write_bytes(target.read_bytes()[:3000])
+    args = digits_run_args(shards, tmp_path / "run", "data.verify_checksums=false",
+                           "data.megabatches=2")
+    result = run_trainer(args, nproc=1)
+    assert result.returncode == 2
+    assert "train-000001.tar" in result.stderr or "truncated" in result.stderr
+
+
+# --- bad config and CLI -------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--nonsense"], "--nonsense"),
+    (["train.batch_size=63"], "train.batch_size"),  # not divisible by 2 ranks
+    (["data.megabatches=1000"], "data.megabatches=1000"),
+])
+def test_bad_cli_input_is_one_line_before_any_process_group(digits_shards, tmp_path, extra,
+                                                            culprit):
+    result = run_trainer(digits_run_args(digits_shards, tmp_path / "run", *extra), nproc=1,
+                         env={"WORLD_SIZE": "2"})
+    assert result.returncode == 2
+    assert culprit in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+# --- the soak test ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
+    """torchrun --max-restarts 3; a random rank is SIGKILLed at a random moment, three times;
+    the final metrics equal the uninterrupted run's."""
+    shards = tmp_path / "small-shards"
+    from app_dist.data.shards import write_shards
+
+    write_shards("digits", None, str(shards), samples_per_shard=10, seed=0)
+    args = ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
+            "data.megabatches=20", "train.epochs=1", "train.batch_size=16",
+            "log.progress=false", "data.eval_batch_size=300"]
+    reference = run_trainer([*args, f"run.dir={tmp_path / 'reference'}"], nproc=2, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "soak"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--max-restarts", "3", "--master_port", str(free_port()),
+               str(REPO / "app_dist/train.py"), *args, f"run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    chooser = random.Random(2024)
+    kills = 0
+    deadline = time.time() + 600
+    while kills < 3 and launcher.poll() is None and time.time() < deadline:
+        time.sleep(chooser.uniform(1.5, 5.0))
+        workers = subprocess.run(["pgrep", "-f", f"app_dist/train.py.*run.dir={run_dir}"],
+                                 capture_output=True, text=True).stdout.split()
+        workers = [int(p) for p in workers if int(p) != launcher.pid]
+        if len(workers) == 2:
+            os.kill(chooser.choice(workers), 9)
+            kills += 1
+    _, stderr = launcher.communicate(timeout=600)
+    assert kills == 3, "the run finished before three kills: make it longer"
+    assert launcher.returncode == 0, stderr[-3000:]
+    reference_metrics = read_metrics(tmp_path / "reference")
+    assert len(reference_metrics) == 20
+    assert read_metrics(run_dir) == reference_metrics

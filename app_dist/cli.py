@@ -36,12 +36,33 @@ def _demo(argv: list[str]) -> int:
     return main(argv)
 
 
+def _experiment(argv: list[str]) -> int:
+    from app_dist.experiment import main
+
+    return main(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from app_dist.export import main
+
+    return main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from app_dist.sweep import main
+
+    return main(argv)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "shards": (_shards, "write WebDataset shards and their manifest"),
     "train": (_train, "train one run (same as app_dist/train.py)"),
     "report": (_report, "plot runs against megabatch and write an HTML report"),
     "inspect": (_inspect, "show a run or checkpoint: config, progress, densities, resumable?"),
     "demo": (_demo, "digits shards + a 2-rank APP run with torchrun (as `make demo`)"),
+    "experiment": (_experiment, "dense vs OSP vs APP over seeds: runs, tables, plots, report"),
+    "export": (_export, "write a run's final model in compact sparse form"),
+    "sweep": (_sweep, "Ray Tune sweep over distributed trials (as launch/sweep.py)"),
 }
 
 

@@ -77,7 +77,7 @@ class TrainSettings:
     # Stop a megabatch's training after this many epochs without a validation accuracy gain
     # of more than min_delta over its best so far (ALMA's code: 25). 0 = off, as in the paper.
     early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
+    early_stopping_min_delta: float = 0.0  # gain needed to count as a new best (with patience)
 
 
 @dataclass
@@ -233,11 +233,9 @@ def validate(config: Config) -> None:
 
 def _validate_engine(config: Config) -> None:
     engine = config.engine
-    _require(engine.zero_stage != 3, "engine.zero_stage", 3,
-             "ZeRO-3 is not supported (its partitioned weights are empty outside forward, "
-             "where masks and pruning scores need them); use 0, 1 or 2")
     _require(engine.zero_stage in (0, 1, 2), "engine.zero_stage", engine.zero_stage,
-             "must be 0, 1 or 2")
+             "must be 0, 1 or 2 (ZeRO-3 is not supported: its partitioned weights are empty "
+             "outside forward, where masks and pruning scores need them)")
     _one_of("engine.precision", engine.precision, PRECISIONS)
     _require(engine.gradient_accumulation >= 1, "engine.gradient_accumulation",
              engine.gradient_accumulation, "must be >= 1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,12 @@ class MegabatchProgress:
                 "best": self.best}
 
 
+def rank_local_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that may differ between ranks (BatchNorm statistics), not the masks."""
+    return {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers()
+            if not name.endswith("weight_mask")}
+
+
 class Preempted(Exception):
     """SIGTERM arrived: the step in flight finished and a checkpoint was written."""
 
@@ -83,7 +90,11 @@ class PreemptionNotice:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._installed = threading.current_thread() is threading.main_thread()
+        # Only the main thread may install handlers; Ray Train runs the training function in a
+        # worker thread (its own shutdown handles SIGTERM there), so it trains without one.
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -95,7 +106,8 @@ class PreemptionNotice:
         return bool(platform.all_reduce_sum(flag).item() > 0)
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass
@@ -302,4 +314,6 @@ class MegabatchLoop:
             "masks": masks.state_dict(),
             "pruned_residue": self.engine.pruned_residue(),
             "epoch_sums": None if progress is None else progress.epoch_sums,
+            # Mid-epoch each rank's BatchNorm statistics are its own (averaged at epoch end).
+            "buffers": None if progress is None else rank_local_buffers(self.engine.module),
         }, engine=self.engine, partial=progress is not None)

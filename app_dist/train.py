@@ -130,6 +130,7 @@ def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: Mask
             raise CheckpointError(f"{checkpoint.path} was written mid-megabatch by "
                                   f"{checkpoint.world_size} ranks: resume it with as many")
         progress = MegabatchProgress(**saved["progress"], epoch_sums=rank_state["epoch_sums"])
+        engine.module.load_state_dict(rank_state["buffers"], strict=False)
         log.info("resuming megabatch %d at epoch %d, step %d from %s", progress.megabatch,
                  progress.epoch + 1, progress.steps_done, checkpoint.path)
     else:

@@ -40,6 +40,7 @@ def test_model_names_are_the_documented_set() -> None:
         "resnet50",
         "vgg16_bn",
         "digits_cnn",
+        "digits_cnn_mlp",
     }
     assert set(MODEL_NAMES) == expected
 

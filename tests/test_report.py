@@ -17,6 +17,7 @@ from PIL import Image
 from app_dist.errors import AppDistError
 from app_dist.plots import layer_density_matrix
 from app_dist.report import CURVES, run_labels, write_report
+from app_dist.report import main as report_main
 from app_dist.runs import read_run
 from tests.conftest import REPO, run_trainer
 
@@ -90,7 +91,8 @@ def test_labels_stay_unique_when_methods_repeat(runs: dict[str, Path]) -> None:
     assert run_labels([app, app]) == ["app (app) #1", "app (app) #2"]
 
 
-def test_bad_run_directories_are_one_line_errors(tmp_path: Path) -> None:
+def test_bad_run_directories_are_one_line_errors(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(AppDistError, match="does not exist"):
         write_report([tmp_path / "missing"])
     empty = tmp_path / "started"
@@ -99,17 +101,33 @@ def test_bad_run_directories_are_one_line_errors(tmp_path: Path) -> None:
     (empty / "metrics.jsonl").write_text("")
     with pytest.raises(AppDistError, match="no finished megabatch"):
         write_report([empty])
-    result = subprocess.run([sys.executable, "-m", "app_dist.cli", "report", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-    assert "config.yaml and metrics.jsonl" in result.stderr
+    assert report_main([str(tmp_path)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert "config.yaml and metrics.jsonl" in stderr
 
 
-# Records each <img>'s decoded width once the page has loaded, into the DOM Chromium dumps.
+# When the page has loaded, records into the DOM that Chromium dumps, for each <img>: its
+# natural width (0 for a broken image) and the fraction of its pixels that were painted when
+# drawn on a canvas. A truncated PNG still reports its width from its header but paints only
+# its first rows; the report's figures have an opaque background, so all must be painted.
+# Synchronous on purpose: the DOM is dumped right after the load event.
 _PROBE = """<script>
 window.addEventListener("load", () => {
-  for (const img of document.images) img.setAttribute("data-natural-width", img.naturalWidth);
+  for (const img of document.images) {
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, img.naturalWidth);
+    canvas.height = Math.max(1, img.naturalHeight);
+    const context = canvas.getContext("2d");
+    let painted = 0;
+    try {
+      context.drawImage(img, 0, 0);
+      const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+      for (let alpha = 3; alpha < pixels.length; alpha += 4) if (pixels[alpha] > 0) painted++;
+    } catch (error) { painted = 0; }
+    img.setAttribute("data-natural-width", img.naturalWidth);
+    img.setAttribute("data-painted", (painted / (canvas.width * canvas.height)).toFixed(4));
+  }
   document.body.setAttribute("data-probe", "loaded");
 });
 </script>"""
@@ -143,7 +161,8 @@ def test_report_renders_in_a_real_browser(runs: dict[str, Path], tmp_path: Path)
     for figure in figures:
         with Image.open(figure) as image:
             expected.append(image.width)
-    assert widths == expected  # every image decoded, at its real size (0 = broken image)
+    assert widths == expected  # every image there, at its real size (0 = broken image)
+    assert re.findall(r'data-painted="([\d.]+)"', dom) == ["1.0000"] * len(figures)
 
     screenshot = tmp_path / "out" / "screenshot.png"
     result = _chromium(f"--screenshot={screenshot}", "--window-size=1200,2400", page.as_uri(),

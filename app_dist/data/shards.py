@@ -2,7 +2,7 @@
 
     python -m app_dist.data.shards {imagefolder,cifar10,cifar100,digits} [SOURCE] --out DIR
         [--samples-per-shard S] [--seed 0] [--limit N] [--test-limit N] [--test-fraction F]
-        [--workers K] [--overwrite]
+        [--workers K] [--overwrite] [--label-map restricted_imagenet] [--shots-per-class N]
 
 Each split is permuted once with numpy.random.default_rng(seed), so consecutive shards are
 i.i.d. and a megabatch of consecutive shards is a uniform sample. Sample `f"{index:08d}"` is
@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from app_dist.data.imagenet import LABEL_MAPS
 from app_dist.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -35,8 +36,10 @@ from app_dist.data.sources import (
     SOURCE_KINDS,
     Record,
     SourceError,
+    few_shot,
     image_header,
     open_source,
+    relabel,
 )
 from app_dist.errors import AppDistError
 
@@ -140,10 +143,14 @@ def _check_options(source_kind: str, samples_per_shard: int, limit: int | None,
 def write_shards(source_kind: str, source: str | None, out: str, samples_per_shard: int,
                  seed: int, limit: int | None = None, test_limit: int | None = None,
                  test_fraction: float | None = None, *, workers: int = 1,
-                 overwrite: bool = False) -> Manifest:
+                 overwrite: bool = False, label_map: str | None = None,
+                 shots_per_class: int | None = None) -> Manifest:
     """Shard `source` (of kind imagefolder, cifar10, cifar100 or digits) into directory `out`.
 
-    Each split is permuted with numpy.random.default_rng(seed); `limit` / `test_limit` keep the
+    `label_map` (e.g. restricted_imagenet) relabels every sample through its class folder's
+    ImageNet wnid and drops the classes it does not map; then `shots_per_class` keeps that
+    many training samples per class (seeded; the test split stays whole). Each split is
+    permuted with numpy.random.default_rng(seed); `limit` / `test_limit` keep the
     first N of the permuted train / test samples. Shards are written first and manifest.json
     last, so a directory with a manifest is complete. Refuses a directory that already holds a
     manifest unless `overwrite` (which replaces shards of the same names and the manifest and
@@ -158,6 +165,10 @@ def write_shards(source_kind: str, source: str | None, out: str, samples_per_sha
     if manifest_file.exists() and not overwrite:
         raise AppDistError(f"{out}: already holds {MANIFEST_NAME} (pass --overwrite to replace)")
     data = open_source(source_kind, source, seed=seed, test_fraction=test_fraction)
+    if label_map is not None:
+        data = relabel(data, label_map)
+    if shots_per_class is not None:
+        data = few_shot(data, shots_per_class, seed)
     if not data.splits["train"]:
         raise SourceError(f"{source}: no training images")
 
@@ -244,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(imagefolder 0.1, digits 0.165)")
     parser.add_argument("--workers", type=int, default=1,
                         help="shards written concurrently (helps on network filesystems)")
+    parser.add_argument("--label-map", choices=LABEL_MAPS, default=None,
+                        help="relabel through each class folder's ImageNet wnid "
+                             "(restricted_imagenet: the 9 classic super-classes; other "
+                             "classes are dropped)")
+    parser.add_argument("--shots-per-class", type=int, default=None,
+                        help="keep N seeded training samples per class (few-shot)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing manifest.json and same-named shards")
     return parser
@@ -263,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_shards(
             args.kind, args.source, args.out, args.samples_per_shard, args.seed,
             limit=args.limit, test_limit=args.test_limit, test_fraction=args.test_fraction,
-            workers=args.workers, overwrite=args.overwrite,
+            workers=args.workers, overwrite=args.overwrite, label_map=args.label_map,
+            shots_per_class=args.shots_per_class,
         )
     except AppDistError as exc:
         print(f"error: {exc}", file=sys.stderr)

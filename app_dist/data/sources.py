@@ -105,6 +105,49 @@ def carve_test(records: list[Record], fraction: float,
     return train, test
 
 
+def relabel(data: SourceData, label_map: str) -> SourceData:
+    """Labels from a named map of each record's class (an ImageNet wnid for the ImageNet
+    maps; see app_dist.data.imagenet), never from its folder index; records the map sends
+    to None are dropped. Raises SourceError when a class is not one the map knows."""
+    from app_dist.data.imagenet import LabelMap
+
+    try:
+        mapping = LabelMap(label_map)
+        new_labels = [mapping(name) for name in data.classes]
+    except DataError as error:
+        raise SourceError(f"{data.source}: {error}") from None
+    splits = {
+        split: [Record(new_labels[r.label], r.src, r.path, r.pixels) for r in records
+                if new_labels[r.label] is not None]
+        for split, records in data.splits.items()
+    }
+    if not splits["train"]:
+        raise SourceError(f"{data.source}: no class falls under --label-map {label_map}")
+    return SourceData(f"{data.dataset}-{label_map}", data.source, mapping.classes,
+                      data.image_format, splits)
+
+
+def few_shot(data: SourceData, shots_per_class: int, seed: int) -> SourceData:
+    """Keep `shots_per_class` training records of every class, drawn with `seed`; the test
+    split is untouched. Raises SourceError naming a class with fewer training records."""
+    if shots_per_class < 1:
+        raise SourceError(f"--shots-per-class must be >= 1, got {shots_per_class}")
+    by_class: dict[int, list[Record]] = {}
+    for record in data.splits["train"]:
+        by_class.setdefault(record.label, []).append(record)
+    chosen: list[Record] = []
+    for label in range(len(data.classes)):
+        records = by_class.get(label, [])
+        if len(records) < shots_per_class:
+            raise SourceError(f"--shots-per-class {shots_per_class}: class "
+                              f"'{data.classes[label]}' has only {len(records)} training images")
+        # One stream per class: the draw of a class does not depend on the other classes.
+        order = numpy_rng(seed, "few-shot", label).permutation(len(records))
+        chosen.extend(records[i] for i in sorted(order[:shots_per_class]))
+    return SourceData(f"{data.dataset}-{shots_per_class}shot", data.source, data.classes,
+                      data.image_format, {**data.splits, "train": chosen})
+
+
 # ---------------------------------------------------------------------------- image folders
 
 
@@ -142,30 +185,37 @@ def _image_format(records: list[Record], root: Path) -> str:
 
 def imagefolder(root: str | os.PathLike[str], *, seed: int,
                 test_fraction: float | None = None) -> SourceData:
-    """ROOT/train/<class>/* and ROOT/test/<class>/* when both exist (CIFAR layout), else
-    ROOT/<class>/* as the train split with a seeded `test_fraction` (default 0.1) carved off.
-    Classes are the sorted train class folders; files are read later, byte for byte."""
+    """ROOT/train/<class>/* and ROOT/test/<class>/* (CIFAR layout) or ROOT/val/<class>/*
+    (ImageNet layout) when both exist, else ROOT/<class>/* as the train split with a seeded
+    `test_fraction` (default 0.1) carved off. Classes are the sorted train class folders;
+    files are read later, byte for byte."""
     root_path = Path(root).absolute()
     if not root_path.is_dir():
         raise SourceError(f"{root}: no such directory")
-    has_train, has_test = (root_path / "train").is_dir(), (root_path / "test").is_dir()
+    # ImageNet calls its held-out split val/; a folder with both uses test/.
+    test_name = "val" if (root_path / "val").is_dir() and not (root_path / "test").is_dir() \
+        else "test"
+    has_train, has_test = (root_path / "train").is_dir(), (root_path / test_name).is_dir()
     if has_train != has_test:
-        present, absent = ("train", "test") if has_train else ("test", "train")
+        present, absent = ("train", "test") if has_train else (test_name, "train")
         raise SourceError(f"{root}: has {present}/ but no {absent}/ folder")
     if has_train:
         if test_fraction is not None:
-            raise SourceError(f"--test-fraction does not apply: {root} has its own test/ split")
+            raise SourceError(f"--test-fraction does not apply: {root} has its own "
+                              f"{test_name}/ split")
         classes = _class_folders(root_path / "train")
         if not classes:
             raise SourceError(f"{root_path / 'train'}: no class folders")
         index = {c: i for i, c in enumerate(classes)}
-        extra = [c for c in _class_folders(root_path / "test") if c not in index]
+        extra = [c for c in _class_folders(root_path / test_name) if c not in index]
         if extra:
-            raise SourceError(f"{root_path / 'test' / extra[0]}: class not present in train/")
+            raise SourceError(f"{root_path / test_name / extra[0]}: class not present in "
+                              "train/")
+        folders = {"train": "train", "test": test_name}
         splits = {
-            split: [r for c in (classes if split == "train" else _class_folders(root_path / split))
-                    for r in _list_class(root_path / split / c, root_path, index[c])]
-            for split in ("train", "test")
+            split: [r for c in (classes if split == "train" else _class_folders(root_path / folder))
+                    for r in _list_class(root_path / folder / c, root_path, index[c])]
+            for split, folder in folders.items()
         }
     else:
         classes = _class_folders(root_path)

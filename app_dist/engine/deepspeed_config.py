@@ -108,11 +108,15 @@ def deepspeed_config(engine: EngineSettings, train: TrainSettings, world_size: i
                           "or 2; ZeRO-3 weights are empty outside forward, where masks and "
                           "pruning scores need them)")
     precision = precision_of(merged)
-    if precision != "fp32" and device_type != "cuda":
-        raise ConfigError(f"{where}: {precision} needs a GPU (this run is on "
-                          f"{device_type}); use fp32")
-    if precision != "fp32" and stage == 0:
-        raise ConfigError(f"{where}: {precision} needs ZeRO stage 1 or 2 (at stage 0 "
-                          "DeepSpeed's half-precision optimizer keeps an fp32 master copy that "
-                          "masks cannot reach)")
+    if precision != "fp32":
+        # Name what the user wrote: the raw file if it chose the precision, else the key.
+        source = (where if "bf16" in raw or "fp16" in raw
+                  else f"config key 'engine.precision' = '{precision}'")
+        if device_type != "cuda":
+            raise ConfigError(f"{source}: {precision} needs a GPU (this run is on "
+                              f"{device_type}); use fp32")
+        if stage == 0:
+            raise ConfigError(f"{source}: {precision} needs ZeRO stage 1 or 2 (at stage 0 "
+                              "DeepSpeed's half-precision optimizer keeps an fp32 master copy "
+                              "that masks cannot reach)")
     return merged

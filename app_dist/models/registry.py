@@ -10,7 +10,7 @@ from torch import nn
 
 from .cifar_resnet import cifar_resnet
 from .normalization import InputNormalization, NormalizedModel
-from .small_cnn import digits_cnn
+from .small_cnn import digits_cnn, digits_cnn_mlp
 
 STEMS = ("cifar", "imagenet")
 
@@ -59,6 +59,7 @@ _BUILDERS: dict[str, Callable[[int, int, str], nn.Module]] = {
     **{f"resnet{d}": partial(_torchvision_resnet, f"resnet{d}") for d in (18, 34, 50)},
     "vgg16_bn": _vgg16_bn,
     "digits_cnn": _cifar_only(digits_cnn, "digits_cnn"),
+    "digits_cnn_mlp": _cifar_only(digits_cnn_mlp, "digits_cnn_mlp"),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

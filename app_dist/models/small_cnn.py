@@ -21,3 +21,10 @@ def digits_cnn(num_classes: int, in_channels: int = 1) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(64, num_classes),
     )
+
+
+def digits_cnn_mlp(num_classes: int, in_channels: int = 1) -> nn.Sequential:
+    """digits_cnn with a hidden fully connected layer, Linear(64, 64)-ReLU, before the
+    classifier: the small model on which prune.include_linear has a layer to prune."""
+    layers = list(digits_cnn(num_classes, in_channels))
+    return nn.Sequential(*layers[:-1], nn.Linear(64, 64), nn.ReLU(), layers[-1])

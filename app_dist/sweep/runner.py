@@ -1,0 +1,245 @@
+"""Run a sweep on Ray Tune: start or restore the Tune experiment, then tabulate the trials.
+
+Running the same sweep again restores it (`Tuner.can_restore` on storage_path/name): finished
+trials keep their results, unfinished ones continue from their last reported megabatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from app_dist.config import flatten
+from app_dist.errors import AppDistError, ConfigError
+from app_dist.sweep.results import (
+    TrialOutcome,
+    format_table,
+    trial_rows,
+    write_results,
+)
+from app_dist.sweep.settings import (
+    Dimension,
+    Sweep,
+    find_sweep_file,
+    load_sweep,
+    project_root,
+)
+from app_dist.sweep.trial import PLACEMENT_GROUP_KEY, make_trainable
+
+log = logging.getLogger("app_dist")
+
+SETTINGS_FILE = "sweep.yaml"
+# Settings a restored sweep may change: how it is run, not what its trials compute.
+RESTORE_NEUTRAL = ("max_concurrent_trials", "max_failures", "worker_env", "trial_driver.",
+                   "resources_per_worker.", "storage_path", "run_root")
+
+
+def tune_space(dimensions: tuple[Dimension, ...]) -> dict[str, Any]:
+    """The Tune param_space: one entry per searched training key."""
+    from ray import tune
+
+    draw = {"grid": lambda v: tune.grid_search(list(v)), "choice": lambda v: tune.choice(list(v)),
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v)}
+    return {d.key: draw[d.distribution](d.values) for d in dimensions}
+
+
+def build_scheduler(sweep: Sweep) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = sweep.settings.scheduler
+    if settings.kind == "fifo":
+        return FIFOScheduler()
+    # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it at
+    # its last report would cut off the trainer's final bookkeeping (wandb, summary).
+    return ASHAScheduler(time_attr=settings.time_attr,
+                         max_t=settings.max_t or sweep.max_megabatches,
+                         grace_period=settings.grace_period,
+                         reduction_factor=settings.reduction_factor, stop_last_trials=False)
+
+
+def release_callback() -> Any:
+    """A Tune callback releasing the placement group of each trial's Ray Train workers when
+    the trial ends. Ray Train's controller owns that group; when Tune stops a trial (ASHA at a
+    rung) it kills the trial's driver, and with it the controller, but the group's resources
+    stay reserved until the whole sweep ends, starving the next trials (ray-project/ray#54305;
+    Ray's own cleaner needs the dashboard's state API, which ray[tune,train] lacks)."""
+    from ray import tune
+
+    class ReleaseTrainPlacementGroup(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            release_placement_group(trial.last_result.get(PLACEMENT_GROUP_KEY))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
+            release_placement_group(trial.last_result.get(PLACEMENT_GROUP_KEY))
+
+    return ReleaseTrainPlacementGroup()
+
+
+def release_placement_group(group_hex: str | None) -> bool:
+    """Remove the placement group with this id unless Ray already did; True if removed."""
+    if not group_hex:
+        return False
+    import ray
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_hex)))
+    if placement_group_table(group).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(group)
+    log.info("released placement group %s of a stopped trial", group_hex)
+    return True
+
+
+def check_same_sweep(sweep: Sweep) -> None:
+    """A restored experiment keeps its search space and scheduler: refuse a changed sweep
+    file instead of silently running the old one."""
+    saved_path = sweep.experiment_path / SETTINGS_FILE
+    current = _settings_record(sweep)
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"  # type: ignore[union-attr]
+               for k in sorted(set(saved) | set(current))  # type: ignore[arg-type]
+               if not k.startswith(RESTORE_NEUTRAL)
+               and saved.get(k) != current.get(k)]  # type: ignore[union-attr]
+    if changed:
+        raise ConfigError(f"sweep '{sweep.settings.name}' in {sweep.experiment_path} was "
+                          f"started with other settings ({'; '.join(changed[:4])}); give the "
+                          "sweep another name to start a new one")
+
+
+def _settings_record(sweep: Sweep) -> dict[str, Any]:
+    record = flatten(OmegaConf.to_container(OmegaConf.structured(sweep.settings)))
+    record["overrides"] = list(sweep.overrides)
+    record["base_config"] = str(sweep.base_config)
+    return record
+
+
+def start_or_restore(sweep: Sweep, retry_errored: bool) -> Any:
+    """A Tuner for `sweep`: restored when its experiment exists, else new."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = make_trainable(sweep)
+    path = str(sweep.experiment_path)
+    if tune.Tuner.can_restore(path):
+        print(f"restoring sweep {sweep.settings.name} from {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=retry_errored)
+    sweep.experiment_path.mkdir(parents=True, exist_ok=True)
+    (sweep.experiment_path / SETTINGS_FILE).write_text(
+        OmegaConf.to_yaml(OmegaConf.create(_settings_record(sweep))))
+    settings = sweep.settings
+    searcher = BasicVariantGenerator(max_concurrent=settings.max_concurrent_trials,
+                                     random_state=settings.search_seed)
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(sweep.dimensions),
+        tune_config=tune.TuneConfig(metric=settings.scheduler.metric,
+                                    mode=settings.scheduler.mode, search_alg=searcher,
+                                    scheduler=build_scheduler(sweep),
+                                    num_samples=settings.num_samples),
+        run_config=tune.RunConfig(name=settings.name, storage_path=str(sweep.storage_path),
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=settings.max_failures),
+                                  callbacks=[release_callback()]),
+    )
+
+
+def outcomes_of(result_grid: Any) -> list[TrialOutcome]:
+    outcomes = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
+        outcomes.append(TrialOutcome(trial_id=trial_id, sampled=dict(result.config or {}),
+                                     last_report=metrics, error=error))
+    return outcomes
+
+
+def run_sweep(sweep: Sweep, retry_errored: bool = False) -> list[dict[str, Any]]:
+    """Run (or continue) `sweep` on the connected Ray cluster; returns the result rows, also
+    written to results.csv / results.json in the experiment folder and printed."""
+    check_same_sweep(sweep)
+    result_grid = start_or_restore(sweep, retry_errored).fit()
+    settings = sweep.settings
+    rows = trial_rows(outcomes_of(result_grid), [d.key for d in sweep.dimensions],
+                      settings.scheduler.metric, settings.scheduler.mode)
+    csv_path, json_path = write_results(rows, sweep.experiment_path)
+    print(f"\nsweep {settings.name}: {len(rows)} trials, best {settings.scheduler.metric} "
+          f"first\n{format_table(rows)}\n\nwritten {csv_path} and {json_path}", flush=True)
+    return rows
+
+
+def connect_ray(num_cpus: int | None) -> bool:
+    """Join the cluster RAY_ADDRESS names (or the one `ray start` left on this machine), or
+    start a local one. Returns False when this process was already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus)
+    return True
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="app-dist sweep",
+        description="Ray Tune sweep over distributed app-dist trials (see configs/sweep_*.yaml).",
+        epilog="Overrides: key=value; training keys (data.shards=..., train.epochs=1) go to "
+               "every trial, the others (num_samples=4, name=...) to the sweep file.")
+    parser.add_argument("--config", required=True, help="sweep YAML file")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray started when no cluster is running")
+    parser.add_argument("--retry-errored", action="store_true",
+                        help="when restoring, also rerun trials that failed (from their last "
+                             "megabatch)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`app-dist sweep`: 0 when every trial completed or was stopped by the scheduler, 1 when
+    some failed or are unfinished (run the same command again), 2 on bad input."""
+    args = parse_arguments(argv)
+    root = project_root()
+    try:
+        sweep = load_sweep(find_sweep_file(args.config, root), args.overrides, root)
+        check_same_sweep(sweep)
+    except AppDistError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="[app-dist] %(message)s", level=logging.INFO)
+    import ray
+
+    connected_here = connect_ray(args.num_cpus)
+    try:
+        rows = run_sweep(sweep, args.retry_errored)
+    except AppDistError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if connected_here:
+            ray.shutdown()
+    statuses = [row["status"] for row in rows]
+    if any(s in ("error", "unfinished") for s in statuses):
+        print(f"{statuses.count('error')} trial(s) failed, {statuses.count('unfinished')} "
+              "unfinished: run the same command again to continue"
+              + (" (add --retry-errored to rerun failed ones)" if "error" in statuses else ""),
+              file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,258 @@
+"""The DeepSpeed engine: config translation, and real 2-rank runs through the `deepspeed`
+launcher (CPU accelerator, gloo) at ZeRO stages 0, 1 and 2 on real digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app_dist.config import EngineSettings, TrainSettings, load_config
+from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, translate
+from app_dist.errors import ConfigError
+from app_dist.models import build_model
+from app_dist.pruning.masks import MaskSet, attach_masks
+from app_dist.pruning.schedule import density_schedule
+
+from .conftest import REPO, checkpoint_folder, digits_run_args, free_port, read_metrics
+
+# ---------------------------------------------------------------------------- translation
+
+
+def test_translation_carries_batch_zero_precision_accumulation_and_clipping():
+    engine = EngineSettings(kind="deepspeed", zero_stage=2, gradient_accumulation=4,
+                            gradient_clipping=1.5)
+    config = translate(engine, TrainSettings(batch_size=64), world_size=2)
+    assert config["train_micro_batch_size_per_gpu"] == 32
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 256
+    assert config["gradient_clipping"] == 1.5
+    assert config["zero_optimization"] == {"stage": 2}
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    bf16 = translate(EngineSettings(kind="deepspeed", precision="bf16"), TrainSettings(), 1)
+    assert bf16["bf16"] == {"enabled": True}
+
+
+def test_a_raw_deepspeed_json_overrides_the_translated_keys(tmp_path):
+    raw_file = tmp_path / "ds.json"
+    raw_file.write_text(json.dumps({"zero_optimization": {"stage": 2,
+                                                          "reduce_bucket_size": 1000},
+                                    "gradient_clipping": 0.5,
+                                    "gradient_accumulation_steps": 2}))
+    engine = EngineSettings(kind="deepspeed", zero_stage=1, deepspeed_config=str(raw_file))
+    config = deepspeed_config(engine, TrainSettings(batch_size=64), 2, "cpu",
+                              load_raw(raw_file))
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert config["gradient_clipping"] == 0.5
+    assert config["train_batch_size"] == 32 * 2 * 2  # recomputed from the raw accumulation
+    assert config["train_micro_batch_size_per_gpu"] == 32  # translated key kept
+
+
+@pytest.mark.parametrize("raw, device, message", [
+    ({"optimizer": {"type": "Adam"}}, "cpu", "remove 'optimizer'"),
+    ({"train_micro_batch_size_per_gpu": 7}, "cpu", "differs from train.batch_size"),
+    ({"zero_optimization": {"stage": 3}}, "cpu", "stage 3 is not supported"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}, "cpu", "needs a GPU"),
+    ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "cuda",
+     "needs ZeRO stage 1 or 2"),
+])
+def test_raw_settings_that_would_break_masks_or_data_order_are_refused(raw, device, message):
+    engine = EngineSettings(kind="deepspeed", deepspeed_config="ds.json")
+    with pytest.raises(ConfigError, match=message) as caught:
+        deepspeed_config(engine, TrainSettings(batch_size=64), 2, device, raw)
+    assert "ds.json" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_half_precision_on_cpu_names_the_config_key():
+    engine = EngineSettings(kind="deepspeed", precision="fp16")
+    with pytest.raises(ConfigError, match="'engine.precision' = 'fp16'.*needs a GPU"):
+        deepspeed_config(engine, TrainSettings(), 1, "cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["engine.kind=deepspeed", "engine.zero_stage=3"], "ZeRO-3 is not supported"),
+    (["engine.kind=deepspeed", "engine.precision=bf16", "run.device=cpu"], "needs a GPU"),
+    (["engine.kind=deepspeed", "engine.precision=fp16", "engine.zero_stage=0"],
+     "needs engine.zero_stage 1 or 2"),
+    (["engine.gradient_accumulation=2"], "only engine.kind=deepspeed uses it"),
+    (["engine.kind=deepspeed", "engine.deepspeed_config=/no/such.json"], "no such file"),
+])
+def test_config_validation_refuses_engine_settings_it_cannot_honour(overrides, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(REPO / "configs/digits.yaml", overrides)
+    assert "\n" not in str(caught.value)
+
+
+def test_train_refuses_zero3_before_starting_anything(capsys):
+    from app_dist.train import main
+
+    code = main(["--config", str(REPO / "configs/digits.yaml"), "engine.kind=deepspeed",
+                 "engine.zero_stage=3"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert error.startswith("error: config key 'engine.zero_stage' = 3") and "\n" not in error
+
+
+def test_masks_follow_their_layers_when_the_model_is_cast():
+    """DeepSpeed's .half()/.bfloat16() and .to(device) replace buffer tensors: the MaskSet
+    must keep addressing the buffers the forward uses (and the gradient hooks too)."""
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, in_channels=1, mean=[0.5], std=[0.25])
+    masks = MaskSet(model, attach_masks(model))
+    model.to(torch.float64)
+    name = next(iter(masks.masks))
+    layer = model.get_submodule(name.rpartition(".")[0])
+    masks.set({n: torch.zeros_like(m) for n, m in masks.masks.items()})
+    assert layer.weight_mask.dtype == torch.float64 and not layer.weight_mask.any()
+    model(torch.rand(2, 1, 8, 8, dtype=torch.float64)).sum().backward()
+    assert not masks.weights[name].grad.any()
+
+
+# ---------------------------------------------------------------------------- real 2-rank runs
+
+slow = pytest.mark.slow
+
+
+def deepspeed_command(args: list[str], nproc: int) -> list[str]:
+    """The `deepspeed` launcher. On a CPU-only machine it counts NUMA nodes as devices;
+    --num_gpus N starts N ranks on the CPU accelerator (gloo) all the same."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), str(REPO / "app_dist/train.py"), *args]
+
+
+ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def run_deepspeed(args: list[str], nproc: int = 2,
+                  timeout: int = 400) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(deepspeed_command(args, nproc), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ds_args(shards: Path, run_dir: Path, stage: int) -> list[str]:
+    return digits_run_args(shards, run_dir, "engine.kind=deepspeed",
+                           f"engine.zero_stage={stage}")
+
+
+@pytest.fixture(scope="module")
+def zero_runs(digits_shards, tmp_path_factory):
+    """stage -> run directory of an uninterrupted 2-rank DeepSpeed run, made on first use."""
+    runs: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}")
+            result = run_deepspeed(ds_args(digits_shards, run_dir, stage))
+            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return get
+
+
+def engine_copies(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The model weights, the fp32 master weights and the momentum by parameter name, read
+    back from a checkpoint's DeepSpeed files (independently of the engine's own audit).
+    ZeRO 1/2 partitions: concatenated over ranks and cut by parameter as DeepSpeed's own
+    zero_to_fp32 does."""
+    tag = folder / "deepspeed" / "engine"
+    model_states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    weights = model_states["module"]
+    shapes = model_states["param_shapes"]
+    optim_files = sorted(tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not optim_files:  # stage 0, fp32: the weights are the master; the client SGD's state
+        names = [name for group in shapes for name in group]
+        state = model_states["optimizer"]["state"]
+        return {"model": weights, "master": {n: weights[n] for n in names},
+                "momentum": {n: state[i]["momentum_buffer"] for i, n in enumerate(names)}}
+    parts = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in optim_files]
+    copies: dict[str, dict[str, torch.Tensor]] = {"model": weights, "master": {},
+                                                  "momentum": {}}
+    for group, group_shapes in enumerate(shapes):
+        flats = {
+            "master": torch.cat([p["single_partition_of_fp32_groups"][group] for p in parts]),
+            "momentum": torch.cat([p["base_optimizer_state"]["state"][group]["momentum_buffer"]
+                                   for p in parts]),
+        }
+        paddings = parts[0].get("param_alignment_paddings")
+        offset = 0
+        for index, (name, shape) in enumerate(group_shapes.items()):
+            count = shape.numel()
+            for kind, flat in flats.items():
+                copies[kind][name] = flat.narrow(0, offset, count).view(shape)
+            offset += count + (paddings[group][index] if paddings else 0)
+    return copies
+
+
+@slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_pruned_weights_are_exactly_zero_in_every_copy_and_masks_agree(zero_runs, stage):
+    run_dir = zero_runs(stage)
+    schedule = density_schedule("app", 3, 4.5)
+    for t in range(1, 4):
+        folder = checkpoint_folder(run_dir, t)
+        masks = torch.load(folder / "state.pt", weights_only=True)["masks"]
+        kept = sum(int(m.sum()) for m in masks.values())
+        assert kept == round(schedule[t - 1] * sum(m.numel() for m in masks.values()))
+        for rank in range(2):
+            audit = torch.load(folder / f"rank-{rank:05d}.pt", weights_only=True)
+            for name, mask in masks.items():
+                assert torch.equal(audit["masks"][name], mask), (t, rank, name)
+            assert audit["pruned_residue"] == {"weights": 0.0, "master_weights": 0.0,
+                                               "optimizer_state": 0.0}, (t, rank)
+        copies = engine_copies(folder)
+        for name, mask in masks.items():
+            pruned = ~mask
+            assert pruned.any()
+            for kind in ("model", "master", "momentum"):
+                assert torch.count_nonzero(copies[kind][name][pruned]) == 0, (t, kind, name)
+            # The master is what the model computes with: no stale copy anywhere.
+            assert torch.equal(copies["master"][name], copies["model"][name]), (t, name)
+        assert any(copies["momentum"][name].any() for name in masks)  # momentum is real
+
+
+@slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_computes_what_ddp_computes(zero_runs, uninterrupted, stage):
+    """Same data order, same SGD, same masks: two ranks summing two gradients is exact in
+    either order, so DeepSpeed at every ZeRO stage reproduces the DDP run's metrics."""
+    assert read_metrics(zero_runs(stage)) == read_metrics(uninterrupted)
+
+
+@slow
+def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_shards,
+                                                                         zero_runs, tmp_path):
+    reference = zero_runs(2)
+    run_dir = tmp_path / "killed"
+    launcher = subprocess.Popen(deepspeed_command(ds_args(digits_shards, run_dir, 2), 2),
+                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = checkpoint_folder(run_dir, 1) / "COMPLETE.json"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists()
+    # A crash: SIGKILL the launcher's whole process group (runner, launch.py, both ranks).
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait(timeout=30)
+    assert not checkpoint_folder(run_dir, 3).exists()
+
+    resumed = run_deepspeed(ds_args(digits_shards, run_dir, 2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after megabatch" in resumed.stdout
+    assert read_metrics(run_dir) == read_metrics(reference)
+    final = [checkpoint_folder(d, 3) for d in (run_dir, reference)]
+    masks = [torch.load(f / "state.pt", weights_only=True)["masks"] for f in final]
+    for name, mask in masks[0].items():
+        assert torch.equal(mask, masks[1][name]), name
+    copies = [engine_copies(f) for f in final]
+    for kind in ("model", "master", "momentum"):
+        for name, value in copies[0][kind].items():
+            assert torch.equal(value, copies[1][kind][name]), (kind, name)

@@ -42,7 +42,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 ca-certificates rsync \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 --user-group --shell /bin/bash app
-COPY --from=build /opt/venv /opt/venv
+# The venv belongs to the run user, so Ray's setup_commands can `pip install` into it.
+COPY --from=build --chown=1000:1000 /opt/venv /opt/venv
 WORKDIR /workspace
 COPY --chown=1000:1000 configs ./configs
 COPY --chown=1000:1000 launch ./launch

@@ -67,8 +67,10 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS) + 2
     lines = ["usage: app-dist SUBCOMMAND [--help] ...", "", "subcommands:"]
-    lines += [f"  {name:<10} {about}" for name, (_, about) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<{width}}{about}" for name, (_, about) in SUBCOMMANDS.items()]
+    lines += ["", "`app-dist SUBCOMMAND --help` explains one subcommand and its options."]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_MODES = ("off", "bf16", "fp16")
 
 
 @dataclass
@@ -125,6 +126,26 @@ class LogSettings:
     wandb: WandbSettings = field(default_factory=WandbSettings)
 
 
+# Speed switches. None changes results beyond float rounding except autocast (half precision
+# arithmetic); docs/PERFORMANCE.md says what each one buys and costs.
+@dataclass
+class PerfSettings:
+    # Keep every decoded sample (uint8) in memory per rank once read, augment from there:
+    # each image is decoded once per run instead of once per pass. For small datasets.
+    cache_decoded: bool = False
+    cache_max_mb: int = 4096  # per rank; past it samples are read from the shards again
+    # DataLoader worker processes live for the whole run instead of one pass each.
+    persistent_workers: bool = False
+    # While the test pass runs, ask the OS to read the next megabatch's new shards ahead.
+    prefetch_shards: bool = True
+    pin_memory: bool = True  # page-locked batches and non-blocking copies (GPU only)
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
+    autocast: str = "off"  # off | bf16 | fp16: mixed-precision forward (GPU, engine ddp)
+    compile: bool = False  # torch.compile the model (training and evaluation forward)
+    # Decode JPEG batches on the GPU (torchvision.io.decode_jpeg), for 224x224-class images.
+    gpu_decode: bool = False
+
+
 @dataclass
 class Config:
     run: RunSettings = field(default_factory=RunSettings)
@@ -135,10 +156,13 @@ class Config:
     engine: EngineSettings = field(default_factory=EngineSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    perf: PerfSettings = field(default_factory=PerfSettings)
 
 
 # Keys that may differ between a run and its resume without changing what is computed.
-RESUME_NEUTRAL_PREFIXES = ("checkpoint.", "log.", "run.dir", "data.verify_checksums")
+RESUME_NEUTRAL_PREFIXES = ("checkpoint.", "log.", "run.dir", "data.verify_checksums",
+                           "perf.cache_decoded", "perf.cache_max_mb", "perf.persistent_workers",
+                           "perf.prefetch_shards", "perf.pin_memory")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -226,6 +250,7 @@ def validate(config: Config) -> None:
     _require(config.engine.timeout_s >= 1, "engine.timeout_s", config.engine.timeout_s,
              "must be >= 1")
     _validate_engine(config)
+    _validate_perf(config)
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
              config.checkpoint.keep_last, "must be >= 1 (the newest checkpoint is always kept)")
     _one_of("log.wandb.mode", config.log.wandb.mode, WANDB_MODES)
@@ -257,6 +282,21 @@ def _validate_engine(config: Config) -> None:
              "half precision needs a GPU (run.device is cpu); use fp32")
     _require(not engine.deepspeed_config or Path(engine.deepspeed_config).is_file(),
              "engine.deepspeed_config", engine.deepspeed_config, "no such file")
+
+
+def _validate_perf(config: Config) -> None:
+    perf = config.perf
+    _require(perf.cache_max_mb >= 1, "perf.cache_max_mb", perf.cache_max_mb, "must be >= 1")
+    _one_of("perf.autocast", perf.autocast, AUTOCAST_MODES)
+    on_cpu = config.run.device == "cpu"
+    _require(perf.autocast == "off" or not on_cpu, "perf.autocast", perf.autocast,
+             "mixed precision is for GPUs (run.device is cpu); use off")
+    _require(perf.autocast == "off" or config.engine.kind == "ddp", "perf.autocast",
+             perf.autocast, "engine.kind=deepspeed sets its precision with engine.precision")
+    _require(not perf.gpu_decode or not on_cpu, "perf.gpu_decode", perf.gpu_decode,
+             "decoding on the GPU needs a GPU (run.device is cpu)")
+    _require(not (perf.gpu_decode and perf.cache_decoded), "perf.gpu_decode", perf.gpu_decode,
+             "cannot be combined with perf.cache_decoded (the cache holds CPU-decoded images)")
 
 
 def final_density(prune: PruneSettings) -> float:

@@ -37,6 +37,28 @@ def _comments_by_line(source: str) -> dict[int, str]:
     return comments
 
 
+def _comment_block_above(line: int, lines: list[str], comments: dict[int, str]) -> list[str]:
+    """The comment lines directly above line `line` (1-based), top to bottom."""
+    block = []
+    line -= 1
+    while line >= 1 and lines[line - 1].strip().startswith("#"):
+        block.insert(0, comments[line])
+        line -= 1
+    return block
+
+
+def class_comments(source: str) -> dict[str, str]:
+    """class name -> the comment block above the class (and its decorators)."""
+    comments = _comments_by_line(source)
+    lines = source.splitlines()
+    found = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            found[node.name] = " ".join(_comment_block_above(first, lines, comments))
+    return found
+
+
 def field_comments(source: str) -> dict[tuple[str, str], str]:
     """(class name, field name) -> the comment block just above the field joined with the
     comment at the end of its line."""
@@ -50,10 +72,7 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
             if not (isinstance(statement, ast.AnnAssign)
                     and isinstance(statement.target, ast.Name)):
                 continue
-            above, line = [], statement.lineno - 1
-            while line >= 1 and lines[line - 1].strip().startswith("#"):
-                above.insert(0, comments[line])
-                line -= 1
+            above = _comment_block_above(statement.lineno, lines, comments)
             parts = above + ([comments[statement.lineno]] if statement.lineno in comments
                              else [])
             found[(node.name, statement.target.id)] = " ".join(parts)
@@ -124,6 +143,7 @@ def render() -> str:
     """The full text of docs/CONFIG.md."""
     source = inspect.getsource(schema)
     comments = field_comments(source)
+    intros = class_comments(source)
     rules = validation_rules(source)
     out = [
         "# Configuration reference",
@@ -149,6 +169,8 @@ def render() -> str:
         out += [f"## `{prefix.rstrip('.')}`", ""]
         if owner.__doc__ and not owner.__doc__.startswith(f"{owner.__name__}("):
             out += [inspect.cleandoc(owner.__doc__), ""]
+        if intros.get(owner.__name__):
+            out += [intros[owner.__name__], ""]
         out += ["| key | type | default | meaning | accepted values |", "|---|---|---|---|---|"]
         for spec in keys:
             key = f"{prefix}{spec.name}"

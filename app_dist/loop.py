@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from app_dist.data.loader import Batches
 from app_dist.data.reader import StreamReader
 from app_dist.distributed import Platform
 from app_dist.engine import Engine
+from app_dist.engine.acceleration import autocast
 from app_dist.faults import FaultInjector
 from app_dist.metrics import MetricsLog, WandbLog, cumulative_error
 from app_dist.pruning.pruner import prune_step
@@ -135,7 +137,9 @@ class MegabatchLoop:
         self.metrics = metrics
         self.wandb = wandb
         self.callbacks = callbacks or []
-        self.show_progress = platform.is_primary and config.log.progress
+        # Bars only where a person watches: in a log file they are noise.
+        self.show_progress = (platform.is_primary and config.log.progress
+                              and sys.stderr.isatty())
         self.faults = FaultInjector(platform.rank)
         self.preemption = PreemptionNotice()
 
@@ -289,13 +293,18 @@ class MegabatchLoop:
         """Accuracy of the bare module over this rank's share, summed over ranks."""
         module, device = self.engine.module, self.platform.device
         module.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # correct, count, loss sum
+        # Summed on the device: no batch waits for the host (one transfer at the end).
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss sum
         for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
-            logits = module(images)
-            sums[0] += int((logits.argmax(1) == labels).sum())
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(self.config.perf, device):
+                logits = module(images)
+            logits = logits.float()
+            sums[0] += (logits.argmax(1) == labels).sum()
             sums[1] += labels.numel()
-            sums[2] += float(F.cross_entropy(logits, labels, reduction="sum"))
+            sums[2] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums = sums.cpu()
         self.platform.all_reduce_sum(sums)
         count = int(sums[1])
         return Evaluation(correct=int(sums[0]), count=count, loss=float(sums[2]) / max(1, count))

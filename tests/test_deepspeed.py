@@ -165,13 +165,13 @@ def engine_copies(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     tag = folder / "deepspeed" / "engine"
     model_states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     weights = model_states["module"]
-    shapes = model_states["param_shapes"]
     optim_files = sorted(tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     if not optim_files:  # stage 0, fp32: the weights are the master; the client SGD's state
-        names = [name for group in shapes for name in group]
+        names = [n for n in weights if n not in model_states["buffer_names"]]
         state = model_states["optimizer"]["state"]
         return {"model": weights, "master": {n: weights[n] for n in names},
                 "momentum": {n: state[i]["momentum_buffer"] for i, n in enumerate(names)}}
+    shapes = model_states["param_shapes"]
     parts = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in optim_files]
     copies: dict[str, dict[str, torch.Tensor]] = {"model": weights, "master": {},
                                                   "momentum": {}}

@@ -16,6 +16,7 @@ from app_dist.config import Config, flatten, to_dict
 from app_dist.config_reference import (
     OUTPUT,
     REGENERATE,
+    class_comments,
     field_comments,
     render,
     validation_rules,
@@ -43,6 +44,7 @@ def test_config_reference_lists_every_key_with_its_default_and_rules() -> None:
 
 def test_comments_and_rules_are_read_from_the_source() -> None:
     source = textwrap.dedent('''
+        # What these settings are for.
         @dataclass
         class Settings:
             # Above the field,
@@ -62,6 +64,7 @@ def test_comments_and_rules_are_read_from_the_source() -> None:
         ("Settings", "second"): "",
         ("Settings", "third"): "only beside",
     }
+    assert class_comments(source) == {"Settings": "What these settings are for."}
     assert validation_rules(source) == {"s.first": ["must be >= 1"],
                                         "s.second": ["one of `global`, `local`"]}
 
@@ -149,3 +152,26 @@ def test_dockerfile_is_a_pinned_non_root_cuda_image_of_app_dist() -> None:
     assert dockerfile.rstrip().splitlines()[-2] == 'ENTRYPOINT ["app-dist"]'
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs", "data", "wandb"} <= set(ignored)
+
+
+def test_the_wheel_the_image_installs_carries_every_data_file(tmp_path: Path) -> None:
+    """The Dockerfile installs app_dist as a wheel (`pip install .`), which holds only the
+    files setuptools is told about: every non-Python file the package reads must be in it."""
+    import zipfile
+
+    source = tmp_path / "source"  # what the Dockerfile copies; building in place leaves build/
+    shutil.copytree(REPO / "app_dist", source / "app_dist",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                             "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(source)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("app_dist-*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    data_files = {path.relative_to(REPO).as_posix() for path in (REPO / "app_dist").rglob("*")
+                  if path.is_file() and path.suffix not in (".py", ".pyc")
+                  and "__pycache__" not in path.parts}
+    assert data_files, "expected data files such as app_dist/data/imagenet_classes.tsv"
+    assert data_files <= packaged, f"left out of the wheel: {sorted(data_files - packaged)}"

@@ -22,18 +22,6 @@ def decode(image_bytes: bytes, channels: int) -> torch.Tensor:
     return decode_image(data, mode=mode)
 
 
-def pad_crop_flip(image: torch.Tensor, generator: torch.Generator,
-                  padding: int = 4) -> torch.Tensor:
-    """CIFAR augmentation: random crop of the original size from a zero-padded image + flip."""
-    _, height, width = image.shape
-    padded = F.pad(image, (padding, padding, padding, padding))
-    top, left = torch.randint(0, 2 * padding + 1, (2,), generator=generator).tolist()
-    crop = padded[:, top : top + height, left : left + width]
-    if torch.rand((), generator=generator) < 0.5:
-        crop = crop.flip(-1)
-    return crop
-
-
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
                             scale: tuple[float, float] = (0.08, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -62,8 +50,20 @@ def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# One sample's random draw: the crop box (top, left, height, width) and whether to flip it.
+Draw = tuple[int, int, int, int, bool]
+
+CIFAR_PADDING = 4
+
+
 class SampleTransform:
-    """Bytes -> augmented uint8 tensor. Picklable, so DataLoader workers can carry it."""
+    """Bytes -> augmented uint8 tensor. Picklable, so DataLoader workers can carry it.
+
+    Drawing the random parameters (`draw`, which needs only the image size) is separate from
+    applying them (`apply`, plain tensor ops on any device), so a worker decoding JPEGs, the
+    decoded-sample cache and GPU decoding all draw the same numbers in the same order from
+    the same generator and produce the same augmentation.
+    """
 
     def __init__(self, channels: int, augment: str, image_size: int, train: bool) -> None:
         self.channels = channels
@@ -72,18 +72,38 @@ class SampleTransform:
         self.train = train
 
     def __call__(self, image_bytes: bytes, generator: torch.Generator) -> torch.Tensor:
-        image = decode(image_bytes, self.channels)
+        return self.augment_decoded(decode(image_bytes, self.channels), generator)
+
+    def augment_decoded(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A decoded uint8 (C, H, W) image -> its augmented version."""
+        return self.apply(image, self.draw(image.shape[1], image.shape[2], generator))
+
+    def draw(self, height: int, width: int, generator: torch.Generator) -> Draw | None:
+        """This sample's random parameters (None: nothing random), consuming `generator`."""
+        if not self.train or self.augment not in ("cifar", "imagenet"):
+            return None
         if self.augment == "imagenet":
-            if self.train:
-                top, left, h, w = random_resized_crop_box(*image.shape[1:], generator)
-                image = TF.resized_crop(image, top, left, h, w, [self.image_size] * 2,
-                                        antialias=True)
-                if torch.rand((), generator=generator) < 0.5:
-                    image = image.flip(-1)
-                return image
-            resize = int(round(self.image_size * 256 / 224))
-            image = TF.resize(image, [resize], antialias=True)
-            return TF.center_crop(image, [self.image_size] * 2)
-        if self.augment == "cifar" and self.train:
-            return pad_crop_flip(image, generator)
-        return image
+            top, left, h, w = random_resized_crop_box(height, width, generator)
+        else:  # pad by 4, crop the original size at a random offset
+            top, left = torch.randint(0, 2 * CIFAR_PADDING + 1, (2,), generator=generator).tolist()
+            h, w = height, width
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+        return top, left, h, w, flip
+
+    def apply(self, image: torch.Tensor, drawn: Draw | None) -> torch.Tensor:
+        """`image` augmented with the parameters `draw` chose (on the image's device)."""
+        if self.augment == "imagenet":
+            if drawn is None:  # evaluation: resize the short side, centre crop
+                resize = int(round(self.image_size * 256 / 224))
+                image = TF.resize(image, [resize], antialias=True)
+                return TF.center_crop(image, [self.image_size] * 2)
+            top, left, h, w, flip = drawn
+            image = TF.resized_crop(image, top, left, h, w, [self.image_size] * 2,
+                                    antialias=True)
+        elif drawn is not None:
+            top, left, h, w, flip = drawn
+            pad = CIFAR_PADDING
+            image = F.pad(image, (pad, pad, pad, pad))[:, top : top + h, left : left + w]
+        else:
+            return image
+        return image.flip(-1) if flip else image

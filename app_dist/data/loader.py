@@ -9,23 +9,28 @@ they all agree on one batch count per epoch: no rank runs out early and hangs DD
 from __future__ import annotations
 
 import multiprocessing
+import queue as queue_module
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from app_dist.data.augment import SampleTransform
+from app_dist.data.augment import Draw, SampleTransform, decode
 from app_dist.data.manifest import ShardInfo
+from app_dist.data.sources import image_header
 from app_dist.data.stream import Selection
 from app_dist.errors import DataError
 from app_dist.seeding import derived_seed, numpy_rng
 
 ShardCounts = list[tuple[ShardInfo, int]]
+T = TypeVar("T")
 
 
 def split_for_rank(shards: ShardCounts, rank: int, world_size: int) -> ShardCounts:
@@ -80,13 +85,63 @@ def evaluation_plan(selection: Selection, *, rank: int, world_size: int,
                              num_workers)
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, C, H, W), int64 labels (B,)
+
+
+def reader_order(samples: Iterator[T], seed: int, worker: int,
+                 shuffle_buffer: int) -> Iterator[T]:
+    """The order in which reader `worker` uses its samples (shard order, then the streaming
+    shuffle). Shared by every path that reads (shards, cache), so they agree exactly."""
+    if shuffle_buffer <= 1:
+        return samples
+    return _shuffled(samples, shuffle_buffer,
+                     np.random.default_rng(derived_seed(seed, "shuffle", worker)))
+
+
+def augment_generator(seed: int, worker: int) -> torch.Generator:
+    """The generator reader `worker` draws its augmentations from."""
+    return torch.Generator().manual_seed(derived_seed(seed, "augment", worker))
+
+
+def batched(items: Iterator[tuple[torch.Tensor, int]], batch_size: int,
+            drop_last: bool) -> Iterator[Batch]:
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for image, label in items:
+        images.append(image)
+        labels.append(label)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images and not drop_last:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def round_robin(readers: list[Iterator[Batch]]) -> Iterator[Batch]:
+    """Batches in the order a DataLoader with one worker per reader returns them: one from
+    each reader in turn, skipping readers that ran out (torch's in-order task dispatch)."""
+    active = list(readers)
+    while active:
+        still = []
+        for reader in active:
+            batch = next(reader, None)
+            if batch is not None:
+                still.append(reader)
+                yield batch
+        active = still
+
+
 class ShardReader(IterableDataset):
     """One reader's pipeline: shard list -> tar samples -> selected keys -> (shuffle) ->
-    decode + augment -> batches of (uint8 images, int64 labels)."""
+    decode + augment -> batches of (uint8 images, int64 labels).
+
+    encoded=True (GPU decoding) leaves the images encoded: batches are (list of encoded
+    uint8 tensors, list of augmentation draws, labels), drawn from the image headers, for
+    `decode_on_device` to finish in the training process."""
 
     def __init__(self, directory: Path, worker_shards: list[ShardCounts], selection: Selection,
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
-                 drop_last: bool, shuffle_buffer: int, seed: int) -> None:
+                 drop_last: bool, shuffle_buffer: int, seed: int, encoded: bool = False) -> None:
         super().__init__()
         self.urls = [[str(directory / shard.name) for shard, _ in shards]
                      for shards in worker_shards]
@@ -98,10 +153,26 @@ class ShardReader(IterableDataset):
         self.drop_last = drop_last
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.encoded = encoded
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        return self.read(info.id if info is not None else 0)
+
+    def read(self, worker: int) -> Iterator:
+        """Reader `worker`'s batches (none when a pooled worker has no shards this pass)."""
+        if worker >= len(self.urls):
+            return
+        samples = reader_order(self._samples(worker), self.seed, worker, self.shuffle_buffer)
+        generator = augment_generator(self.seed, worker)
+        if self.encoded:
+            yield from self._encoded_batches(samples, generator)
+            return
+        items = ((self._image(sample, generator), sample["label"]) for sample in samples)
+        yield from batched(items, self.batch_size, self.drop_last)
+
+    def _samples(self, worker: int) -> Iterator[dict]:
+        """The selected samples of the worker's shards, in shard order, with their labels."""
         pipeline = wds.DataPipeline(
             lambda: _open_local_shards(self.urls[worker]),
             lambda streams: wds.tariterators.tar_file_expander(streams,
@@ -109,20 +180,23 @@ class ShardReader(IterableDataset):
             lambda files: wds.tariterators.group_by_keys(files, handler=_raise_naming_shard),
             self._selected,
         )
-        samples = iter(pipeline)
-        if self.shuffle_buffer > 1:
-            samples = _shuffled(samples, self.shuffle_buffer,
-                                np.random.default_rng(derived_seed(self.seed, "shuffle", worker)))
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "augment", worker))
-        batch_images, batch_labels = [], []
+        return iter(pipeline)
+
+    def _encoded_batches(self, samples: Iterator[dict], generator: torch.Generator) -> Iterator:
+        encoded: list[torch.Tensor] = []
+        draws: list[Draw | None] = []
+        labels: list[int] = []
         for sample in samples:
-            batch_images.append(self._image(sample, generator))
-            batch_labels.append(sample["label"])
-            if len(batch_images) == self.batch_size:
-                yield torch.stack(batch_images), torch.tensor(batch_labels)
-                batch_images, batch_labels = [], []
-        if batch_images and not self.drop_last:
-            yield torch.stack(batch_images), torch.tensor(batch_labels)
+            data = self._image_bytes(sample)
+            height, width, _ = image_header(data)
+            encoded.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            draws.append(self.transform.draw(height, width, generator))
+            labels.append(sample["label"])
+            if len(encoded) == self.batch_size:
+                yield encoded, draws, torch.tensor(labels)
+                encoded, draws, labels = [], [], []
+        if encoded and not self.drop_last:
+            yield encoded, draws, torch.tensor(labels)
 
     def _selected(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
@@ -149,14 +223,46 @@ class ShardReader(IterableDataset):
             raise DataError(f"{where}: label {label} outside 0..{self.num_classes - 1}")
         return label
 
-    def _image(self, sample: dict, generator: torch.Generator) -> torch.Tensor:
-        where = f"shard {sample['__url__']}: sample {sample['__key__']}"
+    def _image_bytes(self, sample: dict) -> bytes:
         if self.image_ext not in sample:
-            raise DataError(f"{where}: no .{self.image_ext} image")
+            raise DataError(f"shard {sample['__url__']}: sample {sample['__key__']}: "
+                            f"no .{self.image_ext} image")
+        return sample[self.image_ext]
+
+    def _image(self, sample: dict, generator: torch.Generator) -> torch.Tensor:
         try:
-            return self.transform(sample[self.image_ext], generator)
+            return self.transform(self._image_bytes(sample), generator)
         except RuntimeError as error:
-            raise DataError(f"{where}: cannot decode image ({error})") from None
+            raise DataError(f"shard {sample['__url__']}: sample {sample['__key__']}: cannot "
+                            f"decode image ({error})") from None
+
+
+class DecodeReader(ShardReader):
+    """Decodes the selected samples without augmenting them, to fill the decoded-sample
+    cache: chunks of (sample indices, labels, list of uint8 images), in shard order."""
+
+    CHUNK = 256
+
+    def read(self, worker: int) -> Iterator:
+        if worker >= len(self.urls):
+            return
+        indices: list[int] = []
+        labels: list[int] = []
+        images: list[torch.Tensor] = []
+        for sample in self._samples(worker):
+            data = self._image_bytes(sample)
+            try:
+                images.append(decode(data, self.transform.channels))
+            except RuntimeError as error:
+                raise DataError(f"shard {sample['__url__']}: sample {sample['__key__']}: "
+                                f"cannot decode image ({error})") from None
+            indices.append(int(sample["__key__"]))
+            labels.append(sample["label"])
+            if len(images) == self.CHUNK:
+                yield torch.tensor(indices), torch.tensor(labels), images
+                indices, labels, images = [], [], []
+        if images:
+            yield torch.tensor(indices), torch.tensor(labels), images
 
 
 def _ignore_termination(worker_id: int) -> None:
@@ -213,21 +319,21 @@ def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> I
 class Batches:
     """Exactly `count` batches from a DataLoader (or all of them when count is None)."""
 
-    def __init__(self, loader: DataLoader, count: int | None, expected_samples: int | None) -> None:
+    def __init__(self, loader: Iterable, count: int | None, expected_samples: int | None) -> None:
         self.loader = loader
         self.count = count
         self.expected_samples = expected_samples
 
     def __len__(self) -> int:
-        return self.count if self.count is not None else len(self.loader)
+        return self.count if self.count is not None else len(self.loader)  # type: ignore
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator:
         iterator = iter(self.loader)
         seen = 0
         try:
             if self.count is None:
                 for batch in iterator:
-                    seen += len(batch[1])
+                    seen += len(batch[-1])
                     yield batch
             else:
                 for _ in range(self.count):
@@ -235,7 +341,7 @@ class Batches:
                     if batch is None:
                         raise DataError(f"shards yielded fewer than the {self.count} batches "
                                         "their manifest promises: a shard is truncated?")
-                    seen += len(batch[1])
+                    seen += len(batch[-1])
                     yield batch
         finally:
             del iterator  # shuts the workers down when we stop before the end
@@ -244,18 +350,109 @@ class Batches:
                             f"{self.expected_samples}: a shard is truncated or altered")
 
 
+class ReaderPool:
+    """DataLoader worker processes that live for the whole run (perf.persistent_workers)
+    instead of being started for every pass. Each pass hands every worker its reader (the
+    same ShardReader a one-pass DataLoader would pickle) through the worker's own queue;
+    torch restarts the persistent workers' iteration and each one reads its share. Workers
+    beyond the pass's reader count read nothing, which keeps the batch order of a one-pass
+    DataLoader with one worker per reader."""
+
+    def __init__(self, num_workers: int, pin_memory: bool) -> None:
+        context = multiprocessing.get_context()
+        self.jobs = [context.Queue() for _ in range(num_workers)]
+        self.loader = DataLoader(_PooledReader(self.jobs), batch_size=None,
+                                 num_workers=num_workers, persistent_workers=True,
+                                 multiprocessing_context=context, pin_memory=pin_memory,
+                                 prefetch_factor=4, worker_init_fn=_ignore_termination)
+
+    def pass_over(self, reader: ShardReader) -> Iterable:
+        return _PoolPass(self, reader)
+
+
+class _PoolPass:
+    def __init__(self, pool: ReaderPool, reader: ShardReader) -> None:
+        self.pool = pool
+        self.reader = reader
+
+    def __iter__(self) -> Iterator:
+        # The job is queued before the iteration starts, so a worker always finds it there.
+        for queue in self.pool.jobs:
+            queue.put(self.reader)
+        return iter(self.pool.loader)
+
+
+class _PooledReader(IterableDataset):
+    JOB_TIMEOUT_S = 600
+
+    def __init__(self, jobs: list) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        assert info is not None, "a pooled reader runs in DataLoader workers only"
+        try:
+            job = self.jobs[info.id].get(timeout=self.JOB_TIMEOUT_S)
+        except queue_module.Empty:
+            raise DataError(f"reader process {info.id} received no work for "
+                            f"{self.JOB_TIMEOUT_S} s") from None
+        while True:  # a pass stopped before this worker started leaves its job behind
+            try:
+                job = self.jobs[info.id].get_nowait()
+            except queue_module.Empty:
+                break
+        return job.read(info.id)
+
+
 def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: Selection, *,
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
                  num_workers: int, train: bool, seed: int, shuffle_buffer: int = 1,
-                 count: int | None = None, pin_memory: bool = False) -> Batches:
+                 count: int | None = None, pin_memory: bool = False,
+                 pool: ReaderPool | None = None, encoded: bool = False) -> Batches:
     """A batch iterable over the reader plan. Training: shuffled, full batches only, exactly
-    `count` of them. Evaluation: in order, partial last batches, every planned sample once."""
+    `count` of them. Evaluation: in order, partial last batches, every planned sample once.
+    With a `pool`, its persistent workers read; `encoded` batches are left for
+    `decode_on_device`."""
     reader = ShardReader(directory, worker_shards, selection, transform, image_ext, num_classes,
                          batch_size, drop_last=train, shuffle_buffer=shuffle_buffer if train else 1,
-                         seed=seed)
-    processes = len(worker_shards) if num_workers > 0 else 0
-    loader = DataLoader(reader, batch_size=None, num_workers=processes, pin_memory=pin_memory,
-                        prefetch_factor=4 if processes else None,
-                        worker_init_fn=_ignore_termination if processes else None)
+                         seed=seed, encoded=encoded)
     expected = None if train else sum(count for shards in worker_shards for _, count in shards)
-    return Batches(loader, count, expected)
+    return Batches(_loader(reader, num_workers, pin_memory, pool), count, expected)
+
+
+def _loader(reader: ShardReader, num_workers: int, pin_memory: bool,
+            pool: ReaderPool | None) -> Iterable:
+    if pool is not None and num_workers > 0:
+        return pool.pass_over(reader)
+    processes = len(reader.urls) if num_workers > 0 else 0
+    return DataLoader(reader, batch_size=None, num_workers=processes, pin_memory=pin_memory,
+                      prefetch_factor=4 if processes else None,
+                      worker_init_fn=_ignore_termination if processes else None)
+
+
+def decode_samples(directory: Path, selection: Selection, *, channels: int, image_ext: str,
+                   num_classes: int, num_workers: int, pool: ReaderPool | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """Every sample of `selection`, decoded and not augmented, in chunks of (indices,
+    labels, images) read by up to `num_workers` processes in any order. Raises DataError
+    when the shards hold fewer of them than the manifest promises."""
+    readers = split_for_workers(list(selection.shard_counts), num_workers)
+    transform = SampleTransform(channels, "none", 0, train=False)
+    reader = DecodeReader(directory, readers, selection, transform, image_ext, num_classes,
+                          batch_size=DecodeReader.CHUNK, drop_last=False, shuffle_buffer=1,
+                          seed=0)
+    yield from Batches(_loader(reader, num_workers, False, pool), None, len(selection))
+
+
+def decode_on_device(batches: Iterable, transform: SampleTransform,
+                     device: torch.device) -> Iterator[Batch]:
+    """Finish encoded batches (perf.gpu_decode): decode the JPEGs as one batch on `device`
+    with torchvision.io.decode_jpeg (nvJPEG on CUDA), then apply each sample's drawn
+    augmentation there. Yields (images, labels) on `device`."""
+    mode = ImageReadMode.GRAY if transform.channels == 1 else ImageReadMode.RGB
+    for encoded, draws, labels in batches:
+        images = decode_jpeg(list(encoded), mode=mode, device=device)
+        images = torch.stack([transform.apply(image, drawn)
+                              for image, drawn in zip(images, draws)])
+        yield images, labels.to(device, non_blocking=True)

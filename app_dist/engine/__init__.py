@@ -10,15 +10,18 @@ from torch import nn
 
 from app_dist.config import Config
 from app_dist.distributed import Platform
+from app_dist.engine.acceleration import accelerate
 from app_dist.engine.base import Engine, StepResult
 from app_dist.pruning.masks import MaskSet
 
 
 def build_engine(config: Config, model: nn.Module, masks: MaskSet, platform: Platform) -> Engine:
+    # perf.channels_last / perf.compile change the model in place, before any engine wraps it.
+    accelerate(model, config.perf, platform.device)
     if config.engine.kind == "ddp":
         from app_dist.engine.ddp import DDPEngine
 
-        return DDPEngine(model, masks, platform, config.train)
+        return DDPEngine(model, masks, platform, config.train, perf=config.perf)
     if config.engine.kind == "deepspeed":
         from app_dist.engine.deepspeed_engine import DeepSpeedEngine
 

@@ -11,8 +11,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 
 from app_dist.checkpoint import atomic_torch_save, load_verified_file
-from app_dist.config import TrainSettings
+from app_dist.config import PerfSettings, TrainSettings
 from app_dist.distributed import Platform
+from app_dist.engine.acceleration import autocast, needs_loss_scaling
 from app_dist.engine.base import StepResult, module_state
 from app_dist.engine.batchnorm import average_batchnorm_statistics
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
@@ -20,9 +21,10 @@ from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
 class DDPEngine:
     def __init__(self, model: nn.Module, masks: MaskSet, platform: Platform,
-                 settings: TrainSettings) -> None:
+                 settings: TrainSettings, perf: PerfSettings | None = None) -> None:
         self.platform = platform
         self.settings = settings
+        self.perf = perf or PerfSettings()
         self.module = model.to(platform.device)
         self.masks = masks
         # Masks are registered before wrapping; buffers are not broadcast every forward because
@@ -38,6 +40,10 @@ class DDPEngine:
                                          momentum=settings.momentum,
                                          weight_decay=settings.weight_decay)
         self.scheduler = self._new_scheduler()
+        # perf.autocast=fp16: scaled losses keep small gradients from flushing to zero. A
+        # skipped step (inf/nan gradients) leaves weights and masks as they were.
+        self.scaler = torch.amp.GradScaler(platform.device.type,
+                                           enabled=needs_loss_scaling(self.perf))
 
     def _new_scheduler(self) -> MultiStepLR:
         for group in self.optimizer.param_groups:
@@ -52,11 +58,13 @@ class DDPEngine:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         images = images.to(self.platform.device, non_blocking=True)
         labels = labels.to(self.platform.device, non_blocking=True)
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, labels)
+        with autocast(self.perf, self.platform.device):
+            logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.masks.apply_to_weights()
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
@@ -88,6 +96,7 @@ class DDPEngine:
                 "model": module_state(self.module),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
             }, folder / self.ENGINE_FILE)
 
     def load(self, folder: Path) -> None:
@@ -95,3 +104,5 @@ class DDPEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when loss scaling is off
+            self.scaler.load_state_dict(state["scaler"])

@@ -18,6 +18,7 @@ the order, so it is the same as under DDP.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _join_single_process_group(device: torch.device) -> None:
-    """DeepSpeed needs a process group even for one process; outside a launcher (plain
-    `python`) it would try MPI discovery. A store in memory needs no port."""
+    """DeepSpeed needs a process group and the launcher's environment even for one process;
+    outside a launcher (plain `python`) it would try MPI discovery. A store in memory needs
+    no port."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 store=dist.HashStore(), rank=0, world_size=1)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from app_dist.distributed import Platform
+from app_dist.engine.acceleration import eager
 from app_dist.engine.base import Engine
 from app_dist.models import classifier_of
 from app_dist.pruning.masks import MaskSet
@@ -129,9 +130,10 @@ def prune_step(*, density: float, criterion: str, scope: str, engine: Engine,
                megabatch: int, synflow_iterations: int = SYNFLOW_ITERATIONS) -> None:
     """Prune the engine's model to `density` (nested in the current mask) on every rank."""
     masks = engine.masks
-    scores = compute_scores(criterion, engine.module, masks, platform, scoring_batches, seed,
-                            megabatch, density=density, scope=scope,
-                            synflow_iterations=synflow_iterations)
+    with eager():  # a compiled model (perf.compile) scores eagerly, in full precision
+        scores = compute_scores(criterion, engine.module, masks, platform, scoring_batches,
+                                seed, megabatch, density=density, scope=scope,
+                                synflow_iterations=synflow_iterations)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
     masks.set(masks_from_scores(scores, current, density, scope))
     engine.masks_changed()

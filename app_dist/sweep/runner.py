@@ -55,10 +55,11 @@ def build_scheduler(sweep: Sweep) -> Any:
     settings = sweep.settings.scheduler
     if settings.kind == "fifo":
         return FIFOScheduler()
-    # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it at
-    # its last report would cut off the trainer's final bookkeeping (wandb, summary).
-    return ASHAScheduler(time_attr=settings.time_attr,
-                         max_t=settings.max_t or sweep.max_megabatches,
+    # Rungs at grace_period * reduction_factor**k up to max_t; stop_last_trials=False lets a
+    # trial past max_t finish by itself: Tune stopping it at its last report would kill it
+    # before the trainer's own wrap-up (wandb, summary) and save nothing.
+    max_t = settings.max_t or max(sweep.max_megabatches - 1, settings.grace_period)
+    return ASHAScheduler(time_attr=settings.time_attr, max_t=max_t,
                          grace_period=settings.grace_period,
                          reduction_factor=settings.reduction_factor, stop_last_trials=False)
 

@@ -17,6 +17,7 @@ project root (see `project_root`), so the same file works from the checkout and 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
@@ -60,7 +61,9 @@ class SchedulerSettings:
     time_attr: str = "megabatch"
     grace_period: int = 1  # megabatches every trial trains before it can be stopped
     reduction_factor: float = 2.0
-    max_t: int = 0  # 0: the largest data.megabatches any trial of the space can have
+    # 0: one less than the most megabatches a trial can have. A rung at the last megabatch
+    # would only kill a finishing trial before the trainer's own wrap-up (wandb, summary).
+    max_t: int = 0
 
 
 @dataclass
@@ -208,12 +211,10 @@ def validate_sweep(settings: SweepSettings, root: Path) -> Sweep:
     storage = _resolve(settings.storage_path, root)
     run_root = (_resolve(settings.run_root, root) if settings.run_root
                 else storage / settings.name / "runs")
-    if settings.scheduler.kind == "asha":
-        max_t = settings.scheduler.max_t or max(megabatches)
-        if settings.scheduler.grace_period > max_t:
-            raise ConfigError(f"sweep key 'scheduler.grace_period' = "
-                              f"{settings.scheduler.grace_period}: must be <= the trials' "
-                              f"megabatches ({max_t})")
+    if settings.scheduler.kind == "asha" and settings.scheduler.grace_period > max(megabatches):
+        raise ConfigError(f"sweep key 'scheduler.grace_period' = "
+                          f"{settings.scheduler.grace_period}: must be <= the trials' "
+                          f"megabatches ({max(megabatches)})")
     return Sweep(settings=settings, root=root, base_config=base, storage_path=storage,
                  run_root=run_root, overrides=overrides, dimensions=dimensions,
                  max_megabatches=max(megabatches))
@@ -388,8 +389,8 @@ def _check_trial_configs(settings: SweepSettings, base: Path, overrides: tuple[s
         try:
             config = load_config(base, [*overrides, *chosen])
         except ConfigError as error:
-            named = [k for k in variant if f"'{k}'" in str(error)] or [varied]
-            where = f"search_space.{named[0]}" if named[0] else "search_space"
+            culprit = _searched_key_named(str(error), list(variant)) or varied
+            where = f"search_space.{culprit}" if culprit else "search_space"
             raise ConfigError(f"sweep key '{where}': {error}") from None
         _check_world(settings, config)
         if config.data.shards not in manifests:
@@ -399,6 +400,18 @@ def _check_trial_configs(settings: SweepSettings, base: Path, overrides: tuple[s
                 raise ConfigError(f"sweep: training key 'data.shards': {error}") from None
         megabatches.append(config.data.megabatches)
     return megabatches
+
+
+def _searched_key_named(message: str, keys: list[str]) -> str | None:
+    """The searched key a training-config error is about (it may name a parent or a child)."""
+    named = re.search(r"config key '([^']+)'", message)
+    if named is None:
+        return None
+    key = named.group(1)
+    for candidate in keys:
+        if candidate == key or candidate.startswith(f"{key}.") or key.startswith(f"{candidate}."):
+            return candidate
+    return None
 
 
 def _check_world(settings: SweepSettings, config: Config) -> None:

@@ -1,0 +1,130 @@
+"""DeepSpeed (ZeRO 0 and 1) against DDP: one masked training step of the same model on the
+same batches, 2 ranks on the CPU (gloo), through the project's own engines.
+
+    python bench/deepspeed_vs_ddp.py [--model resnet20s] [--batch 64] [--steps 10] [--rounds 5]
+
+One process group of 2 ranks holds all three engines, each with its own copy of the same
+model pruned to the same masks; they take turns (DDP round, ZeRO-0 round, ZeRO-1 round, ...)
+so machine noise hits all alike. The figures are medians of the rounds' mean step times and
+their ratios to DDP. Appends a row to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app_dist.config import load_config  # noqa: E402
+from app_dist.distributed import start_platform  # noqa: E402
+from app_dist.engine import build_engine  # noqa: E402
+from app_dist.models import build_model  # noqa: E402
+from app_dist.pruning.masks import MaskSet, attach_masks  # noqa: E402
+from app_dist.pruning.threshold import masks_from_scores  # noqa: E402
+
+ENGINES = {"DDP": ["engine.kind=ddp"],
+           "ZeRO-0": ["engine.kind=deepspeed", "engine.zero_stage=0"],
+           "ZeRO-1": ["engine.kind=deepspeed", "engine.zero_stage=1"]}
+
+
+def build_engines(args: argparse.Namespace, platform_):
+    torch.manual_seed(0)
+    template = build_model(args.model, 10, mean=[0.5] * 3, std=[0.25] * 3)
+    engines = {}
+    for name, overrides in ENGINES.items():
+        config = load_config(None, [f"train.batch_size={args.batch}", "run.device=cpu",
+                                    *overrides])
+        model = copy.deepcopy(template)
+        masks = MaskSet(model, attach_masks(model))
+        engine = build_engine(config, model, masks, platform_)
+        scores = {n: w.detach().abs() for n, w in masks.weights.items()}
+        current = {n: m.clone() for n, m in masks.masks.items()}
+        masks.set(masks_from_scores(scores, current, args.density, "global"))
+        engine.masks_changed()
+        engines[name] = engine
+    return engines
+
+
+def mean_step_seconds(engine, batches, steps: int) -> float:
+    engine.module.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        images, labels = batches[step % len(batches)]
+        engine.train_step(images, labels)
+    return (time.perf_counter() - started) / steps
+
+
+def rank_main(rank: int, args: argparse.Namespace, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    platform_ = start_platform("cpu", timeout_s=600)
+    engines = build_engines(args, platform_)
+    generator = torch.Generator().manual_seed(rank)
+    per_rank = args.batch // platform_.world_size
+    batches = [(torch.randint(0, 256, (per_rank, 3, 32, 32), dtype=torch.uint8,
+                              generator=generator),
+                torch.randint(0, 10, (per_rank,), generator=generator)) for _ in range(4)]
+    for engine in engines.values():  # warm-up
+        mean_step_seconds(engine, batches, 3)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            platform_.barrier()
+            times[name].append(mean_step_seconds(engine, batches, args.steps))
+    if rank == 0:
+        results.update({name: statistics.median(values) for name, values in times.items()})
+        results["threads"] = torch.get_num_threads()
+    platform_.barrier()
+    platform_.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20s")
+    parser.add_argument("--batch", type=int, default=64, help="global batch (2 ranks)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--density", type=float, default=0.8**4.5)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank_main, args=(args, port, results), nprocs=2, join=True)
+        figures = dict(results)
+    ddp = figures["DDP"]
+    parts = [f"DDP {ddp * 1e3:.1f} ms/step"] + [
+        f"{name} {figures[name] * 1e3:.1f} ms/step (ratio {figures[name] / ddp:.3f})"
+        for name in ENGINES if name != "DDP"]
+    print(f"{args.model} batch {args.batch} on 2 ranks x {figures['threads']} threads, "
+          f"density {args.density:.3f}: " + ", ".join(parts))
+    if not args.no_write:
+        command = "python bench/deepspeed_vs_ddp.py " + " ".join(sys.argv[1:])
+        row = (f"| {date.today()} | DeepSpeed vs DDP | `{command.strip()}` | "
+               f"{platform.node()} (2 ranks x {figures['threads']} threads) | {args.model} "
+               f"b{args.batch}, masked: " + ", ".join(parts) + " |\n")
+        path = REPO / "docs" / "BENCHMARKS.md"
+        with path.open("a") as handle:
+            handle.write(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Ray Tune sweeps over distributed trials: the sweep file, checkpoint hand-over, the result
+table and the cluster file without Ray; then real sweeps on a local 2-CPU Ray cluster."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from app_dist.checkpoint import Checkpointer, verify
+from app_dist.cli import SUBCOMMANDS
+from app_dist.config import load_config
+from app_dist.distributed import Platform
+from app_dist.errors import CheckpointError, ConfigError
+from app_dist.sweep import load_sweep, main
+from app_dist.sweep.results import TrialOutcome, format_table, trial_rows, write_results
+from app_dist.sweep.resume import restore_reported_checkpoint
+
+from .conftest import REPO
+
+
+def sweep_file(folder: Path, shards: Path, **changes) -> Path:
+    """A small digits sweep: 3 trials (APP / OSP / dense) x 2 workers, T = 2, 1 epoch."""
+    settings = {
+        "name": "digits-test",
+        "base_config": str(REPO / "configs/digits.yaml"),
+        "overrides": [f"data.shards={shards}", "data.megabatches=2", "train.epochs=1",
+                      "train.milestones=[1]", "log.progress=false"],
+        "search_space": {"prune.method": {"grid": ["app", "osp", "dense"]}},
+        "workers_per_trial": 2,
+        "resources_per_worker": {"CPU": 1, "GPU": 0},
+        "scheduler": {"kind": "asha", "metric": "test_accuracy", "mode": "max",
+                      "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent_trials": 1,
+        "max_failures": 1,
+        "storage_path": str(folder / "storage"),
+    }
+    settings.update(changes)
+    path = folder / f"{settings['name']}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+# --- the sweep file ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sweep_digits.yaml", "sweep_cifar10.yaml"])
+def test_repository_sweep_files_validate_and_give_each_trial_its_identity(name, digits_shards):
+    sweep = load_sweep(REPO / "configs" / name, [f"data.shards={digits_shards}"], root=REPO)
+    assert sweep.dimensions and sweep.max_megabatches >= 3
+    assert sweep.storage_path.is_absolute() and sweep.base_config.is_file()
+    sampled = {d.key: d.values[0] for d in sweep.dimensions}
+    overrides = sweep.trial_overrides("abc12_00003", sampled)
+    config = load_config(sweep.base_config, overrides)
+    assert config.run.name == "abc12_00003"
+    assert Path(config.run.dir) == sweep.run_root / "abc12_00003"
+    assert config.log.wandb.group == sweep.settings.name
+    assert Path(config.data.shards) == digits_shards
+    for dimension in sweep.dimensions:
+        key, field = dimension.key.split(".")
+        assert getattr(getattr(config, key), field) == dimension.values[0]
+
+
+def test_relative_shards_become_absolute_for_trials_running_in_rays_folders(tmp_path):
+    shards = tmp_path / "data" / "digits"
+    from app_dist.data.shards import write_shards
+
+    write_shards("digits", None, str(shards), samples_per_shard=100, seed=0)
+    path = sweep_file(tmp_path, Path("data/digits"))
+    sweep = load_sweep(path, root=tmp_path)
+    overrides = sweep.trial_overrides("t_00000", {"prune.method": "app"})
+    config = load_config(sweep.base_config, overrides)
+    assert Path(config.data.shards) == shards
+
+
+@pytest.mark.parametrize(("argument", "named"), [
+    ("workers_per_trial=0", "workers_per_trial"),
+    ("workers_per_trial=3", "workers_per_trial"),  # 64 samples per batch do not split in 3
+    ("scheduler.metric=accuracy", "scheduler.metric"),
+    ("scheduler.metric=cer", "scheduler.mode"),  # lower CER is better: mode max is a mistake
+    ("scheduler.grace_period=9", "scheduler.grace_period"),
+    ("max_concurrent_trials=0", "max_concurrent_trials"),
+    ("storage_path=s3://bucket/sweeps", "storage_path"),
+    ("search_space.train.lr.grid=[-0.1]", "search_space.train.lr"),
+    ("search_space.prune.criterion.choice=[snip,hessian]", "search_space.prune.criterion"),
+    ("search_space.train.lr.loguniform=[0,1]", "search_space.train.lr.loguniform"),
+    ("search_space.train.lr.normal=[0,1]", "search_space.train.lr.normal"),
+    ("search_space.optimizer.lr.grid=[1]", "search_space.optimizer.lr"),
+    ("search_space.run.dir.grid=[/x]", "run.dir"),
+    ("train.epochs=0", "train.epochs"),
+    ("data.shards=/nonexistent", "data.shards"),
+    ("resources_per_worker.CPU=0", "resources_per_worker"),
+    ("trial_driver.memory_mb=0", "trial_driver.memory_mb"),
+    ("unknown_key=1", "unknown_key"),
+])
+def test_bad_sweep_input_is_one_line_naming_the_key_and_exits_2(argument, named, tmp_path,
+                                                                   digits_shards, capsys):
+    path = sweep_file(tmp_path, digits_shards)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_sweep(path, [argument], root=REPO)
+    assert main(["--config", str(path), argument]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and named in error
+
+
+def test_sweep_subcommand_is_registered_with_the_cli():
+    assert "sweep" in SUBCOMMANDS
+    assert SUBCOMMANDS["sweep"][0](["--config", "/nonexistent.yaml"]) == 2
+
+
+# --- handing a reported checkpoint to a restarted trial ----------------------------------
+
+
+class FileEngine:
+    """Writes one file, as an engine writes its model and optimizer state."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def save(self, folder: Path) -> None:
+        torch.save({"weights": torch.full((4,), self.value)}, folder / "engine.pt")
+
+
+def write_checkpoints(run_dir: Path, megabatches: int, value: float = 1.0) -> Checkpointer:
+    platform = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    checkpointer = Checkpointer(run_dir, platform, keep_last=10)
+    for megabatch in range(1, megabatches + 1):
+        checkpointer.save(megabatch, {"run": {"completed": megabatch}}, {},
+                          FileEngine(value * megabatch))
+    return checkpointer
+
+
+def test_restart_resumes_from_the_reported_checkpoint_setting_aside_unreported_ones(tmp_path):
+    run_dir = tmp_path / "run"
+    write_checkpoints(run_dir, 2)  # megabatch 2 was written, then the trial died: unreported
+    reported = tmp_path / "ray-storage" / "megabatch-0001"
+    shutil.copytree(run_dir / "checkpoints" / "megabatch-0001", reported)
+    restored = restore_reported_checkpoint(reported, run_dir)
+    assert (restored.megabatch, restored.copied) == (1, False)
+    assert [p.name.split(".")[0] for p in restored.set_aside] == ["megabatch-0002"]
+    latest = Checkpointer(run_dir, Platform(0, 1, 0, torch.device("cpu")), 10).latest()
+    assert latest is not None and latest.megabatch == 1
+
+
+def test_restart_on_an_empty_run_directory_copies_the_reported_checkpoint(tmp_path):
+    source = tmp_path / "elsewhere"
+    write_checkpoints(source, 2)
+    run_dir = tmp_path / "fresh-node" / "run"
+    restored = restore_reported_checkpoint(source / "checkpoints" / "megabatch-0002", run_dir)
+    assert (restored.megabatch, restored.copied, restored.set_aside) == (2, True, ())
+    assert verify(run_dir / "checkpoints" / "megabatch-0002") is None
+
+
+def test_a_different_local_checkpoint_is_replaced_by_the_reported_one(tmp_path):
+    reported_run, local_run = tmp_path / "reported", tmp_path / "local"
+    write_checkpoints(reported_run, 1, value=1.0)
+    write_checkpoints(local_run, 1, value=5.0)
+    restored = restore_reported_checkpoint(reported_run / "checkpoints" / "megabatch-0001",
+                                           local_run)
+    assert restored.copied
+    engine = torch.load(local_run / "checkpoints" / "megabatch-0001" / "engine.pt")
+    assert torch.equal(engine["weights"], torch.full((4,), 1.0))
+    assert list((local_run / "checkpoints").glob("megabatch-0001.replaced-*"))
+
+
+def test_a_corrupt_reported_checkpoint_is_refused(tmp_path):
+    write_checkpoints(tmp_path / "run", 1)
+    reported = tmp_path / "run" / "checkpoints" / "megabatch-0001"
+    with (reported / "engine.pt").open("r+b") as handle:
+        handle.write(b"garbage")
+    with pytest.raises(CheckpointError, match="engine.pt does not match its sha256"):
+        restore_reported_checkpoint(reported, tmp_path / "other")
+
+
+# --- the result table --------------------------------------------------------------------
+
+
+def outcome(trial_id, method, accuracy, megabatch, done=True, error=None):
+    report = {"megabatch": megabatch, "megabatches": 3, "test_accuracy": accuracy,
+              "cer": 1 - accuracy, "density": 0.5, "generalization_gap": 1.0, "done": done}
+    return TrialOutcome(trial_id, {"prune.method": method}, report if megabatch else {}, error)
+
+
+def test_result_rows_are_sorted_by_the_metric_with_status_and_written_as_csv_and_json(tmp_path):
+    outcomes = [outcome("t0", "dense", 0.80, 1), outcome("t1", "app", 0.95, 3),
+                outcome("t2", "osp", 0.0, 0, error="RuntimeError: boom\ntraceback"),
+                outcome("t3", "app", 0.90, 2, done=False)]
+    rows = trial_rows(outcomes, ["prune.method"], "test_accuracy", "max")
+    assert [(r["trial_id"], r["status"]) for r in rows] == [
+        ("t1", "completed"), ("t3", "unfinished"), ("t0", "stopped"), ("t2", "error")]
+    assert rows[-1]["error"] == "RuntimeError: boom"
+    by_cer = trial_rows(outcomes, ["prune.method"], "cer", "min")
+    assert [r["trial_id"] for r in by_cer] == ["t1", "t3", "t0", "t2"]
+    csv_path, json_path = write_results(rows, tmp_path)
+    assert csv_path.read_text().splitlines()[0].startswith("trial_id,status,prune.method,")
+    assert json.loads(json_path.read_text())[0]["test_accuracy"] == 0.95
+    assert "completed" in format_table(rows)
+
+
+# --- the cluster file --------------------------------------------------------------------
+
+
+def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the_project():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = yaml.safe_load((REPO / "launch/cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(cluster)))  # Ray's schema, as `ray up` does
+    assert cluster["provider"]["type"]
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    assert cluster["docker"]["image"] == "app-dist:latest"
+    mounted = {remote: local for remote, local in cluster["file_mounts"].items()}
+    assert mounted.get("~/app-dist") == "."  # the package and configs/ reach every node
+    assert "configs" not in cluster["rsync_exclude"] and "app_dist" not in cluster["rsync_exclude"]
+    assert any("pip install -r requirements.lock -e ." in command and "~/app-dist" in command
+               for command in cluster["setup_commands"])
+    assert any("ray start --head" in c for c in cluster["head_start_ray_commands"])
+    assert any("ray start --address=$RAY_HEAD_IP" in c
+               for c in cluster["worker_start_ray_commands"])
+
+
+# --- real sweeps on a local Ray cluster --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private local Ray on 2 CPUs (never `ray start`: it would be shared with anyone)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
+    os.environ.setdefault("WANDB_MODE", "offline")
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+                       log_to_driver=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tune_reports(experiment: Path, trial_id: str) -> list[dict]:
+    """Every result Tune recorded for the trial, in order."""
+    (trial_dir,) = [p for p in experiment.iterdir() if p.is_dir() and trial_id in p.name]
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def megabatches_logged(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["megabatch"] for line in lines]
+
+
+def reported_to_ray_train(experiment: Path, trial_id: str) -> int:
+    """The newest megabatch whose checkpoint the trial reported (Ray Train's copy of it)."""
+    folders = (experiment / "train" / trial_id).glob("megabatch-[0-9][0-9][0-9][0-9]")
+    return max((int(f.name.split("-")[1]) for f in folders), default=0)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_finished_ones(
+        ray_cluster, digits_shards, tmp_path):
+    megabatches = 4
+    # Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and trial 3 can
+    # only start if the stopped trial's Ray Train workers gave their CPUs back.
+    path = sweep_file(
+        tmp_path, digits_shards,
+        overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
+                   "train.epochs=1", "train.milestones=[1]", "log.progress=false"],
+        search_space={"train.lr": {"grid": [0.05, 1.0e-6, 0.04]}},
+        scheduler={"kind": "asha", "metric": "test_accuracy", "mode": "max",
+                   "grace_period": 2, "reduction_factor": 2})
+    experiment = tmp_path / "storage" / "digits-test"
+    runs = experiment / "runs"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline"}
+    first = subprocess.Popen([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)],
+                             env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
+    deadline, trials = time.monotonic() + 300, []
+    while time.monotonic() < deadline and first.poll() is None:
+        trials = sorted(d.name for d in runs.glob("*"))
+        if len(trials) == 3 and reported_to_ray_train(experiment, trials[2]) in (2, 3):
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 1, output[-3000:]  # an unfinished trial: run it again
+    assert "unfinished" in output
+    interrupted = trials[2]
+    reached = reported_to_ray_train(experiment, interrupted)
+    assert reached < megabatches, "the interruption came too late to leave it unfinished"
+    modified = {t: (runs / t / "metrics.jsonl").stat().st_mtime_ns for t in trials[:2]}
+
+    assert main(["--config", str(path)]) == 0  # the same command again: restores
+
+    rows = json.loads((experiment / "results.json").read_text())
+    assert [r["train.lr"] for r in rows] in ([0.05, 0.04, 1e-6], [0.04, 0.05, 1e-6])
+    by_trial = {r["trial_id"]: r for r in rows}
+    assert [(by_trial[t]["status"], by_trial[t]["megabatch"]) for t in trials] == [
+        ("completed", 4), ("stopped", 2), ("completed", 4)]  # ASHA stopped lr 1e-6 at rung 2
+    assert (experiment / "results.csv").read_text().count("\n") == 4
+    for trial_id, mtime in modified.items():  # ended before the interruption: not rerun
+        assert (runs / trial_id / "metrics.jsonl").stat().st_mtime_ns == mtime
+    for row in rows:
+        run_dir = runs / row["trial_id"]
+        assert megabatches_logged(run_dir) == list(range(1, row["megabatch"] + 1))
+        reports = tune_reports(experiment, row["trial_id"])
+        if row["trial_id"] == interrupted:
+            # Tune restarted the trial, and Ray Train resumed it after its last reported
+            # megabatch instead of from scratch (or at it, when the interruption came while
+            # that checkpoint was being copied). Tune's own counter restarts at 1 here, which
+            # is why ASHA keys on the reported megabatch.
+            resumed_at = reports[0]["megabatch"]
+            assert resumed_at in (reached, reached + 1) and resumed_at >= 2
+            assert [r["megabatch"] for r in reports] == list(range(resumed_at, 5))
+        else:  # one report per megabatch: Tune's training_iteration is the megabatch
+            assert [r["megabatch"] for r in reports] == list(range(1, row["megabatch"] + 1))
+            assert [r["training_iteration"] for r in reports] == [r["megabatch"] for r in reports]
+        config = load_config(run_dir / "config.yaml")
+        assert (config.run.name, config.log.wandb.group) == (row["trial_id"], "digits-test")
+        assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_trial_whose_worker_is_killed_resumes_from_its_last_reported_megabatch(
+        ray_cluster, digits_shards, tmp_path):
+    marker = tmp_path / "killed-once"
+    path = sweep_file(
+        tmp_path, digits_shards, name="digits-kill",
+        overrides=[f"data.shards={digits_shards}", "data.megabatches=3", "train.epochs=1",
+                   "train.milestones=[1]", "log.progress=false", "log.wandb.mode=disabled"],
+        search_space={"prune.method": {"grid": ["app"]}}, max_failures=1,
+        # Rank 1 SIGKILLs itself after checkpointing megabatch 2, before reporting it.
+        worker_env={"APP_DIST_TEST_KILL_AT": f"1:2:{marker}"})
+    assert main(["--config", str(path)]) == 0
+    assert marker.is_file()  # the worker really died once
+
+    experiment = tmp_path / "storage" / "digits-kill"
+    (row,) = json.loads((experiment / "results.json").read_text())
+    assert (row["status"], row["megabatch"]) == ("completed", 3)
+    reports = tune_reports(experiment, row["trial_id"])
+    # Restarting from scratch would have reported megabatch 1 twice.
+    assert [r["megabatch"] for r in reports] == [1, 2, 3]
+    run_dir = experiment / "runs" / row["trial_id"]
+    # The restarted workers took megabatch 1's reported checkpoint; the checkpoint of
+    # megabatch 2 written before the kill (never reported) was set aside and trained again.
+    assert len(list((run_dir / "checkpoints").glob("megabatch-0002.unreported-*"))) == 1
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["megabatch"] for r in logged] == [1, 2, 3]
+    assert logged[0]["seconds"] == reports[0]["seconds"]  # megabatch 1 was not recomputed

@@ -203,7 +203,7 @@ class Checkpointer:
         """Keep the newest `keep_last` valid megabatch checkpoints and no pre-emption
         checkpoint older than the newest one. Damaged folders are never deleted here: they
         are evidence, and they never count towards keep_last, so the valid ones survive."""
-        valid = [c for c in self._scan() if isinstance(c, Checkpoint)]
+        valid = [c for c in self.scan() if isinstance(c, Checkpoint)]
         newest = valid[-1]
         complete = [c for c in valid if not c.partial]
         stale = complete[: -self.keep_last] + [c for c in valid
@@ -211,7 +211,7 @@ class Checkpointer:
         for old in stale:
             shutil.rmtree(old.path)
 
-    def _scan(self) -> list[Checkpoint | tuple[Path, str]]:
+    def scan(self) -> list[Checkpoint | tuple[Path, str]]:
         """Every checkpoint folder, oldest first: a Checkpoint, or (path, why it is unusable)."""
         if not self.root.is_dir():
             return []
@@ -235,7 +235,7 @@ class Checkpointer:
         Damaged newer ones are reported and left on disk."""
         choice = None
         if self.platform.is_primary:
-            for item in reversed(self._scan()):
+            for item in reversed(self.scan()):
                 if isinstance(item, Checkpoint):
                     choice = (str(item.path), item.megabatch, item.world_size, item.partial)
                     break

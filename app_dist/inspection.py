@@ -44,7 +44,7 @@ def _checkpoint_entries(run_dir: Path) -> list[dict[str, Any]]:
     # A world-1 platform: the scan runs in this process only and needs no process group.
     platform = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     entries = []
-    for item in Checkpointer(run_dir, platform, keep_last=1)._scan():
+    for item in Checkpointer(run_dir, platform, keep_last=1).scan():
         if isinstance(item, Checkpoint):
             entries.append({"path": str(item.path), "megabatch": item.megabatch,
                             "world_size": item.world_size,

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script path by torchrun / deepspeed
 import numpy as np
 import torch
 
+from app_dist.arguments import ArgumentParser
 from app_dist.checkpoint import Checkpointer, set_rng_state
 from app_dist.config import (
     Config,
@@ -49,15 +50,8 @@ from app_dist.pruning.schedule import density_schedule
 log = logging.getLogger("app_dist")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (and exit code 2), not usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{self.prog}: {message} (see --help)")
-
-
 def parse_arguments(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = OneLineParser(
+    parser = ArgumentParser(
         prog="app-dist train", description="Train APP / OSP / dense under the megabatch stream.",
         epilog="Overrides: key=value pairs, e.g. prune.method=osp train.epochs=2",
     )
@@ -156,8 +150,11 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
     platform.barrier()
     seed_everything(config.run.seed)
 
-    model = build_model(config.model.name, manifest.num_classes, in_channels=manifest.channels,
-                        stem=config.model.stem, mean=config.model.mean, std=config.model.std)
+    try:
+        model = build_model(config.model.name, manifest.num_classes, in_channels=manifest.channels,
+                            stem=config.model.stem, mean=config.model.mean, std=config.model.std)
+    except ValueError as error:  # a model/stem/channels combination the registry refuses
+        raise ConfigError(f"config key 'model': {error}") from None
     masks = MaskSet(model, attach_masks(model, config.prune.include_linear))
     engine = build_engine(config, model, masks, platform)
     checkpointer = Checkpointer(run_dir, platform, config.checkpoint.keep_last)
@@ -169,7 +166,7 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
                                 sparsity_level(config.prune))
     reader = StreamReader(Path(config.data.shards), manifest, stream, config.data,
                           config.train.batch_size // platform.world_size, platform,
-                          config.run.seed)
+                          config.run.seed, perf=config.perf)
     metrics = MetricsLog(run_dir, state.history) if platform.is_primary else None
     wandb = (WandbLog(config, run_dir, state.wandb_id, state.history) if platform.is_primary
              else None)

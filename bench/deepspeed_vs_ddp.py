@@ -1,10 +1,10 @@
 """DeepSpeed (ZeRO 0 and 1) against DDP: one masked training step of the same model on the
 same batches, 2 ranks on the CPU (gloo), through the project's own engines.
 
-    python bench/deepspeed_vs_ddp.py [--model resnet20s] [--batch 64] [--steps 10] [--rounds 5]
+    python bench/deepspeed_vs_ddp.py [--model resnet20s] [--batch 64] [--steps 10] [--rounds 9]
 
 One process group of 2 ranks holds all three engines, each with its own copy of the same
-model pruned to the same masks; they take turns (DDP round, ZeRO-0 round, ZeRO-1 round, ...)
+model pruned to the same masks; they take turns in rounds (the order rotating each round)
 so machine noise hits all alike. The figures are medians of the rounds' mean step times and
 their ratios to DDP. Appends a row to docs/BENCHMARKS.md.
 """
@@ -79,10 +79,12 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, results) -> None:
     for engine in engines.values():  # warm-up
         mean_step_seconds(engine, batches, 3)
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(args.rounds):
-        for name, engine in engines.items():
+    names = list(engines)
+    for round_ in range(args.rounds):
+        # Rotate who goes first, so no engine always follows the same one.
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             platform_.barrier()
-            times[name].append(mean_step_seconds(engine, batches, args.steps))
+            times[name].append(mean_step_seconds(engines[name], batches, args.steps))
     if rank == 0:
         results.update({name: statistics.median(values) for name, values in times.items()})
         results["threads"] = torch.get_num_threads()
@@ -95,7 +97,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20s")
     parser.add_argument("--batch", type=int, default=64, help="global batch (2 ranks)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--density", type=float, default=0.8**4.5)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()

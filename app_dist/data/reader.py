@@ -1,22 +1,41 @@
-"""Batches of one megabatch stream for this rank: training epochs, evaluation, scoring."""
+"""Batches of one megabatch stream for this rank: training epochs, evaluation, scoring.
+
+Every pass goes through `_batches`, which picks how the plan's samples are read: from the
+decoded-sample cache (perf.cache_decoded), left encoded for GPU decoding (perf.gpu_decode),
+or decoded by reader processes (started per pass, or kept in a pool with
+perf.persistent_workers). All ways give the same batches in the same order.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
-from app_dist.config import DataSettings
+from app_dist.config import DataSettings, PerfSettings
 from app_dist.data.augment import SampleTransform
-from app_dist.data.loader import Batches, evaluation_plan, make_batches, training_plan
+from app_dist.data.cache import DecodedCache
+from app_dist.data.loader import (
+    ReaderPool,
+    ShardCounts,
+    decode_on_device,
+    decode_samples,
+    evaluation_plan,
+    make_batches,
+    training_plan,
+)
 from app_dist.data.manifest import Manifest
 from app_dist.data.stream import MegabatchStream, Selection
 from app_dist.distributed import Platform
+from app_dist.errors import ConfigError
 from app_dist.seeding import derived_seed
 
 
 class StreamReader:
     def __init__(self, directory: Path, manifest: Manifest, stream: MegabatchStream,
                  settings: DataSettings, batch_per_rank: int, platform: Platform,
-                 seed: int) -> None:
+                 seed: int, perf: PerfSettings | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.stream = stream
@@ -24,41 +43,47 @@ class StreamReader:
         self.batch_per_rank = batch_per_rank
         self.platform = platform
         self.seed = seed
+        self.perf = perf or PerfSettings()
         channels, augment, size = manifest.channels, settings.augment, settings.image_size
         self.train_transform = SampleTransform(channels, augment, size, train=True)
         self.eval_transform = SampleTransform(channels, augment, size, train=False)
+        on_gpu = platform.device.type == "cuda"
+        self.pin_memory = on_gpu and self.perf.pin_memory
+        self.cache = (DecodedCache(self.perf.cache_max_mb << 20) if self.perf.cache_decoded
+                      else None)
+        self.pool = (ReaderPool(settings.num_workers, self.pin_memory)
+                     if self.perf.persistent_workers and settings.num_workers > 0 else None)
+        self.decode_device = platform.device if self.perf.gpu_decode else None
+        if self.perf.gpu_decode and (not on_gpu or manifest.image_format != "jpg"):
+            raise ConfigError(
+                "config key 'perf.gpu_decode' = True: needs JPEG shards and a GPU (shards are "
+                f"{manifest.image_format}, the device is {platform.device.type})")
+        self.prefetched: list[str] = []  # shard files handed to the OS to read ahead
 
-    def _common(self) -> dict:
-        return {
-            "image_ext": self.manifest.image_format,
-            "num_classes": self.manifest.num_classes,
-            "num_workers": self.settings.num_workers,
-            "pin_memory": self.platform.device.type == "cuda",
-        }
-
-    def train_epoch(self, megabatch: int, epoch: int) -> Batches:
+    def train_epoch(self, megabatch: int, epoch: int) -> Iterable:
         """Shuffled, augmented full batches; the same count on every rank."""
         selection = self.stream.train_selection(megabatch)
         plan = training_plan(selection, seed=self.seed, megabatch=megabatch, epoch=epoch,
                              rank=self.platform.rank, world_size=self.platform.world_size,
                              num_workers=self.settings.num_workers,
                              batch_size=self.batch_per_rank)
+        if epoch == 0 and self.perf.prefetch_shards:
+            self.prefetch_next(megabatch)
         seed = derived_seed(self.seed, "train-epoch", megabatch, epoch, self.platform.rank)
-        return make_batches(self.directory, plan.worker_shards, selection,
-                            transform=self.train_transform, batch_size=self.batch_per_rank,
-                            train=True, seed=seed, shuffle_buffer=self.settings.shuffle_buffer,
-                            count=plan.batches, **self._common())
+        return self._batches(plan.worker_shards, selection, transform=self.train_transform,
+                             batch_size=self.batch_per_rank, train=True, seed=seed,
+                             shuffle_buffer=self.settings.shuffle_buffer, count=plan.batches)
 
-    def evaluation(self, selection: Selection) -> Batches:
+    def evaluation(self, selection: Selection) -> Iterable:
         """This rank's share of `selection`, unaugmented, every sample exactly once."""
         plan = evaluation_plan(selection, rank=self.platform.rank,
                                world_size=self.platform.world_size,
                                num_workers=self.settings.num_workers)
-        return make_batches(self.directory, plan, selection, transform=self.eval_transform,
-                            batch_size=self.settings.eval_batch_size, train=False, seed=self.seed,
-                            **self._common())
+        return self._batches(plan, selection, transform=self.eval_transform,
+                             batch_size=self.settings.eval_batch_size, train=False,
+                             seed=self.seed)
 
-    def scoring(self, megabatch: int, fraction: float) -> Batches:
+    def scoring(self, megabatch: int, fraction: float) -> Iterable:
         """This rank's share of the scoring sample: the first `fraction` x megabatch size
         samples of the current training set, unaugmented, in training-sized batches."""
         count = max(1, round(fraction * self.stream.megabatch_train_size(megabatch)))
@@ -66,6 +91,68 @@ class StreamReader:
         plan = evaluation_plan(selection, rank=self.platform.rank,
                                world_size=self.platform.world_size,
                                num_workers=self.settings.num_workers)
-        return make_batches(self.directory, plan, selection, transform=self.eval_transform,
-                            batch_size=self.batch_per_rank, train=False, seed=self.seed,
-                            **self._common())
+        return self._batches(plan, selection, transform=self.eval_transform,
+                             batch_size=self.batch_per_rank, train=False, seed=self.seed)
+
+    def _batches(self, plan: list[ShardCounts], selection: Selection, *,
+                 transform: SampleTransform, batch_size: int, train: bool, seed: int,
+                 shuffle_buffer: int = 1, count: int | None = None) -> Iterable:
+        options = {"transform": transform, "batch_size": batch_size, "train": train,
+                   "seed": seed, "shuffle_buffer": shuffle_buffer, "count": count}
+        if self.cache is not None and self.cache.ensure(plan, selection, self._decode):
+            return self.cache.batches(plan, selection, pin_memory=self.pin_memory, **options)
+        batches = make_batches(self.directory, plan, selection,
+                               image_ext=self.manifest.image_format,
+                               num_classes=self.manifest.num_classes,
+                               num_workers=self.settings.num_workers,
+                               pin_memory=self.pin_memory, pool=self.pool,
+                               encoded=self.decode_device is not None, **options)
+        if self.decode_device is None:
+            return batches
+        return _OnDevice(batches, transform, self.decode_device)
+
+    def _decode(self, selection: Selection) -> Iterable:
+        return decode_samples(self.directory, selection, channels=self.manifest.channels,
+                              image_ext=self.manifest.image_format,
+                              num_classes=self.manifest.num_classes,
+                              num_workers=self.settings.num_workers, pool=self.pool)
+
+    def prefetch_next(self, megabatch: int) -> None:
+        """Ask the OS to read megabatch+1's new shards into its page cache, in the background,
+        while this megabatch trains: the first epoch that reads them does not wait on disk."""
+        if megabatch >= self.stream.megabatches:
+            return
+        paths = [str(self.directory / shard.name)
+                 for shard in self.stream.megabatch_shards(megabatch + 1)]
+        self.prefetched = paths
+        threading.Thread(target=_read_ahead, args=(paths,), daemon=True,
+                         name="app-dist-prefetch").start()
+
+
+def _read_ahead(paths: list[str]) -> None:
+    if not hasattr(os, "posix_fadvise"):  # not on macOS: reading ahead is only a hint anyway
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # the reader names a missing shard when it gets there
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+class _OnDevice:
+    """Encoded batches decoded on the device (perf.gpu_decode)."""
+
+    def __init__(self, batches: Iterable, transform: SampleTransform, device) -> None:
+        self.batches = batches
+        self.transform = transform
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return decode_on_device(self.batches, self.transform, self.device)

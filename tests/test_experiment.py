@@ -1,0 +1,92 @@
+"""`app-dist experiment`: plans every (setting, method, seed) run, trains them for real, and
+writes a report whose generated block is replaced on a re-run while notes around it stay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app_dist.cli import main as cli_main
+from app_dist.experiment import BEGIN, END, load_experiment, plan_runs, write_report
+
+from .conftest import REPO
+
+
+def experiment_file(tmp_path: Path, shards: Path, **fields: str) -> Path:
+    body = {
+        "name": "tiny",
+        "train_config": str(REPO / "configs/digits.yaml"),
+        "methods": "[dense, app]",
+        "seeds": "[1]",
+        "runs_dir": str(tmp_path / "runs"),
+        "report": str(tmp_path / "docs/RESULTS.md"),
+        "plots_dir": str(tmp_path / "docs/plots"),
+        "overrides": f"[data.shards={shards}, data.megabatches=2, train.epochs=1, "
+                     "data.num_workers=0, log.wandb.mode=disabled]",
+        "settings": "[{name: digits, title: digits smoke test}]",
+        **fields,
+    }
+    path = tmp_path / "experiment.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in body.items()))
+    return path
+
+
+def test_plan_gives_every_method_the_same_seed_data_and_target(digits_shards, tmp_path):
+    spec = load_experiment(experiment_file(tmp_path, digits_shards, methods="[dense, osp, app]",
+                                           seeds="[1, 2]"))
+    planned = plan_runs(spec)
+    assert [(r.method, r.seed) for r in planned] == [
+        ("dense", 1), ("osp", 1), ("app", 1), ("dense", 2), ("osp", 2), ("app", 2)]
+    for run in planned:
+        assert run.config.run.seed == run.seed and run.config.prune.method == run.method
+        assert run.config.data.shards == str(digits_shards)
+        assert run.config.prune.sparsity_level == 4.5
+        assert run.run_dir == tmp_path / "runs" / "digits" / f"{run.method}-seed{run.seed}"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("methods", "[dense, sparse]", "'sparse' is not one of dense, osp, app"),
+    ("seeds", "[1, 1]", "repeat a seed"),
+    ("nproc", "0", "must be >= 1"),
+    ("colour", "red", "colour"),
+    ("overrides", "[train.epochz=1]", "train.epochz"),
+])
+def test_bad_experiment_files_fail_with_one_line(field, value, message, digits_shards, tmp_path,
+                                                 capsys):
+    path = experiment_file(tmp_path, digits_shards, **{field: value})
+    assert cli_main(["experiment", str(path), "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1
+
+
+def test_report_block_is_replaced_and_notes_around_it_survive(tmp_path):
+    report = tmp_path / "RESULTS.md"
+    write_report(report, f"{BEGIN}\nfirst\n{END}", title="Results")
+    text = report.read_text()
+    report.write_text(text.replace("# Results\n", "# Results\n\nmy intro\n") + "\nmy notes\n")
+    write_report(report, f"{BEGIN}\nsecond\n{END}", title="Results")
+    text = report.read_text()
+    assert "my intro" in text and "my notes" in text and "second" in text
+    assert "first" not in text and text.count(BEGIN) == 1
+
+
+@pytest.mark.slow
+def test_experiment_trains_reports_and_skips_finished_runs(digits_shards, tmp_path, capsys):
+    path = experiment_file(tmp_path, digits_shards)
+    assert cli_main(["experiment", str(path)]) == 0
+    assert "training" in capsys.readouterr().out
+    report = (tmp_path / "docs/RESULTS.md").read_text()
+    assert f"app-dist experiment {path}" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| dense |", "| app |"))]
+    assert len(rows) == 2 and "0.366" in rows[1] and "1.000" in rows[0]
+    assert "APP - dense, same seed: final test accuracy" in report
+    for key in ("test_accuracy", "cer", "density", "generalization_gap"):
+        png = tmp_path / "docs/plots" / f"tiny-digits-{key}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](plots/tiny-digits-{key}.png)" in report
+    for method in ("dense", "app"):
+        assert (tmp_path / "runs/digits" / f"{method}-seed1" / "model-sparse.pt").is_file()
+
+    assert cli_main(["experiment", str(path)]) == 0
+    assert capsys.readouterr().out.count("finished already") == 2

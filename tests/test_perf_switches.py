@@ -1,0 +1,360 @@
+"""The perf.* switches: each one is either exact (the same batches, the same metrics) or
+within float tolerance, and the GPU-only ones are refused on the CPU with one clear line."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from app_dist.config import Config, DataSettings, PerfSettings, TrainSettings, load_config
+from app_dist.data.loader import decode_on_device, evaluation_plan, make_batches, training_plan
+from app_dist.data.manifest import Manifest
+from app_dist.data.reader import StreamReader
+from app_dist.data.shards import write_shards
+from app_dist.data.stream import MegabatchStream
+from app_dist.distributed import Platform
+from app_dist.engine import build_engine
+from app_dist.engine.acceleration import accelerate, check_device
+from app_dist.engine.ddp import DDPEngine
+from app_dist.errors import ConfigError
+from app_dist.models import build_model
+from app_dist.pruning.masks import MaskSet, attach_masks
+from app_dist.pruning.threshold import masks_from_scores
+from tests.conftest import REPO, digits_run_args, read_metrics, run_trainer
+
+CPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample-restricted")
+
+
+# ---------------------------------------------------------------- data: exact equality
+
+def _every_pass(shards: Path, perf: PerfSettings, workers: int, rank: int = 0,
+                world_size: int = 1) -> list:
+    """Every batch of a 3-megabatch stream (training epochs, validation, scoring, test),
+    labelled with where it came from."""
+    manifest = Manifest.load(str(shards))
+    stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
+    settings = DataSettings(shards=str(shards), augment="cifar", num_workers=workers,
+                            shuffle_buffer=50, eval_batch_size=40)
+    platform = Platform(rank, world_size, 0, torch.device("cpu"))
+    reader = StreamReader(shards, manifest, stream, settings, 16, platform, seed=1, perf=perf)
+    batches = []
+    for megabatch in (1, 2, 3):
+        for epoch in (0, 1):
+            batches += [("train", megabatch, epoch, b) for b in reader.train_epoch(megabatch,
+                                                                                   epoch)]
+        batches += [("val", megabatch, b) for b in reader.evaluation(
+            stream.val_selection(megabatch))]
+        batches += [("score", megabatch, b) for b in reader.scoring(megabatch, 0.2)]
+    batches += [("test", b) for b in reader.evaluation(stream.test_selection())]
+    return batches
+
+
+def _assert_same_batches(expected: list, got: list) -> None:
+    assert [b[:-1] for b in got] == [b[:-1] for b in expected]
+    for want, have in zip(expected, got):
+        assert torch.equal(want[-1][0], have[-1][0]), want[:-1]
+        assert torch.equal(want[-1][1], have[-1][1]), want[:-1]
+
+
+@pytest.mark.parametrize("workers,rank,world_size", [(0, 0, 1), (2, 0, 1), (3, 1, 2)])
+def test_cache_and_worker_pool_give_the_shard_readers_batches(digits_shards: Path, workers: int,
+                                                              rank: int,
+                                                              world_size: int) -> None:
+    """Same images (augmentation included), labels and order, pass by pass, whether the
+    samples come from the shards, the decoded cache or a persistent worker pool."""
+    expected = _every_pass(digits_shards, PerfSettings(), workers, rank, world_size)
+    assert len(expected) > 50
+    for perf in (PerfSettings(cache_decoded=True), PerfSettings(persistent_workers=True),
+                 PerfSettings(cache_decoded=True, persistent_workers=True)):
+        _assert_same_batches(expected, _every_pass(digits_shards, perf, workers, rank,
+                                                   world_size))
+
+
+def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: Path,
+                                                                caplog) -> None:
+    manifest = Manifest.load(str(digits_shards))
+    stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
+    settings = DataSettings(shards=str(digits_shards), augment="cifar", num_workers=0)
+    reader = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1,
+                          perf=PerfSettings(cache_decoded=True))
+    decoded = []
+    real_decode = reader._decode
+    reader._decode = lambda selection: (decoded.append(len(selection))
+                                        or real_decode(selection))
+    for epoch in range(3):
+        list(reader.train_epoch(1, epoch))
+    assert sum(decoded) == len(stream.train_selection(1)) == len(reader.cache)
+
+    # A budget below one megabatch: the first fill goes in, later ones are refused with one
+    # warning, and those passes read the shards (still the same batches).
+    reference = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1)
+    small = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1,
+                         perf=PerfSettings(cache_decoded=True))
+    small.cache.max_bytes = len(stream.train_selection(1)) * 64 + 100  # 8x8x1 uint8 each
+    with caplog.at_level(logging.WARNING, logger="app_dist"):
+        for megabatch in (1, 2, 3):
+            got = list(small.train_epoch(megabatch, 0))
+            want = list(reference.train_epoch(megabatch, 0))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                       for a, b in zip(want, got)) and len(got) == len(want)
+    assert small.cache.bytes <= small.cache.max_bytes
+    assert sum("perf.cache_max_mb" in r.message for r in caplog.records) == 1
+
+
+def test_prefetch_reads_ahead_the_next_megabatchs_new_shards(digits_shards: Path) -> None:
+    manifest = Manifest.load(str(digits_shards))
+    stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
+    reader = StreamReader(digits_shards, manifest, stream,
+                          DataSettings(shards=str(digits_shards), num_workers=0), 16, CPU, 1)
+    reader.train_epoch(1, 0)
+    assert reader.prefetched == [str(digits_shards / s.name) for s in stream.megabatch_shards(2)]
+    reader.prefetched = []
+    reader.train_epoch(1, 1)  # only at a megabatch's first epoch
+    reader.train_epoch(3, 0)  # and never past the last megabatch
+    assert reader.prefetched == []
+
+
+def test_decoding_batches_on_a_device_matches_decoding_in_workers(tmp_path: Path) -> None:
+    """perf.gpu_decode's path, run with the CPU as the device: workers only read headers and
+    draw the augmentation, the training process decodes the batch; same pixels exactly."""
+    if not IMAGENET_SAMPLE.is_dir():
+        pytest.skip("the ImageNet sample is not on this machine")
+    shards = tmp_path / "imagenet"
+    write_shards("imagefolder", str(IMAGENET_SAMPLE), str(shards), samples_per_shard=20,
+                 seed=0, test_fraction=0.2)
+    manifest = Manifest.load(str(shards))
+    selection = MegabatchStream(manifest, 2, 0.1, "full", 2, 1000, seed=1).train_selection(2)
+    plan = training_plan(selection, seed=1, megabatch=2, epoch=0, rank=0, world_size=1,
+                         num_workers=2, batch_size=8)
+    reader = StreamReader(shards, manifest, MegabatchStream(manifest, 2, 0.1, "full", 2, 1000,
+                                                            seed=1),
+                          DataSettings(augment="imagenet", image_size=64), 8, CPU, 1)
+    for transform, worker_shards, train in (
+            (reader.train_transform, plan.worker_shards, True),
+            (reader.eval_transform, evaluation_plan(selection, rank=0, world_size=1,
+                                                    num_workers=2), False)):
+        options = {"transform": transform, "image_ext": "jpg",
+                   "num_classes": manifest.num_classes, "batch_size": 8, "num_workers": 2,
+                   "train": train, "seed": 3, "shuffle_buffer": 30,
+                   "count": plan.batches if train else None}
+        expected = list(make_batches(shards, worker_shards, selection, **options))
+        got = list(decode_on_device(make_batches(shards, worker_shards, selection,
+                                                 encoded=True, **options),
+                                    transform, torch.device("cpu")))
+        assert len(got) == len(expected) > 1
+        for (want_images, want_labels), (images, labels) in zip(expected, got):
+            assert images.shape[-2:] == (64, 64)
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+# ---------------------------------------------------------------- GPU-only switches
+
+@pytest.mark.parametrize("overrides,key", [
+    (["perf.autocast=bf16", "run.device=cpu"], "perf.autocast"),
+    (["perf.gpu_decode=true", "run.device=cpu"], "perf.gpu_decode"),
+    (["perf.autocast=fp16", "engine.kind=deepspeed"], "perf.autocast"),
+    (["perf.gpu_decode=true", "perf.cache_decoded=true"], "perf.gpu_decode"),
+    (["perf.autocast=fp8"], "perf.autocast"),
+    (["perf.cache_max_mb=0"], "perf.cache_max_mb"),
+])
+def test_impossible_perf_settings_are_refused_naming_the_key(overrides: list[str],
+                                                             key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(REPO / "configs/digits.yaml", overrides)
+
+
+def test_gpu_only_switches_are_refused_when_auto_picks_the_cpu(digits_shards: Path) -> None:
+    for perf in (PerfSettings(autocast="bf16"), PerfSettings(gpu_decode=True)):
+        with pytest.raises(ConfigError, match="perf.(autocast|gpu_decode).*cpu"):
+            check_device(perf, torch.device("cpu"))
+    check_device(PerfSettings(autocast="fp16", gpu_decode=True), torch.device("cuda", 0))
+    manifest = Manifest.load(str(digits_shards))
+    with pytest.raises(ConfigError, match="perf.gpu_decode"):
+        StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
+                                                              1),
+                     DataSettings(), 16, CPU, 1, perf=PerfSettings(gpu_decode=True))
+    reader = StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2,
+                                                                   10, 1),
+                          DataSettings(), 16, CPU, 1, perf=PerfSettings(pin_memory=True))
+    assert reader.pin_memory is False  # page-locked memory is for host-to-GPU copies only
+
+
+# ---------------------------------------------------------------- model-side switches
+
+def _pruned_resnet(seed: int = 0) -> tuple[torch.nn.Module, MaskSet]:
+    torch.manual_seed(seed)
+    model = build_model("resnet20s", 10, mean=[0.5] * 3, std=[0.25] * 3)
+    masks = MaskSet(model, attach_masks(model))
+    scores = {name: torch.rand(w.shape) for name, w in masks.weights.items()}
+    current = {name: m.clone() for name, m in masks.masks.items()}
+    masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
+    return model, masks
+
+
+def _train_steps(model: torch.nn.Module, masks: MaskSet, steps: int = 3,
+                 perf: PerfSettings | None = None) -> list[float]:
+    # A small learning rate: rounding differences are not amplified into chaos in 3 steps.
+    engine = DDPEngine(model, masks, CPU, TrainSettings(lr=0.01), perf=perf)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 10, (16,), generator=generator)
+        result = engine.train_step(images, labels)
+        losses.append(float(result.loss_sum) / result.count)
+    return losses
+
+
+def _assert_pruned_weights_zero(masks: MaskSet) -> None:
+    for name, weight in masks.weights.items():
+        assert not weight[~masks.masks[name].bool()].any(), name
+
+
+def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
+    dense_layout, dense_masks = _pruned_resnet()
+    nhwc, nhwc_masks = _pruned_resnet()
+    accelerate(nhwc, PerfSettings(channels_last=True), torch.device("cpu"))
+    weight = nhwc_masks.weights["net.conv1.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert weight is dict(nhwc.named_parameters())["net.conv1.weight"]  # identity kept
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(nhwc.eval()(images), dense_layout.eval()(images),
+                               rtol=1e-4, atol=1e-4)
+    expected = _train_steps(dense_layout.train(), dense_masks)
+    got = _train_steps(nhwc.train(), nhwc_masks)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for name, param in dense_layout.state_dict().items():
+        torch.testing.assert_close(nhwc.state_dict()[name], param, rtol=1e-3, atol=1e-3)
+    _assert_pruned_weights_zero(nhwc_masks)
+    assert nhwc_masks.checksums().equal(dense_masks.checksums())
+
+
+def test_masked_resnet_compiles_as_one_graph_without_breaks() -> None:
+    model, _ = _pruned_resnet()
+    explanation = torch._dynamo.explain(model)(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_masked_model_matches_eager_and_sees_new_masks() -> None:
+    """The traced graph reads weight * weight_mask from the live buffers: pruning in place
+    changes the compiled model's output exactly as the eager one's. (The aot_eager backend
+    checks tracing and autograd; inductor's code generation is checked by the slow test.)"""
+    torch._dynamo.reset()
+    eager, eager_masks = _pruned_resnet()
+    compiled, compiled_masks = _pruned_resnet()
+    compiled.compile(backend="aot_eager")
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(compiled(images), eager(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_train_steps(compiled, compiled_masks),
+                               _train_steps(eager, eager_masks), rtol=1e-4, atol=1e-5)
+    _assert_pruned_weights_zero(compiled_masks)
+    for masks in (eager_masks, compiled_masks):
+        masks.set({name: torch.zeros_like(mask) for name, mask in masks.masks.items()})
+    torch.testing.assert_close(compiled(images), eager(images), rtol=1e-5, atol=1e-5)
+    # A deep copy (as evaluation code may take) is an eager model of the same weights.
+    torch.testing.assert_close(copy.deepcopy(compiled)(images), eager(images))
+
+
+def _digits_model() -> tuple[torch.nn.Module, MaskSet]:
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, in_channels=1, mean=[0.3], std=[0.4])
+    return model, MaskSet(model, attach_masks(model))
+
+
+@pytest.mark.slow
+def test_accelerate_compiles_with_inductor_through_build_engine() -> None:
+    torch._dynamo.reset()
+    config = load_config(REPO / "configs/digits.yaml",
+                         ["perf.compile=true", "perf.channels_last=true"])
+    model, masks = _digits_model()
+    engine = build_engine(config, model, masks, CPU)
+    assert model._compiled_call_impl is not None
+    reference, reference_masks = _digits_model()
+    reference_engine = DDPEngine(reference, reference_masks, CPU, config.train)
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (32,))
+    for _ in range(2):
+        got = engine.train_step(images, labels)
+        want = reference_engine.train_step(images, labels)
+        torch.testing.assert_close(got.loss_sum, want.loss_sum, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.eval()(images), reference.eval()(images), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_keeps_masks_exact(precision: str) -> None:
+    """The DDP engine's mixed-precision step (CPU autocast stands in for the GPU here; the
+    run-level switch refuses the CPU): the first loss (same weights) is close to fp32's,
+    pruned weights stay exactly zero after every step, and only fp16 scales its loss (its
+    first steps may be skipped while the scale settles, so later losses are not compared)."""
+    model, masks = _pruned_resnet()
+    reference, reference_masks = _pruned_resnet()
+    perf = PerfSettings(autocast=precision)
+    engine = DDPEngine(model, masks, CPU, Config().train, perf=perf)
+    assert engine.scaler.is_enabled() == (precision == "fp16")
+    got = _train_steps(model, masks, steps=3, perf=perf)
+    want = _train_steps(reference, reference_masks, steps=1)
+    assert got[0] == pytest.approx(want[0], rel=0.02)
+    assert all(torch.isfinite(torch.tensor(got)))
+    _assert_pruned_weights_zero(masks)
+    assert masks.checksums().equal(reference_masks.checksums())
+
+
+def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
+    """Large evaluation batches under inference_mode: the same correct/count, the same loss
+    up to summation order."""
+    from app_dist.loop import MegabatchLoop
+
+    manifest = Manifest.load(str(digits_shards))
+    stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", manifest.num_classes, in_channels=1, mean=[0.3],
+                        std=[0.4])
+    masks = MaskSet(model, attach_masks(model))
+    engine = DDPEngine(model, masks, CPU, Config().train)
+    results = []
+    for size in (7, 64, 1000):
+        reader = StreamReader(digits_shards, manifest, stream,
+                              DataSettings(augment="none", num_workers=0,
+                                           eval_batch_size=size), 16, CPU, 1)
+        loop = MegabatchLoop(load_config(REPO / "configs/digits.yaml"), CPU, reader, engine,
+                             [1.0] * 3, None, None, None)  # type: ignore[arg-type]
+        loop.preemption.restore()
+        results.append(loop.evaluate(reader.evaluation(stream.test_selection())))
+    assert len({(r.correct, r.count) for r in results}) == 1
+    assert results[0].count == len(stream.test_selection())
+    for result in results[1:]:
+        assert result.loss == pytest.approx(results[0].loss, rel=1e-5)
+
+
+# ---------------------------------------------------------------- whole runs
+
+def test_a_run_with_every_exact_switch_on_has_identical_metrics(digits_shards: Path,
+                                                               tmp_path: Path) -> None:
+    base = ["data.megabatches=2", "train.epochs=2", "data.num_workers=2",
+            "log.wandb.mode=disabled"]
+    plain = run_trainer(digits_run_args(digits_shards, tmp_path / "plain", *base,
+                                        "perf.prefetch_shards=false"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    fast = run_trainer(digits_run_args(digits_shards, tmp_path / "fast", *base,
+                                       "perf.cache_decoded=true",
+                                       "perf.persistent_workers=true",
+                                       "perf.prefetch_shards=true"))
+    assert fast.returncode == 0, fast.stderr[-3000:]
+    assert read_metrics(tmp_path / "fast") == read_metrics(tmp_path / "plain")
+
+
+@pytest.mark.slow
+def test_two_ranks_with_cache_and_pool_match_the_plain_run(digits_shards: Path,
+                                                          uninterrupted: Path,
+                                                          tmp_path: Path) -> None:
+    result = run_trainer(digits_run_args(digits_shards, tmp_path, "perf.cache_decoded=true",
+                                         "perf.persistent_workers=true"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(tmp_path) == read_metrics(uninterrupted)

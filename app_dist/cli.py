@@ -48,6 +48,12 @@ def _export(argv: list[str]) -> int:
     return main(argv)
 
 
+def _profile(argv: list[str]) -> int:
+    from app_dist.profiling import main
+
+    return main(argv)
+
+
 def _sweep(argv: list[str]) -> int:
     from app_dist.sweep import main
 
@@ -63,6 +69,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "experiment": (_experiment, "dense vs OSP vs APP over seeds: runs, tables, plots, report"),
     "export": (_export, "write a run's final model in compact sparse form"),
     "sweep": (_sweep, "Ray Tune sweep over distributed trials (as launch/sweep.py)"),
+    "profile": (_profile, "time one megabatch phase by phase (data, forward, ..., checkpoint)"),
 }
 
 

@@ -162,10 +162,12 @@ def train_runs(spec: ExperimentSpec, planned: list[PlannedRun]) -> None:
     """Train every unfinished run, `spec.parallel` at a time, each as its own subprocess
     writing RUN_DIR/train.log. Raises ExperimentError naming the first run that failed
     (after the runs in flight have ended)."""
-    pending = [run for run in planned if not is_finished(run)]
+    pending = []
     for run in planned:
-        if run not in pending:
+        if is_finished(run):
             print(f"{run.key}: finished already", flush=True)
+        else:
+            pending.append(run)
     running: list[tuple[PlannedRun, subprocess.Popen, float]] = []
     failures: list[str] = []
     while pending or running:

@@ -5,8 +5,9 @@ same batches, 2 ranks on the CPU (gloo), through the project's own engines.
 
 One process group of 2 ranks holds all three engines, each with its own copy of the same
 model pruned to the same masks; they take turns in rounds (the order rotating each round)
-so machine noise hits all alike. The figures are medians of the rounds' mean step times and
-their ratios to DDP. Appends a row to docs/BENCHMARKS.md.
+so machine noise hits all alike. The figures are medians over rounds of the mean wall-clock
+step time (the target: within 10% of DDP) and of rank 0's CPU time per step, with their ratios
+to DDP. Appends a row to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ def build_engines(args: argparse.Namespace, platform_):
     return engines
 
 
-def mean_step_seconds(engine, batches, steps: int) -> float:
+def mean_step_seconds(engine, batches, steps: int) -> tuple[float, float]:
+    """(wall-clock, this process's CPU time) per step: the CPU time leaves out waiting for
+    the other rank, which on a shared machine is mostly waiting for a core."""
     engine.module.train()
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         images, labels = batches[step % len(batches)]
         engine.train_step(images, labels)
-    return (time.perf_counter() - started) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
 def rank_main(rank: int, args: argparse.Namespace, port: int, results) -> None:
@@ -78,7 +81,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, results) -> None:
                 torch.randint(0, 10, (per_rank,), generator=generator)) for _ in range(4)]
     for engine in engines.values():  # warm-up
         mean_step_seconds(engine, batches, 3)
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
     names = list(engines)
     for round_ in range(args.rounds):
         # Rotate who goes first, so no engine always follows the same one.
@@ -86,7 +89,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, results) -> None:
             platform_.barrier()
             times[name].append(mean_step_seconds(engines[name], batches, args.steps))
     if rank == 0:
-        results.update({name: statistics.median(values) for name, values in times.items()})
+        for name, values in times.items():
+            results[name] = tuple(statistics.median(column) for column in zip(*values))
         results["threads"] = torch.get_num_threads()
     platform_.barrier()
     platform_.shutdown()
@@ -112,16 +116,19 @@ def main() -> None:
         results = manager.dict()
         mp.spawn(rank_main, args=(args, port, results), nprocs=2, join=True)
         figures = dict(results)
-    ddp = figures["DDP"]
-    parts = [f"DDP {ddp * 1e3:.1f} ms/step"] + [
-        f"{name} {figures[name] * 1e3:.1f} ms/step (ratio {figures[name] / ddp:.3f})"
+    (ddp, ddp_cpu) = figures["DDP"]
+    parts = [f"DDP {ddp * 1e3:.1f} ms/step ({ddp_cpu * 1e3:.1f} ms CPU)"] + [
+        f"{name} {figures[name][0] * 1e3:.1f} ms/step (ratio {figures[name][0] / ddp:.3f}; "
+        f"CPU {figures[name][1] * 1e3:.1f} ms, ratio {figures[name][1] / ddp_cpu:.3f})"
         for name in ENGINES if name != "DDP"]
+    load = os.getloadavg()[0]
     print(f"{args.model} batch {args.batch} on 2 ranks x {figures['threads']} threads, "
-          f"density {args.density:.3f}: " + ", ".join(parts))
+          f"density {args.density:.3f}, load average {load:.1f}: " + ", ".join(parts))
     if not args.no_write:
         command = "python bench/deepspeed_vs_ddp.py " + " ".join(sys.argv[1:])
         row = (f"| {date.today()} | DeepSpeed vs DDP | `{command.strip()}` | "
-               f"{platform.node()} (2 ranks x {figures['threads']} threads) | {args.model} "
+               f"{platform.node()} (2 ranks x {figures['threads']} threads, load "
+               f"{load:.1f}) | {args.model} "
                f"b{args.batch}, masked: " + ", ".join(parts) + " |\n")
         path = REPO / "docs" / "BENCHMARKS.md"
         with path.open("a") as handle:

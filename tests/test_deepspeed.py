@@ -38,6 +38,8 @@ def test_translation_carries_batch_zero_precision_accumulation_and_clipping():
     assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
     bf16 = translate(EngineSettings(kind="deepspeed", precision="bf16"), TrainSettings(), 1)
     assert bf16["bf16"] == {"enabled": True}
+    assert bf16["data_types"] == {"buffer_dtype": "bf16"}  # BatchNorm statistics too
+    assert "data_types" not in config
 
 
 def test_a_raw_deepspeed_json_overrides_the_translated_keys(tmp_path):
@@ -115,9 +117,54 @@ def test_masks_follow_their_layers_when_the_model_is_cast():
     assert not masks.weights[name].grad.any()
 
 
-# ---------------------------------------------------------------------------- real 2-rank runs
+# ---------------------------------------------------------------------------- real runs
 
 slow = pytest.mark.slow
+ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+ACCUMULATION_AND_CLIPPING = """
+import torch
+from app_dist.config import load_config
+from app_dist.distributed import start_platform
+from app_dist.engine import build_engine
+from app_dist.models import build_model
+from app_dist.pruning.masks import MaskSet, attach_masks
+
+config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=1", "run.device=cpu",
+                            "engine.gradient_accumulation=2", "engine.gradient_clipping=0.001",
+                            "train.batch_size=16", "train.weight_decay=0", "train.lr=1.0"])
+torch.manual_seed(0)
+model = build_model("digits_cnn", 10, in_channels=1, mean=[0.3], std=[0.4])
+masks = MaskSet(model, attach_masks(model))
+engine = build_engine(config, model, masks, start_platform("cpu"))
+masks.set({n: (torch.rand(m.shape) < 0.5).float() for n, m in masks.masks.items()})
+engine.masks_changed()
+images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+labels = torch.randint(0, 10, (16,))
+flat = lambda: torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+before = flat()
+engine.train_step(images, labels)
+print("after 1 micro-batch", float((flat() - before).abs().max()))
+engine.train_step(images, labels)
+print("after 2 micro-batches", float((flat() - before).norm()))
+print("residue", engine.pruned_residue())
+"""
+
+
+@slow
+def test_gradient_accumulation_and_clipping_reach_deepspeed_in_a_plain_python_process():
+    """One process started with plain `python` (no launcher): the optimizer steps once per
+    2 micro-batches, and the step is clipped (lr 1, no momentum yet, no weight decay: the
+    update is the clipped gradient, norm <= 0.001)."""
+    result = subprocess.run([sys.executable, "-c", ACCUMULATION_AND_CLIPPING], cwd=REPO,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    moved = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines()
+                 if line.startswith("after"))
+    assert float(moved["after 1 micro-batch"]) == 0.0
+    assert 0 < float(moved["after 2 micro-batches"]) <= 0.001 * (1 + 1e-4)
+    assert "residue {'weights': 0.0, 'master_weights': 0.0, 'optimizer_state': 0.0}" in (
+        result.stdout)
 
 
 def deepspeed_command(args: list[str], nproc: int) -> list[str]:
@@ -126,8 +173,6 @@ def deepspeed_command(args: list[str], nproc: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(free_port()), str(REPO / "app_dist/train.py"), *args]
 
-
-ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
 def run_deepspeed(args: list[str], nproc: int = 2,

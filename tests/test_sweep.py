@@ -195,16 +195,18 @@ def outcome(trial_id, method, accuracy, megabatch, done=True, error=None):
 def test_result_rows_are_sorted_by_the_metric_with_status_and_written_as_csv_and_json(tmp_path):
     outcomes = [outcome("t0", "dense", 0.80, 1), outcome("t1", "app", 0.95, 3),
                 outcome("t2", "osp", 0.0, 0, error="RuntimeError: boom\ntraceback"),
-                outcome("t3", "app", 0.90, 2, done=False)]
+                outcome("t3", "app", 0.90, 2, done=False), outcome("t4", "osp", 0.97, 3)]
     rows = trial_rows(outcomes, ["prune.method"], "test_accuracy", "max")
     assert [(r["trial_id"], r["status"]) for r in rows] == [
-        ("t1", "completed"), ("t3", "unfinished"), ("t0", "stopped"), ("t2", "error")]
+        ("t4", "completed"), ("t1", "completed"), ("t3", "unfinished"), ("t0", "stopped"),
+        ("t2", "error")]
     assert rows[-1]["error"] == "RuntimeError: boom"
+    # CER sums over megabatches: the trial stopped after one has the smallest, yet it lost.
     by_cer = trial_rows(outcomes, ["prune.method"], "cer", "min")
-    assert [r["trial_id"] for r in by_cer] == ["t1", "t3", "t0", "t2"]
+    assert [r["trial_id"] for r in by_cer] == ["t4", "t1", "t3", "t0", "t2"]
     csv_path, json_path = write_results(rows, tmp_path)
     assert csv_path.read_text().splitlines()[0].startswith("trial_id,status,prune.method,")
-    assert json.loads(json_path.read_text())[0]["test_accuracy"] == 0.95
+    assert json.loads(json_path.read_text())[0]["test_accuracy"] == 0.97
     assert "completed" in format_table(rows)
 
 

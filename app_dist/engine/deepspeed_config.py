@@ -27,16 +27,26 @@ def translate(engine: EngineSettings, train: TrainSettings, world_size: int) -> 
     gradient accumulation N an optimizer step sees N of them.
     """
     micro = train.batch_size // world_size
+    half = engine.precision != "fp32"
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": engine.gradient_accumulation,
         "train_batch_size": micro * engine.gradient_accumulation * world_size,
         "gradient_clipping": engine.gradient_clipping,
-        "zero_optimization": {"stage": engine.zero_stage},
+        "zero_optimization": {
+            "stage": engine.zero_stage,
+            # ZeRO 1/2 all-reduce a gradient norm every step for clipping and to skip
+            # non-finite steps; without clipping in fp32 that is a collective DDP does not pay.
+            **({"compute_grad_norm": False} if engine.zero_stage > 0 and not half
+               and engine.gradient_clipping == 0 else {}),
+        },
         # ZeRO lists only its own optimizers as tested; torch's SGD is the paper's optimizer.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": engine.precision == "bf16"},
         "fp16": {"enabled": engine.precision == "fp16"},
+        # DeepSpeed 0.19 casts only parameters to half precision; BatchNorm needs its running
+        # statistics in the same dtype as its weight (masks are 0/1, exact in any dtype).
+        **({"data_types": {"buffer_dtype": engine.precision}} if half else {}),
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's per-step lines are noise
         "wall_clock_breakdown": False,
     }

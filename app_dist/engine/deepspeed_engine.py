@@ -212,6 +212,12 @@ class DeepSpeedEngine:
     def save(self, folder: Path) -> None:
         """DeepSpeed's checkpoint (every rank writes its optimizer partition) into
         folder/deepspeed/engine/; the lr scheduler rides in its client_state."""
+        if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
+            # A live run carries a partial accumulation into the next epoch (when an epoch's
+            # batch count is no multiple of it); a resume from here starts that one afresh.
+            log.warning("checkpoint inside a gradient accumulation: the %d micro-batch "
+                        "gradient(s) accumulated so far are not saved",
+                        self.engine.micro_steps % self.engine.gradient_accumulation_steps())
         self.engine.save_checkpoint(str(folder / self.CHECKPOINT_DIR), tag=self.TAG,
                                     client_state={"scheduler": self.scheduler.state_dict()},
                                     save_latest=False)

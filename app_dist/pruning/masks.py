@@ -27,14 +27,16 @@ class MaskedConv2d(nn.Conv2d):
     weight_mask: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.weight * self.weight_mask, self.bias)
+        # The mask stays fp32 when DeepSpeed casts only the parameters to half precision.
+        return self._conv_forward(input, self.weight * self.weight_mask.to(self.weight.dtype),
+                                  self.bias)
 
 
 class MaskedLinear(nn.Linear):
     weight_mask: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight * self.weight_mask, self.bias)
+        return F.linear(input, self.weight * self.weight_mask.to(self.weight.dtype), self.bias)
 
 
 _MASKED_CLASS = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}

@@ -38,7 +38,9 @@ def status_of(outcome: TrialOutcome) -> str:
 
 def trial_rows(outcomes: list[TrialOutcome], searched: list[str], metric: str,
                mode: str) -> list[dict[str, Any]]:
-    """One flat row per trial, best `metric` first (trials without it last)."""
+    """One flat row per trial: trials that trained more megabatches first (a trial ASHA
+    stopped lost at a rung, and CER, a sum over megabatches, only compares at equal
+    progress), then by `metric`; trials without it last."""
     rows = []
     for outcome in outcomes:
         row: dict[str, Any] = {"trial_id": outcome.trial_id, "status": status_of(outcome)}
@@ -48,10 +50,11 @@ def trial_rows(outcomes: list[TrialOutcome], searched: list[str], metric: str,
         rows.append(row)
     sign = -1.0 if mode == "max" else 1.0
 
-    def order(row: dict[str, Any]) -> tuple[bool, float, str]:
+    def order(row: dict[str, Any]) -> tuple[bool, int, float, str]:
         value = row.get(metric)
         missing = not isinstance(value, (int, float)) or math.isnan(value)
-        return (missing, 0.0 if missing else sign * value, row["trial_id"])
+        return (missing, -(row.get("megabatch") or 0), 0.0 if missing else sign * value,
+                row["trial_id"])
 
     return sorted(rows, key=order)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app_dist.config import load_config, run_directory
+from app_dist.data.loader import stop_readers
 from app_dist.distributed import Platform, start_platform
 from app_dist.sweep.resume import restore_reported_checkpoint, set_aside_unreported
 from app_dist.sweep.settings import Sweep
@@ -98,8 +99,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 restore_reported_checkpoint(Path(folder), run_dir)
     platform.barrier()
     # Ray Train owns the process group and tears it down: no platform.shutdown() here.
-    train(config, manifest, stream, platform,
-          callbacks=[MegabatchReporter(platform, config.data.megabatches)])
+    try:
+        train(config, manifest, stream, platform,
+              callbacks=[MegabatchReporter(platform, config.data.megabatches)])
+    finally:
+        stop_readers()  # as app_dist/train.py: leftover reader processes would block the exit
 
 
 class MegabatchReporter:

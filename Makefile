@@ -30,6 +30,7 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/masking_overhead.py
+	$(PYTHON) bench/deepspeed_vs_ddp.py
 
 clean-runs:
 	rm -rf runs

@@ -136,7 +136,7 @@ class PerfSettings:
     cache_max_mb: int = 4096  # per rank; past it samples are read from the shards again
     # DataLoader worker processes live for the whole run instead of one pass each.
     persistent_workers: bool = False
-    # While the test pass runs, ask the OS to read the next megabatch's new shards ahead.
+    # At a megabatch's first epoch, ask the OS to read the next megabatch's new shards ahead.
     prefetch_shards: bool = True
     pin_memory: bool = True  # page-locked batches and non-blocking copies (GPU only)
     channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)

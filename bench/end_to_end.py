@@ -49,7 +49,7 @@ def trainer_run(shards: Path, perf: list[str]) -> dict:
         run_trainer(["--config", "configs/cifar10.yaml", f"data.shards={shards}",
                      f"run.dir={run_dir}", "data.megabatches=4", "train.epochs=2",
                      "data.num_workers=2", "log.progress=false", "checkpoint.resume=false",
-                     *perf])
+                     "log.wandb.mode=disabled", *perf])
         process_seconds = time.perf_counter() - started
         records = metrics(Path(run_dir))
     images = trained_images(shards)

@@ -1,5 +1,6 @@
 """GraSP and SynFlow: scores against hand-derived values on tiny networks, and identical masks
-on every rank of real 2-rank runs."""
+on every rank of real 2-rank runs (random too: its generator must be seeded alike on every
+rank; SNIP's 2-rank run is in test_distributed_runs.py)."""
 
 from __future__ import annotations
 
@@ -207,7 +208,7 @@ def test_iterated_synflow_prunes_in_exponential_rounds_ending_at_the_target():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("criterion", ["grasp", "synflow"])
+@pytest.mark.parametrize("criterion", ["grasp", "synflow", "random"])
 def test_two_rank_runs_have_identical_masks_on_every_rank(criterion, digits_shards, tmp_path):
     run_dir = tmp_path / criterion
     result = run_trainer(["--config", str(REPO / "configs/digits.yaml"),

@@ -34,12 +34,14 @@ def test_translation_carries_batch_zero_precision_accumulation_and_clipping():
     assert config["gradient_accumulation_steps"] == 4
     assert config["train_batch_size"] == 256
     assert config["gradient_clipping"] == 1.5
-    assert config["zero_optimization"] == {"stage": 2}
+    assert config["zero_optimization"] == {"stage": 2}  # clipping reads the gradient norm
     assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
     bf16 = translate(EngineSettings(kind="deepspeed", precision="bf16"), TrainSettings(), 1)
     assert bf16["bf16"] == {"enabled": True}
     assert bf16["data_types"] == {"buffer_dtype": "bf16"}  # BatchNorm statistics too
     assert "data_types" not in config
+    plain = translate(EngineSettings(kind="deepspeed", zero_stage=1), TrainSettings(), 2)
+    assert plain["zero_optimization"] == {"stage": 1, "compute_grad_norm": False}
 
 
 def test_a_raw_deepspeed_json_overrides_the_translated_keys(tmp_path):

@@ -240,7 +240,6 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
-    os.environ.setdefault("WANDB_MODE", "offline")
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
                        log_to_driver=False)
     yield context.address_info["gcs_address"]

@@ -28,18 +28,12 @@ def translate(engine: EngineSettings, train: TrainSettings, world_size: int) -> 
     """
     micro = train.batch_size // world_size
     half = engine.precision != "fp32"
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": engine.gradient_accumulation,
         "train_batch_size": micro * engine.gradient_accumulation * world_size,
         "gradient_clipping": engine.gradient_clipping,
-        "zero_optimization": {
-            "stage": engine.zero_stage,
-            # ZeRO 1/2 all-reduce a gradient norm every step for clipping and to skip
-            # non-finite steps; without clipping in fp32 that is a collective DDP does not pay.
-            **({"compute_grad_norm": False} if engine.zero_stage > 0 and not half
-               and engine.gradient_clipping == 0 else {}),
-        },
+        "zero_optimization": {"stage": engine.zero_stage},
         # ZeRO lists only its own optimizers as tested; torch's SGD is the paper's optimizer.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": engine.precision == "bf16"},
@@ -50,6 +44,21 @@ def translate(engine: EngineSettings, train: TrainSettings, world_size: int) -> 
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's per-step lines are noise
         "wall_clock_breakdown": False,
     }
+    _skip_unused_grad_norm(config)
+    return config
+
+
+def _skip_unused_grad_norm(config: dict[str, Any]) -> None:
+    """ZeRO 1/2 all-reduce the global gradient norm every step, for clipping and to skip
+    non-finite half-precision steps. In fp32 without clipping nothing reads it, and it is a
+    collective DDP does not pay for (bench/deepspeed_vs_ddp.py)."""
+    zero = config.setdefault("zero_optimization", {})
+    unused = (zero.get("stage", 0) in (1, 2) and precision_of(config) == "fp32"
+              and not config.get("gradient_clipping"))
+    if unused:
+        zero["compute_grad_norm"] = False
+    else:
+        zero.pop("compute_grad_norm", None)
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
@@ -99,6 +108,8 @@ def deepspeed_config(engine: EngineSettings, train: TrainSettings, world_size: i
             raise ConfigError(f"{where}: remove '{key}' (the optimizer and lr schedule come "
                               "from train.*)")
     merged = _merge(translated, raw)
+    if "compute_grad_norm" not in (raw.get("zero_optimization") or {}):
+        _skip_unused_grad_norm(merged)  # the raw file may have changed stage or clipping
     micro = translated["train_micro_batch_size_per_gpu"]
     if merged["train_micro_batch_size_per_gpu"] != micro:
         raise ConfigError(f"{where}: train_micro_batch_size_per_gpu "

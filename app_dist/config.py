@@ -293,6 +293,9 @@ def _validate_perf(config: Config) -> None:
              "mixed precision is for GPUs (run.device is cpu); use off")
     _require(perf.autocast == "off" or config.engine.kind == "ddp", "perf.autocast",
              perf.autocast, "engine.kind=deepspeed sets its precision with engine.precision")
+    _require(not perf.channels_last or config.engine.kind == "ddp", "perf.channels_last",
+             perf.channels_last, "engine.kind=deepspeed broadcasts parameters as flat bytes, "
+             "which channels_last weights are not; use engine.kind=ddp or channels_last=false")
     _require(not perf.gpu_decode or not on_cpu, "perf.gpu_decode", perf.gpu_decode,
              "decoding on the GPU needs a GPU (run.device is cpu)")
     _require(not (perf.gpu_decode and perf.cache_decoded), "perf.gpu_decode", perf.gpu_decode,

@@ -48,6 +48,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fingerprint(folder: Path) -> tuple:
+    """(name, size, mtime) of every file in `folder`: changes when any file is rewritten."""
+    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in folder.rglob("*") if p.is_file()))
+
+
 def _fsync_dir(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -135,6 +141,10 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.platform = platform
         self.keep_last = keep_last
+        # Folders this process sealed or verified, with the size and mtime of every file then:
+        # retiring old checkpoints after every save re-hashes only folders whose files changed
+        # since (a resume, in a new process, hashes what it loads).
+        self._verified: dict[Path, tuple] = {}
 
     def folder(self, megabatch: int, partial: bool = False) -> Path:
         """megabatch-NNNN after megabatch NNNN; preempted-NNNN inside megabatch NNNN."""
@@ -198,6 +208,7 @@ class Checkpointer:
             os.replace(final, aside)
         os.replace(staging, final)
         _fsync_dir(self.root)
+        self._verified[final] = _fingerprint(final)
 
     def _retire_old(self) -> None:
         """Keep the newest `keep_last` valid megabatch checkpoints and no pre-emption
@@ -210,32 +221,41 @@ class Checkpointer:
                                                 if c.partial and c.order < newest.order]
         for old in stale:
             shutil.rmtree(old.path)
+            self._verified.pop(old.path, None)
 
     def scan(self) -> list[Checkpoint | tuple[Path, str]]:
         """Every checkpoint folder, oldest first: a Checkpoint, or (path, why it is unusable)."""
+        return [self._examine(folder, partial) for folder, partial in self._folders()]
+
+    def _folders(self) -> list[tuple[Path, bool]]:
+        """(folder, partial) of every checkpoint-named folder, oldest first, unverified."""
         if not self.root.is_dir():
             return []
-        found: list[tuple[tuple[int, int], Checkpoint | tuple[Path, str]]] = []
+        found: list[tuple[tuple[int, int], Path, bool]] = []
         for pattern, partial in (("megabatch-[0-9][0-9][0-9][0-9]", False),
                                  ("preempted-[0-9][0-9][0-9][0-9]", True)):
             for folder in self.root.glob(pattern):
                 number = int(folder.name.split("-")[1])
                 completed = number - 1 if partial else number
-                problem = verify(folder)
-                if problem:
-                    found.append(((completed, 1 if partial else 0), (folder, problem)))
-                    continue
-                marker = json.loads((folder / MARKER).read_text())
-                checkpoint = Checkpoint(folder, marker["megabatch"], marker["world_size"], partial)
-                found.append((checkpoint.order, checkpoint))
-        return [item for _, item in sorted(found, key=lambda pair: pair[0])]
+                found.append(((completed, 1 if partial else 0), folder, partial))
+        return [(folder, partial) for _, folder, partial in sorted(found, key=lambda f: f[0])]
+
+    def _examine(self, folder: Path, partial: bool) -> Checkpoint | tuple[Path, str]:
+        fingerprint = _fingerprint(folder)
+        problem = None if self._verified.get(folder) == fingerprint else verify(folder)
+        if problem:
+            return folder, problem
+        self._verified[folder] = fingerprint
+        marker = json.loads((folder / MARKER).read_text())
+        return Checkpoint(folder, marker["megabatch"], marker["world_size"], partial)
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that verifies, chosen on rank 0 and agreed by all ranks.
         Damaged newer ones are reported and left on disk."""
         choice = None
         if self.platform.is_primary:
-            for item in reversed(self.scan()):
+            # Newest first, verifying (hashing) only until one verifies.
+            for item in (self._examine(*found) for found in reversed(self._folders())):
                 if isinstance(item, Checkpoint):
                     choice = (str(item.path), item.megabatch, item.world_size, item.partial)
                     break

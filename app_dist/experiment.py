@@ -366,7 +366,7 @@ def render(spec: ExperimentSpec, experiment_file: str, results: list[RunResult],
            else "."), "",
         "Values are mean ± standard deviation over the seeds. Final = after the last "
         "megabatch T. Sparse model bytes: the `app-dist export` file (kept values + a 1-bit "
-        "mask per pruned tensor); dense runs are exported the same way.", "",
+        "mask per pruned tensor; a tensor with nothing pruned is stored plain).", "",
     ]
     for setting in spec.settings:
         mine = [r for r in results if r.run.setting.name == setting.name]

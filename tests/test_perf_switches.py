@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,31 @@ def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: P
                        for a, b in zip(want, got)) and len(got) == len(want)
     assert small.cache.bytes <= small.cache.max_bytes
     assert sum("perf.cache_max_mb" in r.message for r in caplog.records) == 1
+
+
+def test_a_process_holding_a_worker_pool_exits_by_itself(digits_shards: Path) -> None:
+    """Pool workers ignore SIGTERM (pre-emption is the trainer's to handle); the pool must
+    still let its process exit when nobody closes it."""
+    script = f"""
+import torch
+from pathlib import Path
+from app_dist.config import DataSettings, PerfSettings
+from app_dist.data.manifest import Manifest
+from app_dist.data.reader import StreamReader
+from app_dist.data.stream import MegabatchStream
+from app_dist.distributed import Platform
+shards = Path({str(digits_shards)!r})
+manifest = Manifest.load(str(shards))
+stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, 1)
+reader = StreamReader(shards, manifest, stream, DataSettings(num_workers=2), 16,
+                      Platform(0, 1, 0, torch.device("cpu")), 1,
+                      perf=PerfSettings(persistent_workers=True))
+print(sum(len(labels) for _, labels in reader.train_epoch(1, 0)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) > 0
 
 
 def test_prefetch_reads_ahead_the_next_megabatchs_new_shards(digits_shards: Path) -> None:

@@ -8,9 +8,11 @@ they all agree on one batch count per epoch: no rank runs out early and hangs DD
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import queue as queue_module
 import signal
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +241,9 @@ class ShardReader(IterableDataset):
 
 class DecodeReader(ShardReader):
     """Decodes the selected samples without augmenting them, to fill the decoded-sample
-    cache: chunks of (sample indices, labels, list of uint8 images), in shard order."""
+    cache: chunks of (sample indices, labels, list of uint8 images), in shard order. A chunk
+    crosses from the reader process as one flat tensor (`pack`), not one shared-memory
+    segment (and file descriptor) per image."""
 
     CHUNK = 256
 
@@ -259,10 +263,23 @@ class DecodeReader(ShardReader):
             indices.append(int(sample["__key__"]))
             labels.append(sample["label"])
             if len(images) == self.CHUNK:
-                yield torch.tensor(indices), torch.tensor(labels), images
+                yield torch.tensor(indices), torch.tensor(labels), *pack(images)
                 indices, labels, images = [], [], []
         if images:
-            yield torch.tensor(indices), torch.tensor(labels), images
+            yield torch.tensor(indices), torch.tensor(labels), *pack(images)
+
+
+def pack(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of any sizes -> (their bytes concatenated, their shapes (N, 3))."""
+    return (torch.cat([image.reshape(-1) for image in images]),
+            torch.tensor([list(image.shape) for image in images]))
+
+
+def unpack(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """pack's inverse; every image is a copy in this process's own memory."""
+    sizes = shapes.prod(dim=1).tolist()
+    return [part.reshape(shape).clone()
+            for part, shape in zip(flat.split(sizes), shapes.tolist())]
 
 
 def _ignore_termination(worker_id: int) -> None:
@@ -276,6 +293,8 @@ def stop_readers() -> None:
     """Kill reader processes still alive (an error left an epoch unfinished). Call before the
     process exits: multiprocessing would otherwise SIGTERM them, which they ignore, and wait
     for them forever."""
+    # torch's SIGCHLD handler would report these deliberate kills as a crashed worker.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         child.kill()
         child.join(timeout=5)
@@ -365,9 +384,25 @@ class ReaderPool:
                                  num_workers=num_workers, persistent_workers=True,
                                  multiprocessing_context=context, pin_memory=pin_memory,
                                  prefetch_factor=4, worker_init_fn=_ignore_termination)
+        # Registered after multiprocessing's own exit handler, so it runs first: the workers
+        # ignore SIGTERM, and multiprocessing would terminate them with it and wait forever.
+        atexit.register(_close_pool, weakref.ref(self))
 
     def pass_over(self, reader: ShardReader) -> Iterable:
         return _PoolPass(self, reader)
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the pool is garbage collected)."""
+        iterator = self.loader._iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
+
+def _close_pool(pool: weakref.ref) -> None:
+    alive = pool()
+    if alive is not None:
+        alive.close()
 
 
 class _PoolPass:
@@ -442,7 +477,9 @@ def decode_samples(directory: Path, selection: Selection, *, channels: int, imag
     reader = DecodeReader(directory, readers, selection, transform, image_ext, num_classes,
                           batch_size=DecodeReader.CHUNK, drop_last=False, shuffle_buffer=1,
                           seed=0)
-    yield from Batches(_loader(reader, num_workers, False, pool), None, len(selection))
+    for indices, labels, flat, shapes in Batches(_loader(reader, num_workers, False, pool),
+                                                 None, len(selection)):
+        yield indices, labels, unpack(flat, shapes)
 
 
 def decode_on_device(batches: Iterable, transform: SampleTransform,

@@ -30,6 +30,11 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/masking_overhead.py
+	$(PYTHON) bench/end_to_end.py
+	$(PYTHON) bench/data_pipeline.py
+	$(PYTHON) bench/evaluation.py
+	$(PYTHON) bench/sync_and_checkpoint.py
+	$(PYTHON) bench/scaling.py
 	$(PYTHON) bench/deepspeed_vs_ddp.py
 
 clean-runs:

@@ -188,7 +188,7 @@ def main() -> None:
                                       "bare loop": []}
     trainers: dict[str, dict] = {}
     variants = [("cached", ["perf.cache_decoded=true", "perf.persistent_workers=true"]),
-                ("shards", [])]
+                ("shards", ["perf.cache_decoded=false", "perf.persistent_workers=false"])]
     for round_index in range(args.rounds):
         rounds["in-memory dense"].append(in_memory_round(images, labels, masked=False))
         rounds["in-memory masked"].append(in_memory_round(images, labels, masked=True))

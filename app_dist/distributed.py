@@ -84,6 +84,24 @@ def _pick_device(setting: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _store_for_this_attempt(world_size: int,
+                            timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's store, namespaced by restart attempt; None when torchrun is not the launcher.
+
+    With torchrun's default (static) rendezvous the agent keeps one store across
+    `--max-restarts` attempts and the workers' keys carry no attempt prefix, so a restarted
+    rank can read a dead peer's gloo address from the previous attempt and fail with
+    "connectFullMesh ... Connection refused". A per-attempt prefix makes every attempt start
+    from a clean namespace.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"app_dist/attempt-{attempt}", shared)
+
+
 def start_platform(device: str = "auto", timeout_s: int = 600) -> Platform:
     """Join the process group the launcher describes (nccl on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,6 +113,12 @@ def start_platform(device: str = "auto", timeout_s: int = 600) -> Platform:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     chosen = _pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _store_for_this_attempt(world_size, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank,
+                                    world_size=world_size, timeout=timeout)
     return Platform(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)

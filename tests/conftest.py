@@ -45,6 +45,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rank_processes(launcher_pid: int) -> list[int]:
+    """The ranks torchrun started: its direct children (a rank's DataLoader workers share the
+    rank's command line, so matching on the command line would count them too)."""
+    found = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True)
+    return sorted(int(pid) for pid in found.stdout.split())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock fields, which legitimately differ between runs."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

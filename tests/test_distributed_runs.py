@@ -13,7 +13,7 @@ import torch
 
 from app_dist.pruning.schedule import density_schedule
 
-from .conftest import REPO, free_port, read_metrics, run_trainer
+from .conftest import REPO, free_port, rank_processes, read_metrics, run_trainer
 from .conftest import checkpoint_folder as checkpoint
 from .conftest import digits_run_args as args_for
 
@@ -126,9 +126,7 @@ def test_sigkill_of_one_rank_does_not_leave_the_job_hanging(digits_shards, tmp_p
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-f", f"app_dist/train.py.*run.dir={run_dir}"],
-                             capture_output=True, text=True).stdout.split()
-    workers = [int(p) for p in workers if int(p) != launcher.pid]
+    workers = rank_processes(launcher.pid)
     assert len(workers) == 2
     os.kill(max(workers), signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0

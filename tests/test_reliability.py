@@ -26,6 +26,7 @@ from .conftest import (
     checkpoint_folder,
     digits_run_args,
     free_port,
+    rank_processes,
     read_metrics,
     run_trainer,
 )
@@ -252,9 +253,7 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
     deadline = time.time() + 600
     while kills < 3 and launcher.poll() is None and time.time() < deadline:
         time.sleep(chooser.uniform(1.5, 5.0))
-        workers = subprocess.run(["pgrep", "-f", f"app_dist/train.py.*run.dir={run_dir}"],
-                                 capture_output=True, text=True).stdout.split()
-        workers = [int(p) for p in workers if int(p) != launcher.pid]
+        workers = rank_processes(launcher.pid)
         if len(workers) == 2:
             os.kill(chooser.choice(workers), 9)
             kills += 1

@@ -12,6 +12,7 @@ import atexit
 import multiprocessing
 import queue as queue_module
 import signal
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -293,8 +294,11 @@ def stop_readers() -> None:
     """Kill reader processes still alive (an error left an epoch unfinished). Call before the
     process exits: multiprocessing would otherwise SIGTERM them, which they ignore, and wait
     for them forever."""
-    # torch's SIGCHLD handler would report these deliberate kills as a crashed worker.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # torch's SIGCHLD handler would report these deliberate kills as a crashed worker. It is
+    # only ever installed from the main thread (a Ray Train worker runs us in another one,
+    # where signal.signal itself would raise).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         child.kill()
         child.join(timeout=5)

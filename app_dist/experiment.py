@@ -314,7 +314,7 @@ def comparisons(results: list[RunResult]) -> list[str]:
             f"accuracy {statistics.fmean(accuracy):+.2f} points (higher in {wins} of "
             f"{len(pairs)} seeds); CER {statistics.fmean(cer):+.3f} (lower is better; lower "
             f"in {sum(d < 0 for d in cer)} of {len(pairs)}); generalisation gap at T "
-            f"{statistics.fmean(gap):+.2f} points (smaller in {sum(d < 0 for d in gap)} of "
+            f"{statistics.fmean(gap):+.2f} points (lower in {sum(d < 0 for d in gap)} of "
             f"{len(pairs)}).")
     return lines
 
@@ -339,7 +339,7 @@ def write_plots(spec: ExperimentSpec, setting: SettingSpec, results: list[RunRes
     paths = []
     for key, label, scale in CURVES:
         path = folder / f"{spec.name}-{setting.name}-{key}.png"
-        title = f"{label}: {setting.title or setting.name}"
+        title = f"{label.split(' (')[0]}, {setting.name}"
         paths.append(plot_runs(curves, key, label, path, title=title, scale=scale))
     return paths
 

@@ -12,7 +12,8 @@ File format (a torch.save dict, loadable with weights_only=True, so no pickled c
                   is smaller plain and goes to `dense`, folded.
     source        {run_dir, checkpoint, megabatch, density, kept, prunable}
 A pruned weight of N entries at density d takes N/8 + 4dN bytes instead of 4N, so the file
-shrinks with the density (at d = 0.366 a conv stack needs about 40% of the dense bytes).
+shrinks with the density: at d = 0.366 the convolution weights need 0.366 + 1/32 = 40% of their
+dense bytes, and a whole ResNet-20 file measured 43% (docs/RESULTS.md).
 Loading rebuilds the network with plain Conv2d / Linear layers (no mask buffers) and writes
 the weights back exactly, so its outputs equal the masked model's bit for bit.
 """

@@ -61,10 +61,11 @@ def test_repository_sweep_files_validate_and_give_each_trial_its_identity(name, 
     assert sweep.dimensions and sweep.max_megabatches >= 3
     assert sweep.storage_path.is_absolute() and sweep.base_config.is_file()
     sampled = {d.key: d.values[0] for d in sweep.dimensions}
-    overrides = sweep.trial_overrides("abc12_00003", sampled)
+    # An all-digit trial id prefix: YAML would read 40994_00003 as the integer 4099400003.
+    overrides = sweep.trial_overrides("40994_00003", sampled)
     config = load_config(sweep.base_config, overrides)
-    assert config.run.name == "abc12_00003"
-    assert Path(config.run.dir) == sweep.run_root / "abc12_00003"
+    assert config.run.name == "40994_00003"
+    assert Path(config.run.dir) == sweep.run_root / "40994_00003"
     assert config.log.wandb.group == sweep.settings.name
     assert Path(config.data.shards) == digits_shards
     for dimension in sweep.dimensions:

@@ -136,11 +136,11 @@ class Sweep:
     def trial_overrides(self, trial_id: str, sampled: dict[str, Any]) -> list[str]:
         """The training overrides of one trial: fixed ones, its sampled values, and its
         identity (run directory, run name = trial id, wandb group = sweep name)."""
-        chosen = [_absolute_shards(f"{d.key}={override_value(sampled[d.key])}", self.root)
-                  for d in self.dimensions]
-        identity = [f"run.dir={self.run_root / trial_id}", f"run.name={trial_id}"]
+        chosen = [sampled_override(d.key, sampled[d.key], self.root) for d in self.dimensions]
+        identity = [f"run.dir={override_value(str(self.run_root / trial_id))}",
+                    f"run.name={override_value(trial_id)}"]
         if not any(o.startswith("log.wandb.group=") for o in self.overrides):
-            identity.append(f"log.wandb.group={self.settings.name}")
+            identity.append(f"log.wandb.group={override_value(self.settings.name)}")
         return [*self.overrides, *chosen, *identity]
 
 
@@ -279,6 +279,13 @@ def _resolve(path: str, root: Path) -> Path:
     return (resolved if resolved.is_absolute() else root / resolved).resolve()
 
 
+def sampled_override(key: str, value: Any, root: Path) -> str:
+    """The `key=value` override of one searched value (a relative data.shards made absolute)."""
+    if key == "data.shards" and isinstance(value, str):
+        value = _absolute_shards(f"{key}={value}", root).split("=", 1)[1]
+    return f"{key}={override_value(value)}"
+
+
 def _absolute_shards(override: str, root: Path) -> str:
     """Trials run in Ray's own working folders: a relative data.shards must be made absolute."""
     key, value = override.split("=", 1)
@@ -355,8 +362,10 @@ def override_value(value: Any) -> str:
         return "true" if value else "false"
     if value is None:
         return "null"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)  # flow-style YAML, which OmegaConf's dotlist parses
+    if isinstance(value, (list, dict, str)):
+        # Flow-style YAML, which OmegaConf's dotlist parses. Strings are quoted: YAML would
+        # read a trial id like 40994_00002 as the integer 4099400002.
+        return json.dumps(value)
     return str(value)
 
 
@@ -385,7 +394,7 @@ def _check_trial_configs(settings: SweepSettings, base: Path, overrides: tuple[s
                      for value in _candidates(dimension)[1:]]
     megabatches, manifests = [], {}
     for varied, variant in variants:
-        chosen = [_absolute_shards(f"{k}={override_value(v)}", root) for k, v in variant.items()]
+        chosen = [sampled_override(k, v, root) for k, v in variant.items()]
         try:
             config = load_config(base, [*overrides, *chosen])
         except ConfigError as error:

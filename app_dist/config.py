@@ -22,6 +22,7 @@ from app_dist.models.registry import MODEL_NAMES, STEMS
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
 AUGMENTATIONS = ("none", "cifar", "imagenet")
+BAD_SAMPLE_POLICIES = ("error", "skip")
 PRUNE_METHODS = ("dense", "osp", "app")
 CRITERIA = ("snip", "magnitude", "random", "grasp", "synflow")
 SCOPES = ("global", "local")
@@ -55,6 +56,9 @@ class DataSettings:
     shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer of each reader
     eval_batch_size: int = 512  # per rank, for validation and test passes
     verify_checksums: bool = True  # sha256 of every shard against the manifest at start
+    # A sample with no/out-of-range label or an undecodable image: error (stop, naming shard
+    # and key) or skip (count it; in training its slot is refilled so ranks stay in step).
+    bad_samples: str = "error"
 
 
 @dataclass
@@ -160,7 +164,10 @@ class Config:
 
 
 # Keys that may differ between a run and its resume without changing what is computed.
+# data.bad_samples: a run stopped by a bad sample must resume with skip. Up to the stop it
+# computed exactly what a skipping run computes (it had met no bad sample).
 RESUME_NEUTRAL_PREFIXES = ("checkpoint.", "log.", "run.dir", "data.verify_checksums",
+                           "data.bad_samples",
                            "perf.cache_decoded", "perf.cache_max_mb", "perf.persistent_workers",
                            "perf.prefetch_shards", "perf.pin_memory")
 
@@ -213,6 +220,7 @@ def validate(config: Config) -> None:
     _require(data.replay_window >= 1, "data.replay_window", data.replay_window, "must be >= 1")
     _require(data.replay_buffer >= 1, "data.replay_buffer", data.replay_buffer, "must be >= 1")
     _one_of("data.augment", data.augment, AUGMENTATIONS)
+    _one_of("data.bad_samples", data.bad_samples, BAD_SAMPLE_POLICIES)
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1")
     _require(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size,
@@ -300,6 +308,9 @@ def _validate_perf(config: Config) -> None:
              "decoding on the GPU needs a GPU (run.device is cpu)")
     _require(not (perf.gpu_decode and perf.cache_decoded), "perf.gpu_decode", perf.gpu_decode,
              "cannot be combined with perf.cache_decoded (the cache holds CPU-decoded images)")
+    _require(not (perf.gpu_decode and config.data.bad_samples == "skip"), "perf.gpu_decode",
+             perf.gpu_decode, "cannot be combined with data.bad_samples=skip (an image that "
+             "fails on the GPU is found after its batch was formed)")
 
 
 def final_density(prune: PruneSettings) -> float:

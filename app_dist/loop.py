@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from app_dist.checkpoint import Checkpointer
 from app_dist.config import Config, computation_settings
-from app_dist.data.loader import Batches
-from app_dist.data.reader import StreamReader
+from app_dist.data.reader import Pass, StreamReader
 from app_dist.distributed import Platform
 from app_dist.engine import Engine
 from app_dist.engine.acceleration import autocast
@@ -65,12 +64,14 @@ class MegabatchProgress:
     best: dict[str, Any] | None = None  # best-validation epoch so far, with its weights
     # This rank's running sums of the current epoch: loss sum, correct, count.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    skipped: int = 0  # bad samples skipped by this megabatch's finished passes, all ranks
+
 
     def shared_state(self) -> dict[str, Any]:
         """The part that is the same on every rank (saved once, by rank 0)."""
         return {"megabatch": self.megabatch, "epoch": self.epoch, "steps_done": self.steps_done,
                 "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "best": self.best}
+                "best": self.best, "skipped": self.skipped}
 
 
 def rank_local_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -117,6 +118,7 @@ class Evaluation:
     correct: int
     count: int
     loss: float
+    skipped: int = 0  # bad samples left out (data.bad_samples=skip), all ranks
 
     @property
     def accuracy(self) -> float:
@@ -161,6 +163,10 @@ class MegabatchLoop:
             record = self._train_megabatch(progress, state)
             progress = None
             test = self.evaluate(self.reader.evaluation(self.reader.stream.test_selection()))
+            record["skipped_samples"] += test.skipped
+            if record["skipped_samples"]:
+                log.warning("megabatch %d: %d bad sample(s) skipped over its passes "
+                            "(data.bad_samples=skip)", megabatch, record["skipped_samples"])
             errors = [r["test_errors"] for r in state.history] + [test.count - test.correct]
             cer_count, cer = cumulative_error(errors, test.count)
             record.update(test_accuracy=test.accuracy, test_loss=test.loss,
@@ -209,6 +215,7 @@ class MegabatchLoop:
             progress.images_seen += train.count
             engine.end_epoch()
             val = self.evaluate(self.reader.evaluation(val_selection))
+            progress.skipped += train.skipped + val.skipped
             if progress.best is None or (val.accuracy
                                          > progress.best["val_accuracy"] + self._min_gain()):
                 progress.best = {"epoch": progress.epoch + 1, "val_accuracy": val.accuracy,
@@ -243,6 +250,9 @@ class MegabatchLoop:
             "train_images_per_second": progress.images_seen * self.platform.world_size
             / max(progress.train_seconds, 1e-9),
             "resumed_seconds": resumed_seconds,
+            # Bad samples skipped (data.bad_samples=skip), counted once per pass that met
+            # them: training epochs, validations and the test pass.
+            "skipped_samples": progress.skipped,
         }
 
     def _min_gain(self) -> float:
@@ -283,18 +293,21 @@ class MegabatchLoop:
                 self._checkpoint(state, progress)
                 raise Preempted(f"pre-empted in megabatch {megabatch}, epoch {epoch + 1}, "
                                 f"after step {progress.steps_done}; checkpoint written")
-        totals = self.platform.all_reduce_sum(
-            torch.cat([sums.double().cpu(), torch.tensor([float(count)], dtype=torch.float64)]))
+        skipped = float(batches.skipped)
+        totals = self.platform.all_reduce_sum(torch.cat([
+            sums.double().cpu(), torch.tensor([float(count), skipped], dtype=torch.float64)]))
         total = int(totals[2])
-        return Evaluation(correct=int(totals[1]), count=total, loss=float(totals[0]) / total)
+        return Evaluation(correct=int(totals[1]), count=total, loss=float(totals[0]) / total,
+                          skipped=int(totals[3]))
 
     @torch.inference_mode()
-    def evaluate(self, batches: Batches) -> Evaluation:
+    def evaluate(self, batches: Pass) -> Evaluation:
         """Accuracy of the bare module over this rank's share, summed over ranks."""
         module, device = self.engine.module, self.platform.device
         module.eval()
         # Summed on the device: no batch waits for the host (one transfer at the end).
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss sum
+        # correct, count, loss sum, skipped bad samples
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -305,9 +318,11 @@ class MegabatchLoop:
             sums[1] += labels.numel()
             sums[2] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums = sums.cpu()
+        sums[3] = float(batches.skipped)
         self.platform.all_reduce_sum(sums)
         count = int(sums[1])
-        return Evaluation(correct=int(sums[0]), count=count, loss=float(sums[2]) / max(1, count))
+        return Evaluation(correct=int(sums[0]), count=count, loss=float(sums[2]) / max(1, count),
+                          skipped=int(sums[3]))
 
     def _checkpoint(self, state: RunState, progress: MegabatchProgress | None = None) -> Path:
         """After a completed megabatch (progress None) or mid-megabatch (pre-emption)."""

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import webdataset as wds
+
+from app_dist.data.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +47,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def copy_shards(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def rewrite_shard(directory: Path, name: str, edit) -> None:
+    """Rewrite one shard's samples through `edit(sample) -> sample` and fix its sha256, so
+    only the content is bad (the manifest checksum still matches)."""
+    path = directory / name
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(edit({k: v for k, v in sample.items() if k != "__url__"}))
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            if shard["name"] == name:
+                shard["sha256"] = file_sha256(path)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def first_sample_key(directory: Path, name: str) -> str:
+    return next(iter(wds.WebDataset(str(directory / name), shardshuffle=False)))["__key__"]
 
 
 def rank_processes(launcher_pid: int) -> list[int]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 
 from app_dist.checkpoint import Checkpointer, verify
 from app_dist.data.manifest import file_sha256
@@ -24,10 +23,13 @@ from app_dist.errors import CheckpointError
 from .conftest import (
     REPO,
     checkpoint_folder,
+    copy_shards,
     digits_run_args,
+    first_sample_key,
     free_port,
     rank_processes,
     read_metrics,
+    rewrite_shard,
     run_trainer,
 )
 
@@ -147,31 +149,6 @@ def test_unwritable_run_directory_is_a_one_line_error(digits_shards, tmp_path):
 
 
 # --- bad data ------------------------------------------------------------------------------
-
-def copy_shards(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
-
-
-def rewrite_shard(directory: Path, name: str, edit) -> None:
-    """Rewrite one shard's samples through `edit(sample) -> sample` and fix its sha256, so
-    only the content is bad (the manifest checksum still matches)."""
-    path = directory / name
-    samples = list(wds.WebDataset(str(path), shardshuffle=False))
-    with wds.TarWriter(str(path)) as writer:
-        for sample in samples:
-            writer.write(edit({k: v for k, v in sample.items() if k != "__url__"}))
-    manifest_path = directory / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for shard in manifest["splits"]["train"]["shards"]:
-        if shard["name"] == name:
-            shard["sha256"] = file_sha256(path)
-    manifest_path.write_text(json.dumps(manifest))
-
-
-def first_sample_key(directory: Path, name: str) -> str:
-    return next(iter(wds.WebDataset(str(directory / name), shardshuffle=False)))["__key__"]
-
 
 @pytest.mark.parametrize("damage, message", [
     (lambda s: {**s, "cls": b"99"}, "label 99 outside 0..9"),

@@ -27,6 +27,7 @@ from app_dist.data.loader import (
     augment_generator,
     batched,
     reader_order,
+    refill_skipped,
     round_robin,
 )
 from app_dist.data.manifest import SplitInfo
@@ -34,6 +35,8 @@ from app_dist.data.stream import Selection
 from app_dist.errors import DataError
 
 log = logging.getLogger("app_dist")
+
+CachedSample = tuple[torch.Tensor, int]  # decoded uint8 image, label
 
 # What fills the cache: a selection -> chunks of (indices, labels, decoded images).
 Decoder = Callable[[Selection], Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]]
@@ -55,14 +58,15 @@ class DecodedCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        # id(split) -> (the split, kept alive so its id stays unique; index -> (image, label))
-        self._stores: dict[int, tuple[SplitInfo, dict[int, tuple[torch.Tensor, int]]]] = {}
+        # id(split) -> (the split, kept alive so its id stays unique; index -> (image, label),
+        # or None for a bad sample that data.bad_samples=skip leaves out)
+        self._stores: dict[int, tuple[SplitInfo, dict[int, CachedSample | None]]] = {}
         self._warned = False
 
     def __len__(self) -> int:
         return sum(len(store) for _, store in self._stores.values())
 
-    def _store(self, split: SplitInfo) -> dict[int, tuple[torch.Tensor, int]]:
+    def _store(self, split: SplitInfo) -> dict[int, CachedSample | None]:
         return self._stores.setdefault(id(split), (split, {}))[1]
 
     def ensure(self, plan: list[ShardCounts], selection: Selection, decoder: Decoder) -> bool:
@@ -84,6 +88,10 @@ class DecodedCache:
             for index, label, image in zip(indices.tolist(), labels.tolist(), images):
                 store[index] = (image, label)
                 self.bytes += image.numel() * image.element_size()
+        for index in missing.tolist():
+            # The decoder skipped it (data.bad_samples=skip; otherwise it raised): remember it
+            # as bad, so every pass skips it the way the shard readers do.
+            store.setdefault(index, None)
         return True
 
     def _fits(self, count: int) -> bool:
@@ -103,7 +111,7 @@ class DecodedCache:
 
 
 class CachedBatches:
-    def __init__(self, store: dict[int, tuple[torch.Tensor, int]], plan: list[ShardCounts],
+    def __init__(self, store: dict[int, CachedSample | None], plan: list[ShardCounts],
                  selection: Selection, transform: SampleTransform, batch_size: int,
                  train: bool, seed: int, shuffle_buffer: int, count: int | None,
                  pin_memory: bool) -> None:
@@ -116,6 +124,7 @@ class CachedBatches:
         self.shuffle_buffer = shuffle_buffer
         self.count = count
         self.pin_memory = pin_memory
+        self.skipped = 0  # bad samples met in the last pass (data.bad_samples=skip)
 
     def __len__(self) -> int:
         if self.count is not None:
@@ -126,11 +135,20 @@ class CachedBatches:
         order = reader_order(iter(self.readers[worker].tolist()), self.seed, worker,
                              self.shuffle_buffer)
         generator = augment_generator(self.seed, worker)
-        items = ((self.transform.augment_decoded(self.store[i][0], generator), self.store[i][1])
-                 for i in order)
-        return batched(items, self.batch_size, self.drop_last)
+        items = (self._item(self.store[i], generator) for i in order)
+        kept = (refill_skipped(items) if self.drop_last
+                else (item for item in items if item is not None))
+        return batched(kept, self.batch_size, self.drop_last)
+
+    def _item(self, cached: CachedSample | None,
+              generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
+        if cached is None:
+            self.skipped += 1
+            return None
+        return self.transform.augment_decoded(cached[0], generator), cached[1]
 
     def __iter__(self) -> Iterator[Batch]:
+        self.skipped = 0
         batches = round_robin([self._reader(w) for w in range(len(self.readers))])
         produced = 0
         for images, labels in batches:

@@ -9,9 +9,12 @@ they all agree on one batch count per epoch: no rank runs out early and hangs DD
 from __future__ import annotations
 
 import atexit
+import ctypes
+import logging
 import multiprocessing
 import queue as queue_module
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -34,6 +37,8 @@ from app_dist.seeding import derived_seed, numpy_rng
 
 ShardCounts = list[tuple[ShardInfo, int]]
 T = TypeVar("T")
+log = logging.getLogger("app_dist")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def split_for_rank(shards: ShardCounts, rank: int, world_size: int) -> ShardCounts:
@@ -134,6 +139,47 @@ def round_robin(readers: list[Iterator[Batch]]) -> Iterator[Batch]:
         active = still
 
 
+class SkipTally:
+    """Bad samples one reader skipped (data.bad_samples=skip) and not yet reported."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def refill_skipped(items: Iterator[T | None]) -> Iterator[T]:
+    """Training items with every skipped one (None) replaced by a neighbouring good item,
+    so a reader yields as many items as it read and every rank keeps the planned number of
+    batches (an uneven count would leave the other ranks waiting in a collective)."""
+    owed, last = 0, None
+    for item in items:
+        if item is None:
+            if last is None:
+                owed += 1  # nothing good yet: the next good item fills this slot
+            else:
+                yield last
+            continue
+        last = item
+        for _ in range(1 + owed):
+            yield item
+        owed = 0
+    if owed:
+        raise DataError("data.bad_samples=skip: every sample one reader read was bad; "
+                        "nothing is left to train on")
+
+
+def report_skipped(batches: Iterator[Batch], tally: SkipTally) -> Iterator[tuple]:
+    """Each batch with the number of samples skipped since the previous one; a final empty
+    batch reports skips after the last full one (`Batches` drops it)."""
+    for images, labels in batches:
+        yield images, labels, tally.take()
+    if tally.count:
+        yield torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), tally.take()
+
+
 class ShardReader(IterableDataset):
     """One reader's pipeline: shard list -> tar samples -> selected keys -> (shuffle) ->
     decode + augment -> batches of (uint8 images, int64 labels).
@@ -144,7 +190,8 @@ class ShardReader(IterableDataset):
 
     def __init__(self, directory: Path, worker_shards: list[ShardCounts], selection: Selection,
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
-                 drop_last: bool, shuffle_buffer: int, seed: int, encoded: bool = False) -> None:
+                 drop_last: bool, shuffle_buffer: int, seed: int, encoded: bool = False,
+                 skip_bad: bool = False) -> None:
         super().__init__()
         self.urls = [[str(directory / shard.name) for shard, _ in shards]
                      for shards in worker_shards]
@@ -157,6 +204,7 @@ class ShardReader(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.encoded = encoded
+        self.skip_bad = skip_bad
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
@@ -169,10 +217,31 @@ class ShardReader(IterableDataset):
         samples = reader_order(self._samples(worker), self.seed, worker, self.shuffle_buffer)
         generator = augment_generator(self.seed, worker)
         if self.encoded:
-            yield from self._encoded_batches(samples, generator)
+            for encoded, draws, labels in self._encoded_batches(samples, generator):
+                yield encoded, labels, draws, 0
             return
-        items = ((self._image(sample, generator), sample["label"]) for sample in samples)
-        yield from batched(items, self.batch_size, self.drop_last)
+        tally = SkipTally()
+        items = (self._item(sample, generator, tally) for sample in samples)
+        kept = (refill_skipped(items) if self.drop_last
+                else (item for item in items if item is not None))
+        yield from report_skipped(batched(kept, self.batch_size, self.drop_last), tally)
+
+    def _item(self, sample: dict, generator: torch.Generator,
+              tally: SkipTally) -> tuple[torch.Tensor, int] | None:
+        """(augmented image, label), or None for a bad sample when skipping."""
+        try:
+            if "error" in sample:
+                raise DataError(sample["error"])
+            return self._image(sample, generator), sample["label"]
+        except DataError as error:
+            self._skip(error, tally)
+            return None
+
+    def _skip(self, error: DataError, tally: SkipTally) -> None:
+        if not self.skip_bad:
+            raise error
+        log.warning("skipped a bad sample (data.bad_samples=skip): %s", error)
+        tally.count += 1
 
     def _samples(self, worker: int) -> Iterator[dict]:
         """The selected samples of the worker's shards, in shard order, with their labels."""
@@ -211,7 +280,12 @@ class ShardReader(IterableDataset):
                                 "index (was it written by app_dist.data.shards?)") from None
             if index >= self.membership.size or not self.membership[index]:
                 continue
-            sample["label"] = self._label(sample)
+            try:
+                sample["label"] = self._label(sample)
+            except DataError as error:
+                if not self.skip_bad:
+                    raise
+                sample["error"] = str(error)  # skipped where it is used, in reading order
             yield sample
 
     def _label(self, sample: dict) -> int:
@@ -254,24 +328,36 @@ class DecodeReader(ShardReader):
         indices: list[int] = []
         labels: list[int] = []
         images: list[torch.Tensor] = []
+        tally = SkipTally()
         for sample in self._samples(worker):
-            data = self._image_bytes(sample)
             try:
-                images.append(decode(data, self.transform.channels))
-            except RuntimeError as error:
-                raise DataError(f"shard {sample['__url__']}: sample {sample['__key__']}: "
-                                f"cannot decode image ({error})") from None
+                if "error" in sample:
+                    raise DataError(sample["error"])
+                images.append(self._decoded(sample))
+            except DataError as error:
+                self._skip(error, tally)
+                continue
             indices.append(int(sample["__key__"]))
             labels.append(sample["label"])
             if len(images) == self.CHUNK:
-                yield torch.tensor(indices), torch.tensor(labels), *pack(images)
+                yield torch.tensor(indices), torch.tensor(labels), *pack(images), tally.take()
                 indices, labels, images = [], [], []
-        if images:
-            yield torch.tensor(indices), torch.tensor(labels), *pack(images)
+        if images or tally.count:
+            yield (torch.tensor(indices, dtype=torch.int64),
+                   torch.tensor(labels, dtype=torch.int64), *pack(images), tally.take())
+
+    def _decoded(self, sample: dict) -> torch.Tensor:
+        try:
+            return decode(self._image_bytes(sample), self.transform.channels)
+        except RuntimeError as error:
+            raise DataError(f"shard {sample['__url__']}: sample {sample['__key__']}: "
+                            f"cannot decode image ({error})") from None
 
 
 def pack(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of any sizes -> (their bytes concatenated, their shapes (N, 3))."""
+    if not images:
+        return torch.empty(0, dtype=torch.uint8), torch.empty((0, 3), dtype=torch.int64)
     return (torch.cat([image.reshape(-1) for image in images]),
             torch.tensor([list(image.shape) for image in images]))
 
@@ -286,8 +372,19 @@ def unpack(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
 def _ignore_termination(worker_id: int) -> None:
     """A pre-emption notice is for the training process to act on (finish the step, write a
     checkpoint); readers must not die first and break the step in flight. They exit with it:
-    torch's worker loop notices a dead parent, and `stop_readers` ends them on the way out."""
+    `stop_readers` ends them on the way out, and the kernel kills them if it is SIGKILLed
+    (torch's own dead-parent check never runs while a reader is blocked on a full queue)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Fires when the thread that started the reader ends: the training thread, which
+    # outlives its readers (Ray Train's worker thread included).
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def stop_readers() -> None:
@@ -340,37 +437,55 @@ def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> I
 
 
 class Batches:
-    """Exactly `count` batches from a DataLoader (or all of them when count is None)."""
+    """Exactly `count` batches from a DataLoader (or all of them when count is None).
+
+    Readers send each batch with the number of bad samples they skipped before it; those
+    counts are summed into `skipped` and stripped, so consumers see (images, labels)."""
 
     def __init__(self, loader: Iterable, count: int | None, expected_samples: int | None) -> None:
         self.loader = loader
         self.count = count
         self.expected_samples = expected_samples
+        self.skipped = 0
 
     def __len__(self) -> int:
         return self.count if self.count is not None else len(self.loader)  # type: ignore
 
     def __iter__(self) -> Iterator:
+        self.skipped = 0
+        if self.count == 0:
+            return
         iterator = iter(self.loader)
-        seen = 0
+        seen = produced = 0
         try:
-            if self.count is None:
-                for batch in iterator:
-                    seen += len(batch[-1])
-                    yield batch
-            else:
-                for _ in range(self.count):
-                    batch = next(iterator, None)
-                    if batch is None:
-                        raise DataError(f"shards yielded fewer than the {self.count} batches "
-                                        "their manifest promises: a shard is truncated?")
-                    seen += len(batch[-1])
-                    yield batch
+            for *batch, skipped in iterator:
+                self.skipped += int(skipped)
+                if len(batch[1]) == 0:
+                    continue  # a reader's closing report of skipped samples
+                seen += len(batch[1])
+                produced += 1
+                yield tuple(batch)
+                if produced == self.count:
+                    return
+        except Exception:
+            # A reader's error keeps the iterator alive in its traceback, and with it worker
+            # processes that ignore SIGTERM: stop them now, or the exit waits for them.
+            _stop_workers(iterator)
+            raise
         finally:
             del iterator  # shuts the workers down when we stop before the end
-        if self.expected_samples is not None and seen != self.expected_samples:
-            raise DataError(f"read {seen} samples where the manifest promises "
+        if self.count is not None:
+            raise DataError(f"shards yielded fewer than the {self.count} batches "
+                            "their manifest promises: a shard is truncated?")
+        if self.expected_samples is not None and seen + self.skipped != self.expected_samples:
+            raise DataError(f"read {seen + self.skipped} samples where the manifest promises "
                             f"{self.expected_samples}: a shard is truncated or altered")
+
+
+def _stop_workers(iterator: Iterator) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
 
 
 class ReaderPool:
@@ -448,14 +563,16 @@ def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: S
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
                  num_workers: int, train: bool, seed: int, shuffle_buffer: int = 1,
                  count: int | None = None, pin_memory: bool = False,
-                 pool: ReaderPool | None = None, encoded: bool = False) -> Batches:
+                 pool: ReaderPool | None = None, encoded: bool = False,
+                 skip_bad: bool = False) -> Batches:
     """A batch iterable over the reader plan. Training: shuffled, full batches only, exactly
     `count` of them. Evaluation: in order, partial last batches, every planned sample once.
     With a `pool`, its persistent workers read; `encoded` batches are left for
-    `decode_on_device`."""
+    `decode_on_device`. `skip_bad`: bad samples are skipped and counted instead of raising
+    (training refills their slots, evaluation leaves them out)."""
     reader = ShardReader(directory, worker_shards, selection, transform, image_ext, num_classes,
                          batch_size, drop_last=train, shuffle_buffer=shuffle_buffer if train else 1,
-                         seed=seed, encoded=encoded)
+                         seed=seed, encoded=encoded, skip_bad=skip_bad)
     expected = None if train else sum(count for shards in worker_shards for _, count in shards)
     return Batches(_loader(reader, num_workers, pin_memory, pool), count, expected)
 
@@ -472,15 +589,17 @@ def _loader(reader: ShardReader, num_workers: int, pin_memory: bool,
 
 def decode_samples(directory: Path, selection: Selection, *, channels: int, image_ext: str,
                    num_classes: int, num_workers: int, pool: ReaderPool | None = None,
+                   skip_bad: bool = False,
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
     """Every sample of `selection`, decoded and not augmented, in chunks of (indices,
     labels, images) read by up to `num_workers` processes in any order. Raises DataError
-    when the shards hold fewer of them than the manifest promises."""
+    when the shards hold fewer of them than the manifest promises. With `skip_bad`, bad
+    samples are left out of the chunks instead of raising."""
     readers = split_for_workers(list(selection.shard_counts), num_workers)
     transform = SampleTransform(channels, "none", 0, train=False)
     reader = DecodeReader(directory, readers, selection, transform, image_ext, num_classes,
                           batch_size=DecodeReader.CHUNK, drop_last=False, shuffle_buffer=1,
-                          seed=0)
+                          seed=0, skip_bad=skip_bad)
     for indices, labels, flat, shapes in Batches(_loader(reader, num_workers, False, pool),
                                                  None, len(selection)):
         yield indices, labels, unpack(flat, shapes)
@@ -492,7 +611,7 @@ def decode_on_device(batches: Iterable, transform: SampleTransform,
     with torchvision.io.decode_jpeg (nvJPEG on CUDA), then apply each sample's drawn
     augmentation there. Yields (images, labels) on `device`."""
     mode = ImageReadMode.GRAY if transform.channels == 1 else ImageReadMode.RGB
-    for encoded, draws, labels in batches:
+    for encoded, labels, draws in batches:
         images = decode_jpeg(list(encoded), mode=mode, device=device)
         images = torch.stack([transform.apply(image, drawn)
                               for image, drawn in zip(images, draws)])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from app_dist.config import DataSettings, PerfSettings
 from app_dist.data.augment import SampleTransform
@@ -30,6 +31,17 @@ from app_dist.data.stream import MegabatchStream, Selection
 from app_dist.distributed import Platform
 from app_dist.errors import ConfigError
 from app_dist.seeding import derived_seed
+
+
+class Pass(Protocol):
+    """One pass over batches of (images, labels). After it, `skipped` holds the bad samples
+    it left out on this rank (data.bad_samples=skip)."""
+
+    skipped: int
+
+    def __iter__(self) -> Iterator: ...
+
+    def __len__(self) -> int: ...
 
 
 class StreamReader:
@@ -58,9 +70,10 @@ class StreamReader:
             raise ConfigError(
                 "config key 'perf.gpu_decode' = True: needs JPEG shards and a GPU (shards are "
                 f"{manifest.image_format}, the device is {platform.device.type})")
+        self.skip_bad = settings.bad_samples == "skip"
         self.prefetched: list[str] = []  # shard files handed to the OS to read ahead
 
-    def train_epoch(self, megabatch: int, epoch: int) -> Iterable:
+    def train_epoch(self, megabatch: int, epoch: int) -> Pass:
         """Shuffled, augmented full batches; the same count on every rank."""
         selection = self.stream.train_selection(megabatch)
         plan = training_plan(selection, seed=self.seed, megabatch=megabatch, epoch=epoch,
@@ -74,7 +87,7 @@ class StreamReader:
                              batch_size=self.batch_per_rank, train=True, seed=seed,
                              shuffle_buffer=self.settings.shuffle_buffer, count=plan.batches)
 
-    def evaluation(self, selection: Selection) -> Iterable:
+    def evaluation(self, selection: Selection) -> Pass:
         """This rank's share of `selection`, unaugmented, every sample exactly once."""
         plan = evaluation_plan(selection, rank=self.platform.rank,
                                world_size=self.platform.world_size,
@@ -83,7 +96,7 @@ class StreamReader:
                              batch_size=self.settings.eval_batch_size, train=False,
                              seed=self.seed)
 
-    def scoring(self, megabatch: int, fraction: float) -> Iterable:
+    def scoring(self, megabatch: int, fraction: float) -> Pass:
         """This rank's share of the scoring sample: the first `fraction` x megabatch size
         samples of the current training set, unaugmented, in training-sized batches."""
         count = max(1, round(fraction * self.stream.megabatch_train_size(megabatch)))
@@ -96,7 +109,7 @@ class StreamReader:
 
     def _batches(self, plan: list[ShardCounts], selection: Selection, *,
                  transform: SampleTransform, batch_size: int, train: bool, seed: int,
-                 shuffle_buffer: int = 1, count: int | None = None) -> Iterable:
+                 shuffle_buffer: int = 1, count: int | None = None) -> Pass:
         options = {"transform": transform, "batch_size": batch_size, "train": train,
                    "seed": seed, "shuffle_buffer": shuffle_buffer, "count": count}
         if self.cache is not None and self.cache.ensure(plan, selection, self._decode):
@@ -106,7 +119,8 @@ class StreamReader:
                                num_classes=self.manifest.num_classes,
                                num_workers=self.settings.num_workers,
                                pin_memory=self.pin_memory, pool=self.pool,
-                               encoded=self.decode_device is not None, **options)
+                               encoded=self.decode_device is not None,
+                               skip_bad=self.skip_bad, **options)
         if self.decode_device is None:
             return batches
         return _OnDevice(batches, transform, self.decode_device)
@@ -115,7 +129,8 @@ class StreamReader:
         return decode_samples(self.directory, selection, channels=self.manifest.channels,
                               image_ext=self.manifest.image_format,
                               num_classes=self.manifest.num_classes,
-                              num_workers=self.settings.num_workers, pool=self.pool)
+                              num_workers=self.settings.num_workers, pool=self.pool,
+                              skip_bad=self.skip_bad)
 
     def prefetch_next(self, megabatch: int) -> None:
         """Ask the OS to read megabatch+1's new shards into its page cache, in the background,
@@ -153,6 +168,10 @@ class _OnDevice:
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
+
+    @property
+    def skipped(self) -> int:
+        return self.batches.skipped  # type: ignore[attr-defined]
 
     def __iter__(self):
         return decode_on_device(self.batches, self.transform, self.device)

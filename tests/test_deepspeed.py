@@ -303,3 +303,28 @@ def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_s
     for kind in ("model", "master", "momentum"):
         for name, value in copies[0][kind].items():
             assert torch.equal(value, copies[1][kind][name]), (kind, name)
+
+
+@slow
+def test_preempted_deepspeed_run_exits_75_and_resumes_exactly(digits_shards, zero_runs,
+                                                              tmp_path):
+    """SIGTERM to rank 1 mid-epoch under the deepspeed launcher at ZeRO-2: both ranks finish
+    the step, save the engine (master weights and optimizer partitions included) in a
+    `preempted-0002` checkpoint and exit 75; the same command resumes at that step."""
+    reference = zero_runs(2)
+    run_dir = tmp_path / "preempted"
+    first = subprocess.run(deepspeed_command(ds_args(digits_shards, run_dir, 2), 2), cwd=REPO,
+                           env={**ENV, "APP_DIST_FAULT": "sigterm:rank=1,megabatch=2,epoch=1,"
+                                "step=2"}, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "pre-empted in megabatch 2, epoch 2" in first.stdout + first.stderr
+    assert (run_dir / "checkpoints" / "preempted-0002" / "COMPLETE.json").is_file()
+
+    resumed = run_deepspeed(ds_args(digits_shards, run_dir, 2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming megabatch 2 at epoch 2" in resumed.stdout
+    assert read_metrics(run_dir) == read_metrics(reference)
+    copies = [engine_copies(checkpoint_folder(d, 3)) for d in (run_dir, reference)]
+    for kind in ("model", "master", "momentum"):
+        for name, value in copies[0][kind].items():
+            assert torch.equal(value, copies[1][kind][name]), (kind, name)

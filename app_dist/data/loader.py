@@ -372,18 +372,22 @@ def unpack(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
 def _ignore_termination(worker_id: int) -> None:
     """A pre-emption notice is for the training process to act on (finish the step, write a
     checkpoint); readers must not die first and break the step in flight. They exit with it:
-    `stop_readers` ends them on the way out, and the kernel kills them if it is SIGKILLed
-    (torch's own dead-parent check never runs while a reader is blocked on a full queue)."""
+    `stop_readers` ends them on the way out, and the kernel kills them when their parent (the
+    fork server, which ends with the training process) dies, even while they are blocked on a
+    full queue, where torch's own dead-parent check never runs."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    if not logging.getLogger().handlers:
+        # A fresh process: log skipped samples the way the trainer logs.
+        logging.basicConfig(format="[app-dist] %(message)s", stream=sys.stdout,
+                            level=logging.INFO)
 
 
 def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    # Fires when the thread that started the reader ends: the training thread, which
-    # outlives its readers (Ray Train's worker thread included).
+    # Fires when the thread that started the reader ends: the fork server's only thread.
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -497,7 +501,7 @@ class ReaderPool:
     DataLoader with one worker per reader."""
 
     def __init__(self, num_workers: int, pin_memory: bool) -> None:
-        context = multiprocessing.get_context()
+        context = reader_context()
         self.jobs = [context.Queue() for _ in range(num_workers)]
         self.loader = DataLoader(_PooledReader(self.jobs), batch_size=None,
                                  num_workers=num_workers, persistent_workers=True,
@@ -584,7 +588,21 @@ def _loader(reader: ShardReader, num_workers: int, pin_memory: bool,
     processes = len(reader.urls) if num_workers > 0 else 0
     return DataLoader(reader, batch_size=None, num_workers=processes, pin_memory=pin_memory,
                       prefetch_factor=4 if processes else None,
+                      multiprocessing_context=reader_context() if processes else None,
                       worker_init_fn=_ignore_termination if processes else None)
+
+
+def reader_context() -> multiprocessing.context.BaseContext:
+    """Reader processes start from a fork server, not as forks of the training process. A fork
+    copies every lock that another thread holds at that instant (a finished pass's queue
+    feeder thread exiting, gloo's or wandb's threads), and the reader can wait on it forever;
+    this was seen as a reader stuck in CPython's after-fork thread cleanup. The server is a
+    fresh single-threaded process that has imported the reading code once, so starting a
+    reader from it is still cheap."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context()  # no fork server (Windows): spawn
+    multiprocessing.set_forkserver_preload(["app_dist.data.loader"])
+    return multiprocessing.get_context("forkserver")
 
 
 def decode_samples(directory: Path, selection: Selection, *, channels: int, image_ext: str,

@@ -9,16 +9,18 @@ they all agree on one batch count per epoch: no rank runs out early and hangs DD
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import multiprocessing
+import os
 import queue as queue_module
+import select
 import signal
 import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,7 +40,6 @@ from app_dist.seeding import derived_seed, numpy_rng
 ShardCounts = list[tuple[ShardInfo, int]]
 T = TypeVar("T")
 log = logging.getLogger("app_dist")
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def split_for_rank(shards: ShardCounts, rank: int, world_size: int) -> ShardCounts:
@@ -369,26 +370,35 @@ def unpack(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
             for part, shape in zip(flat.split(sizes), shapes.tolist())]
 
 
-def _ignore_termination(worker_id: int) -> None:
+def _start_reader(trainer_pid: int, worker_id: int) -> None:
     """A pre-emption notice is for the training process to act on (finish the step, write a
-    checkpoint); readers must not die first and break the step in flight. They exit with it:
-    `stop_readers` ends them on the way out, and the kernel kills them when their parent (the
-    fork server, which ends with the training process) dies, even while they are blocked on a
-    full queue, where torch's own dead-parent check never runs."""
+    checkpoint); readers must not die first and break the step in flight, so they ignore
+    SIGTERM. They end with the trainer instead: `stop_readers` kills them on its way out, and
+    `_exit_with` ends them when it is gone, however it went (SIGKILL included)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    _exit_with(trainer_pid)
     if not logging.getLogger().handlers:
         # A fresh process: log skipped samples the way the trainer logs.
         logging.basicConfig(format="[app-dist] %(message)s", stream=sys.stdout,
                             level=logging.INFO)
 
 
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
+def _exit_with(trainer_pid: int) -> None:
+    """Exit this reader as soon as the training process ends. A reader's parent is the fork
+    server, which lives as long as any reader does, so torch's own check (has my parent
+    changed?) never fires, and a reader blocked on a full queue would never check at all."""
+    try:
+        handle = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:  # it ended while this reader was starting
+        os._exit(0)
+    except (AttributeError, OSError):  # not Linux >= 5.3: torch's own check remains
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    # Fires when the thread that started the reader ends: the fork server's only thread.
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        select.select([handle], [], [])  # readable once the process has exited
+        os._exit(0)
+
+    threading.Thread(target=watch, name="app-dist-trainer-watch", daemon=True).start()
 
 
 def stop_readers() -> None:
@@ -506,7 +516,8 @@ class ReaderPool:
         self.loader = DataLoader(_PooledReader(self.jobs), batch_size=None,
                                  num_workers=num_workers, persistent_workers=True,
                                  multiprocessing_context=context, pin_memory=pin_memory,
-                                 prefetch_factor=4, worker_init_fn=_ignore_termination)
+                                 prefetch_factor=4,
+                                 worker_init_fn=partial(_start_reader, os.getpid()))
         # Registered after multiprocessing's own exit handler, so it runs first: the workers
         # ignore SIGTERM, and multiprocessing would terminate them with it and wait forever.
         atexit.register(_close_pool, weakref.ref(self))
@@ -589,7 +600,7 @@ def _loader(reader: ShardReader, num_workers: int, pin_memory: bool,
     return DataLoader(reader, batch_size=None, num_workers=processes, pin_memory=pin_memory,
                       prefetch_factor=4 if processes else None,
                       multiprocessing_context=reader_context() if processes else None,
-                      worker_init_fn=_ignore_termination if processes else None)
+                      worker_init_fn=partial(_start_reader, os.getpid()) if processes else None)
 
 
 def reader_context() -> multiprocessing.context.BaseContext:

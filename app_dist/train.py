@@ -34,7 +34,7 @@ from app_dist.config import (
     sparsity_level,
     to_yaml,
 )
-from app_dist.data.loader import stop_readers
+from app_dist.data.loader import start_reader_server, stop_readers
 from app_dist.data.manifest import Manifest, verify_shard
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except AppDistError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    start_reader_server(config.data.num_workers)
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
     try:

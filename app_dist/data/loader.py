@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import queue as queue_module
 import select
@@ -612,8 +613,17 @@ def reader_context() -> multiprocessing.context.BaseContext:
     reader from it is still cheap."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context()  # no fork server (Windows): spawn
-    multiprocessing.set_forkserver_preload(["app_dist.data.loader"])
+    # app_dist.train too: every reader re-runs the main script (`app_dist/train.py`), and
+    # with its imports already loaded that costs milliseconds instead of 0.2 s per reader.
+    multiprocessing.set_forkserver_preload(["app_dist.data.loader", "app_dist.train"])
     return multiprocessing.get_context("forkserver")
+
+
+def start_reader_server(num_workers: int) -> None:
+    """Start the fork server now, so that its imports (2-3 s) overlap the trainer's own
+    start-up instead of delaying the first pass."""
+    if num_workers > 0 and reader_context().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
 
 
 def decode_samples(directory: Path, selection: Selection, *, channels: int, image_ext: str,

@@ -77,6 +77,10 @@ class MegabatchProfile:
             def __len__(self) -> int:
                 return len(batches)  # type: ignore[arg-type]
 
+            @property
+            def skipped(self) -> int:
+                return batches.skipped
+
             def __iter__(self) -> Iterator:
                 iterator = iter(batches)
                 while True:

@@ -54,7 +54,10 @@ class DataSettings:
     image_size: int = 224  # crop size for augment=imagenet
     num_workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer of each reader
-    eval_batch_size: int = 512  # per rank, for validation and test passes
+    # Per rank, for validation and test passes. 0 = auto: the per-rank training batch on the
+    # CPU (small batches stay in cache: resnet20s evaluates 1.7x faster at 64 than at 512 on
+    # 2 cores), 512 on a GPU.
+    eval_batch_size: int = 0
     verify_checksums: bool = True  # sha256 of every shard against the manifest at start
     # A sample with no/out-of-range label or an undecodable image: error (stop, naming shard
     # and key) or skip (count it; in training its slot is refilled so ranks stay in step).
@@ -223,8 +226,8 @@ def validate(config: Config) -> None:
     _one_of("data.bad_samples", data.bad_samples, BAD_SAMPLE_POLICIES)
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1")
-    _require(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size,
-             "must be >= 1")
+    _require(data.eval_batch_size >= 0, "data.eval_batch_size", data.eval_batch_size,
+             "must be >= 0 (0: auto)")
     _require(len(config.model.mean) == len(config.model.std), "model.std", config.model.std,
              "must have as many entries as model.mean")
     _require(all(s > 0 for s in config.model.std), "model.std", config.model.std, "must be > 0")

@@ -71,6 +71,7 @@ class StreamReader:
                 "config key 'perf.gpu_decode' = True: needs JPEG shards and a GPU (shards are "
                 f"{manifest.image_format}, the device is {platform.device.type})")
         self.skip_bad = settings.bad_samples == "skip"
+        self.eval_batch_size = settings.eval_batch_size or (512 if on_gpu else batch_per_rank)
         self.prefetched: list[str] = []  # shard files handed to the OS to read ahead
 
     def train_epoch(self, megabatch: int, epoch: int) -> Pass:
@@ -93,7 +94,7 @@ class StreamReader:
                                world_size=self.platform.world_size,
                                num_workers=self.settings.num_workers)
         return self._batches(plan, selection, transform=self.eval_transform,
-                             batch_size=self.settings.eval_batch_size, train=False,
+                             batch_size=self.eval_batch_size, train=False,
                              seed=self.seed)
 
     def scoring(self, megabatch: int, fraction: float) -> Pass:

@@ -27,8 +27,8 @@ from app_dist.data.loader import (
     augment_generator,
     batched,
     reader_order,
-    refill_skipped,
     round_robin,
+    without_skipped,
 )
 from app_dist.data.manifest import SplitInfo
 from app_dist.data.stream import Selection
@@ -136,8 +136,7 @@ class CachedBatches:
                              self.shuffle_buffer)
         generator = augment_generator(self.seed, worker)
         items = (self._item(self.store[i], generator) for i in order)
-        kept = (refill_skipped(items) if self.drop_last
-                else (item for item in items if item is not None))
+        kept = without_skipped(items, refill=self.drop_last)
         return batched(kept, self.batch_size, self.drop_last)
 
     def _item(self, cached: CachedSample | None,

@@ -152,10 +152,14 @@ class SkipTally:
         return count
 
 
-def refill_skipped(items: Iterator[T | None]) -> Iterator[T]:
-    """Training items with every skipped one (None) replaced by a neighbouring good item,
-    so a reader yields as many items as it read and every rank keeps the planned number of
-    batches (an uneven count would leave the other ranks waiting in a collective)."""
+def without_skipped(items: Iterator[T | None], refill: bool) -> Iterator[T]:
+    """The items with every skipped one (None) left out, or with `refill`, as in training,
+    replaced by a neighbouring good item: then a reader yields as many items as it read and
+    every rank keeps the planned number of batches (an uneven count would leave the other
+    ranks waiting in a collective)."""
+    if not refill:
+        yield from (item for item in items if item is not None)
+        return
     owed, last = 0, None
     for item in items:
         if item is None:
@@ -224,16 +228,13 @@ class ShardReader(IterableDataset):
             return
         tally = SkipTally()
         items = (self._item(sample, generator, tally) for sample in samples)
-        kept = (refill_skipped(items) if self.drop_last
-                else (item for item in items if item is not None))
+        kept = without_skipped(items, refill=self.drop_last)
         yield from report_skipped(batched(kept, self.batch_size, self.drop_last), tally)
 
     def _item(self, sample: dict, generator: torch.Generator,
               tally: SkipTally) -> tuple[torch.Tensor, int] | None:
         """(augmented image, label), or None for a bad sample when skipping."""
         try:
-            if "error" in sample:
-                raise DataError(sample["error"])
             return self._image(sample, generator), sample["label"]
         except DataError as error:
             self._skip(error, tally)
@@ -303,6 +304,8 @@ class ShardReader(IterableDataset):
         return label
 
     def _image_bytes(self, sample: dict) -> bytes:
+        if "error" in sample:  # a bad label, kept until here to be skipped in reading order
+            raise DataError(sample["error"])
         if self.image_ext not in sample:
             raise DataError(f"shard {sample['__url__']}: sample {sample['__key__']}: "
                             f"no .{self.image_ext} image")
@@ -333,8 +336,6 @@ class DecodeReader(ShardReader):
         tally = SkipTally()
         for sample in self._samples(worker):
             try:
-                if "error" in sample:
-                    raise DataError(sample["error"])
                 images.append(self._decoded(sample))
             except DataError as error:
                 self._skip(error, tally)

@@ -151,6 +151,10 @@ class PerfSettings:
     compile: bool = False  # torch.compile the model (training and evaluation forward)
     # Decode JPEG batches on the GPU (torchvision.io.decode_jpeg), for 224x224-class images.
     gpu_decode: bool = False
+    # cuDNN times its convolution algorithms on the first batch of each shape and keeps the
+    # fastest: faster on fixed-size GPU inputs, but the choice (and the float rounding) may
+    # differ between runs, so metrics are reproducible only to float tolerance.
+    cudnn_benchmark: bool = False
 
 
 @dataclass

@@ -7,13 +7,16 @@ import copy
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from app_dist.config import Config, DataSettings, PerfSettings, TrainSettings, load_config
-from app_dist.data.loader import decode_on_device, evaluation_plan, make_batches, training_plan
+from app_dist.data.augment import SampleTransform
+from app_dist.data.device_decode import decode_on_device
+from app_dist.data.loader import evaluation_plan, make_batches, pack_encoded, training_plan
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.shards import write_shards
@@ -22,7 +25,7 @@ from app_dist.distributed import Platform
 from app_dist.engine import build_engine
 from app_dist.engine.acceleration import accelerate, check_device
 from app_dist.engine.ddp import DDPEngine
-from app_dist.errors import ConfigError
+from app_dist.errors import ConfigError, DataError
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.threshold import masks_from_scores
@@ -180,6 +183,36 @@ def test_decoding_batches_on_a_device_matches_decoding_in_workers(tmp_path: Path
         for (want_images, want_labels), (images, labels) in zip(expected, got):
             assert images.shape[-2:] == (64, 64)
             assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def _encoded_batches(count: int, fail_at: int | None = None):
+    """`count` batches of two 8x8 JPEGs in the readers' encoded form; DataError at `fail_at`."""
+    from torchvision.io import encode_jpeg
+
+    for index in range(count):
+        if index == fail_at:
+            raise DataError(f"shard-{index}.tar: truncated")
+        images = [torch.full((3, 8, 8), 10 * index + j, dtype=torch.uint8) for j in range(2)]
+        files = [encode_jpeg(image).numpy().tobytes() for image in images]
+        yield pack_encoded(files), torch.tensor([index, index]), [None] * 2
+
+
+def test_device_decoding_runs_ahead_in_order_and_stops_with_its_consumer() -> None:
+    transform = SampleTransform(3, "none", 0, train=False)
+    labels = [labels[0].item() for _, labels in
+              decode_on_device(_encoded_batches(5), transform, torch.device("cpu"))]
+    assert labels == [0, 1, 2, 3, 4]
+
+    early = decode_on_device(_encoded_batches(50), transform, torch.device("cpu"))
+    next(early)
+    early.close()
+    assert not [t for t in threading.enumerate() if t.name == "gpu-decode"]
+
+    failing = decode_on_device(_encoded_batches(5, fail_at=2), transform, torch.device("cpu"))
+    assert next(failing)[1][0] == 0 and next(failing)[1][0] == 1
+    with pytest.raises(DataError, match="shard-2.tar"):
+        next(failing)
+    assert not [t for t in threading.enumerate() if t.name == "gpu-decode"]
 
 
 # ---------------------------------------------------------------- GPU-only switches

@@ -17,10 +17,10 @@ from typing import Protocol
 from app_dist.config import DataSettings, PerfSettings
 from app_dist.data.augment import SampleTransform
 from app_dist.data.cache import DecodedCache
+from app_dist.data.device_decode import decode_on_device
 from app_dist.data.loader import (
     ReaderPool,
     ShardCounts,
-    decode_on_device,
     decode_samples,
     evaluation_plan,
     make_batches,

@@ -35,7 +35,8 @@ def check_device(perf: PerfSettings, device: torch.device) -> None:
 
 
 def accelerate(model: nn.Module, perf: PerfSettings, device: torch.device) -> nn.Module:
-    """Apply perf.channels_last and perf.compile to `model` in place and return it.
+    """Apply perf.channels_last and perf.compile to `model` in place and return it (and
+    perf.cudnn_benchmark, a process-wide cuDNN setting).
 
     channels_last converts every 4-d parameter and buffer (the conv weights and their masks)
     to NHWC; parameters keep their identity, so masks, hooks and optimizers built on them
@@ -44,6 +45,7 @@ def accelerate(model: nn.Module, perf: PerfSettings, device: torch.device) -> nn
     eager runs. Call before the engine wraps the model (DDP, DeepSpeed).
     """
     check_device(perf, device)
+    torch.backends.cudnn.benchmark = perf.cudnn_benchmark and device.type == "cuda"
     if perf.channels_last:
         model.to(memory_format=torch.channels_last)
     if perf.compile:

@@ -1,0 +1,85 @@
+"""perf.gpu_decode: JPEG batches decoded and augmented on the device, ahead of training.
+
+The readers send encoded bytes and each sample's drawn augmentation; this module turns them
+into image batches on the device. Decoding runs in a thread of its own, on a CUDA stream of
+its own, `AHEAD` batches ahead of the training step: measured on an H200, decoding a batch of
+256 full-size ImageNet photos and cropping each one takes longer than a bf16 ResNet-50 step,
+so done in line it halved training speed; overlapped, the step hides most of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from app_dist.data.augment import SampleTransform
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+AHEAD = 2
+_END = object()
+
+
+def decode_batch(encoded: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, draws: list,
+                 transform: SampleTransform, device: torch.device) -> Batch:
+    """One encoded batch, (bytes, lengths) as the readers pack it, decoded as a batch on
+    `device` (nvJPEG on CUDA), then each sample's drawn augmentation applied there."""
+    mode = ImageReadMode.GRAY if transform.channels == 1 else ImageReadMode.RGB
+    flat, lengths = encoded
+    images = decode_jpeg(list(flat.split(lengths.tolist())), mode=mode, device=device)
+    images = torch.stack([transform.apply(image, drawn) for image, drawn in zip(images, draws)])
+    return images, labels.to(device, non_blocking=True)
+
+
+def decode_on_device(batches: Iterable, transform: SampleTransform,
+                     device: torch.device) -> Iterator[Batch]:
+    """Yields (images, labels) on `device` for each (encoded, labels, draws) of `batches`,
+    in order, decoded by a background thread up to AHEAD batches early. A reader error
+    reaches the caller at the batch where it happened; closing the iterator early stops the
+    thread."""
+    ready: queue.Queue = queue.Queue(maxsize=AHEAD)
+    stop = threading.Event()
+    side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(item, timeout=0.1)
+                return True
+        return False
+
+    def decode_ahead() -> None:
+        try:
+            with torch.cuda.stream(side_stream) if side_stream else contextlib.nullcontext():
+                for encoded, labels, draws in batches:
+                    batch = decode_batch(encoded, labels, draws, transform, device)
+                    done = side_stream.record_event() if side_stream else None
+                    if not put((batch, done)):
+                        return
+        except BaseException as error:  # handed to the training thread, raised there
+            put(error)
+            return
+        put(_END)
+
+    thread = threading.Thread(target=decode_ahead, name="gpu-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            (images, labels), done = item
+            if done is not None:
+                # The training stream waits for the decode, and the allocator must not hand
+                # these blocks back to the side stream while training still reads them.
+                current = torch.cuda.current_stream(device)
+                current.wait_event(done)
+                images.record_stream(current)
+                labels.record_stream(current)
+            yield images, labels
+    finally:
+        stop.set()
+        thread.join()

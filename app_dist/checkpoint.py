@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app_dist.data.manifest import file_sha256
 from app_dist.distributed import Platform
 from app_dist.errors import CheckpointError
 
@@ -40,12 +41,35 @@ def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# sha256 of the files this process wrote, computed as they were written: sealing a checkpoint
+# then needs no second read of them. {path: (size, mtime_ns, digest)}, trusted only while the
+# file's size and modification time are unchanged; verifying a checkpoint always reads.
+_HASHED_ON_WRITE: dict[Path, tuple[int, int, str]] = {}
+_HASHED_ON_WRITE_LIMIT = 256  # other ranks' sealed files are never popped here
+
+
+class _HashingWriter:
+    """What torch.save writes to: forwards every chunk to the file and into a sha256."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _sealed_sha256(path: Path) -> str:
+    """sha256 of a file about to be sealed: from its write when unchanged since, else read."""
+    stat = path.stat()
+    known = _HASHED_ON_WRITE.pop(path, None)
+    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        return known[2]
+    return file_sha256(path)
 
 
 def _fingerprint(folder: Path) -> tuple:
@@ -66,10 +90,15 @@ def atomic_torch_save(value: Any, path: Path) -> None:
     """torch.save to a temporary name, fsync, then rename over `path`."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with temporary.open("wb") as handle:
-        torch.save(value, handle)
+        writer = _HashingWriter(handle)
+        torch.save(value, writer)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    if len(_HASHED_ON_WRITE) >= _HASHED_ON_WRITE_LIMIT:
+        _HASHED_ON_WRITE.clear()
+    stat = path.stat()
+    _HASHED_ON_WRITE[path] = (stat.st_size, stat.st_mtime_ns, writer.digest.hexdigest())
 
 
 def rng_state() -> dict[str, Any]:
@@ -194,7 +223,7 @@ class Checkpointer:
             "partial": partial,
             "world_size": self.platform.world_size,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "sha256": {name: _sha256(staging / name) for name in files},
+            "sha256": {name: _sealed_sha256(staging / name) for name in files},
         }
         temporary = staging / f".{MARKER}.tmp"
         temporary.write_text(json.dumps(marker, indent=1))
@@ -284,6 +313,6 @@ def verify(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its sha256 (corrupt or truncated)"
     return None

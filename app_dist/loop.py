@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from app_dist.checkpoint import Checkpointer
@@ -24,6 +25,7 @@ from app_dist.data.reader import Pass, StreamReader
 from app_dist.distributed import Platform
 from app_dist.engine import Engine
 from app_dist.engine.acceleration import autocast
+from app_dist.engine.folding import EvaluationModel
 from app_dist.faults import FaultInjector
 from app_dist.metrics import MetricsLog, WandbLog, cumulative_error
 from app_dist.pruning.pruner import prune_step
@@ -139,6 +141,7 @@ class MegabatchLoop:
         self.metrics = metrics
         self.wandb = wandb
         self.callbacks = callbacks or []
+        self.evaluation_model = EvaluationModel(config.perf.fold_batchnorm)
         # Bars only where a person watches: in a log file they are noise.
         self.show_progress = (platform.is_primary and config.log.progress
                               and sys.stderr.isatty())
@@ -300,10 +303,14 @@ class MegabatchLoop:
         return Evaluation(correct=int(totals[1]), count=total, loss=float(totals[0]) / total,
                           skipped=int(totals[3]))
 
-    @torch.inference_mode()
     def evaluate(self, batches: Pass) -> Evaluation:
-        """Accuracy of the bare module over this rank's share, summed over ranks."""
-        module, device = self.engine.module, self.platform.device
+        """Accuracy of the bare module (or its folded copy) over this rank's share, summed
+        over ranks."""
+        return self._evaluate(self.evaluation_model(self.engine.module), batches)
+
+    @torch.inference_mode()
+    def _evaluate(self, module: nn.Module, batches: Pass) -> Evaluation:
+        device = self.platform.device
         module.eval()
         # Summed on the device: no batch waits for the host (one transfer at the end).
         # correct, count, loss sum, skipped bad samples

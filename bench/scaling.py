@@ -4,10 +4,11 @@
 
 Throughput: our trainer on 2,000 CIFAR-10 JPEGs (one megabatch, 2 epochs, resnet20s, global
 batch 64, the decode-once cache on so that reader processes do not blur the picture), as
-`python app_dist/train.py` (1 rank, 2 threads) and as `torchrun --nproc_per_node 2` (2 ranks
-of 32, 1 thread each, gloo). Scaling efficiency = 2-rank img/s / 1-rank img/s: on a machine
-whose cores the single rank already uses, 1.0 is the ceiling (a second rank adds no cores,
-only a gradient all-reduce per step and a second copy of everything).
+`python app_dist/train.py` (1 rank, 2 threads; and pinned to 1 thread) and as `torchrun
+--nproc_per_node 2` (2 ranks of 32, 1 thread each, gloo). Scaling = 2-rank img/s / 1-rank
+img/s: a second rank adds no cores to a machine whose cores the single rank already uses,
+only a gradient all-reduce per step and a second copy of everything, so with perfect
+intra-op threading 1.0 would be the ceiling; the 1-thread rank shows what one core does.
 
 Memory: peak RSS per rank (ru_maxrss of the training process, and of its reader processes)
 for resnet20s and resnet50 (CIFAR stem) at global batch 64 on 2 ranks, from the same
@@ -37,11 +38,14 @@ COMMON = ["--config", "configs/cifar10.yaml", "log.progress=false", "log.wandb.m
           "checkpoint.resume=false", "perf.cache_decoded=true", "train.batch_size=64"]
 
 
-def throughput(shards: Path, nproc: int) -> float:
+def throughput(shards: Path, nproc: int, threads: int | None = None) -> float:
+    """Training img/s of one megabatch; `threads` pins the intra-op threads per rank (else
+    the trainer's default: the cores divided among the ranks)."""
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     with tempfile.TemporaryDirectory(prefix="app-dist-scaling-") as run_dir:
         run_trainer([*COMMON, f"data.shards={shards}", f"run.dir={run_dir}",
                      "data.megabatches=1", "train.epochs=2", "data.num_workers=1",
-                     "prune.method=dense"], nproc=nproc)
+                     "prune.method=dense"], nproc=nproc, env=env)
         return metrics(Path(run_dir))[0]["train_images_per_second"]
 
 
@@ -65,20 +69,24 @@ def main() -> None:
     args = parser.parse_args()
     loads = [load_average()]
     shards = cifar_shards(2000, 500)
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    setups = {"1 rank, 2 threads": (1, None), "1 rank, 1 thread": (1, 1),
+              "2 ranks, 1 thread each": (2, None)}
+    rates: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(args.rounds):
-        for nproc in (1, 2):
-            rates[nproc].append(throughput(shards, nproc))
+        for name, (nproc, threads) in setups.items():
+            rates[name].append(throughput(shards, nproc, threads))
             loads.append(load_average())
-        print(f"1 rank {rates[1][-1]:.0f} img/s, 2 ranks {rates[2][-1]:.0f} img/s", flush=True)
-    one, two = median(rates[1]), median(rates[2])
+        print(", ".join(f"{name} {values[-1]:.0f} img/s" for name, values in rates.items()),
+              flush=True)
+    one, single, two = (median(rates[name]) for name in setups)
     memory = {model: peak_memory(model) for model in ("resnet20s", "resnet50")}
     loads.append(load_average())
     rss = "; ".join(f"{model} peak RSS per rank " + ", ".join(
         f"{r['self_mb']:.0f} MB (+ reader {r['children_mb']:.0f} MB)" for r in ranks)
         for model, ranks in memory.items())
-    result = (f"resnet20s global batch 64: 1 rank {one:.0f} img/s, 2 ranks {two:.0f} img/s, "
-              f"scaling efficiency {two / one:.2f}; {rss}; "
+    result = (f"resnet20s global batch 64: 1 rank {one:.0f} img/s (2 threads; "
+              f"{single:.0f} with 1 thread), 2 ranks {two:.0f} img/s, "
+              f"2 ranks / 1 rank {two / one:.2f} (/ 1 thread: {two / single:.2f}); {rss}; "
               f"load {min(loads):.2f}..{max(loads):.2f}")
     print(result)
     if not args.no_write:

@@ -49,8 +49,9 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share two cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from app_dist.checkpoint import Checkpointer, _sha256
+    from app_dist.checkpoint import Checkpointer
     from app_dist.config import TrainSettings
+    from app_dist.data.manifest import file_sha256
     from app_dist.distributed import Platform
     from app_dist.engine.ddp import DDPEngine
     from app_dist.models import build_model
@@ -127,12 +128,12 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
         if guarantees:
-            _sha256(path)
+            file_sha256(path)
 
     def raw_load(path: Path, guarantees: bool) -> None:
         """torch.load and restore into the model, optimizer and masks (what a resume does)."""
         if guarantees:
-            _sha256(path)
+            file_sha256(path)
         everything = torch.load(path, weights_only=True)
         if rank == 0:
             model.load_state_dict(everything["model"])

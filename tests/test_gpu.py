@@ -63,8 +63,9 @@ def test_mixed_precision_with_channels_last_keeps_masks_exact(precision: str) ->
     reference, reference_masks = _pruned()
     want = _losses(DDPEngine(reference, reference_masks, GPU, TrainSettings(lr=0.01)), 1)
     model, masks = _pruned()
-    perf = PerfSettings(autocast=precision, channels_last=True)
+    perf = PerfSettings(autocast=precision, channels_last=True, cudnn_benchmark=True)
     accelerate(model, perf, GPU.device)
+    assert torch.backends.cudnn.benchmark
     engine = DDPEngine(model, masks, GPU, TrainSettings(lr=0.01), perf=perf)
     got = _losses(engine, 5)
     assert got[0] == pytest.approx(want[0], rel=0.02) and got[0] != want[0]

@@ -298,6 +298,12 @@ def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
     assert nhwc_masks.checksums().equal(dense_masks.checksums())
 
 
+def test_cudnn_benchmark_is_a_gpu_setting_only() -> None:
+    model, _ = _pruned_resnet(name="digits_cnn")
+    accelerate(model, PerfSettings(cudnn_benchmark=True), torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark
+
+
 def test_masked_resnet_compiles_as_one_graph_without_breaks() -> None:
     model, _ = _pruned_resnet()
     explanation = torch._dynamo.explain(model)(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
@@ -372,9 +378,70 @@ def test_autocast_keeps_masks_exact(precision: str) -> None:
     assert masks.checksums().equal(reference_masks.checksums())
 
 
+def _with_trained_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            module.running_mean.copy_(torch.rand(channels, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(channels, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(channels, generator=generator) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,stem,size", [("resnet20s", "cifar", 32),
+                                            ("resnet18", "imagenet", 64),
+                                            ("vgg16_bn", "cifar", 32)])
+def test_folded_batchnorm_evaluates_like_the_model_with_pruned_weights_still_zero(
+        name: str, stem: str, size: int) -> None:
+    from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy
+
+    torch.manual_seed(0)
+    model = build_model(name, 10, stem=stem, mean=[0.5] * 3, std=[0.25] * 3)
+    masks = MaskSet(model, attach_masks(model))
+    scores = {key: torch.rand(w.shape) for key, w in masks.weights.items()}
+    current = {key: m.clone() for key, m in masks.masks.items()}
+    masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
+    model = _with_trained_batchnorm_statistics(model)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    pairs = conv_batchnorm_pairs(model)
+    norms = [key for key, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sorted(norm for _, norm in pairs) == sorted(norms)  # every one of them folds
+    folded = folded_copy(model, pairs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-4)
+    for conv, _ in pairs:
+        weight = folded.get_submodule(conv).weight
+        assert not weight[~masks.masks[f"{conv}.weight"].bool()].any(), conv
+    for key, value in model.state_dict().items():  # the training model is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_model_that_cannot_be_traced_is_evaluated_unfolded_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from app_dist.engine.folding import EvaluationModel
+
+    class Branching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    model = Branching()
+    with caplog.at_level(logging.WARNING, logger="app_dist"):
+        assert EvaluationModel(fold_batchnorm=True)(model) is model
+    assert "perf.fold_batchnorm: cannot trace Branching" in caplog.text
+
+
 def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
     """Large evaluation batches under inference_mode: the same correct/count, the same loss
-    up to summation order."""
+    up to summation order; so does perf.fold_batchnorm (with BatchNorm statistics that are
+    not the identity, so folding really changes the weights)."""
     from app_dist.loop import MegabatchLoop
 
     manifest = Manifest.load(str(digits_shards))
@@ -393,6 +460,15 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
                              [1.0] * 3, None, None, None)  # type: ignore[arg-type]
         loop.preemption.restore()
         results.append(loop.evaluate(reader.evaluation(stream.test_selection())))
+    folding = MegabatchLoop(load_config(REPO / "configs/digits.yaml",
+                                        ["perf.fold_batchnorm=true"]), CPU, reader, engine,
+                            [1.0] * 3, None, None, None)  # type: ignore[arg-type]
+    folding.preemption.restore()
+    _with_trained_batchnorm_statistics(model)
+    unfolded = loop.evaluate(reader.evaluation(stream.test_selection()))
+    folded = folding.evaluate(reader.evaluation(stream.test_selection()))
+    assert (folded.correct, folded.count) == (unfolded.correct, unfolded.count)
+    assert folded.loss == pytest.approx(unfolded.loss, rel=1e-5)
     assert len({(r.correct, r.count) for r in results}) == 1
     assert results[0].count == len(stream.test_selection())
     for result in results[1:]:

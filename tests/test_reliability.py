@@ -240,3 +240,18 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
     reference_metrics = read_metrics(tmp_path / "reference")
     assert len(reference_metrics) == 20
     assert read_metrics(run_dir) == reference_metrics
+
+
+def test_a_digest_taken_while_writing_is_used_only_for_the_unchanged_file(tmp_path: Path) -> None:
+    """Sealing trusts the sha256 computed as torch.save wrote the file, not a rewrite since."""
+    from app_dist.checkpoint import _sealed_sha256, atomic_torch_save
+
+    path = tmp_path / "engine.pt"
+    atomic_torch_save({"weights": torch.arange(1000.0)}, path)
+    assert _sealed_sha256(path) == file_sha256(path)
+    atomic_torch_save({"weights": torch.arange(1000.0)}, path)
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 0xFF  # same size, new contents, a later mtime
+    time.sleep(0.01)
+    path.write_bytes(bytes(data))
+    assert _sealed_sha256(path) == file_sha256(path)

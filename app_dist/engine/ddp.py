@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,12 +31,7 @@ class DDPEngine:
         # Masks are registered before wrapping; buffers are not broadcast every forward because
         # that would hide a mask divergence (masks are checked by checksum instead) and BN
         # statistics are averaged once per epoch in end_epoch.
-        self.model: nn.Module = (
-            DistributedDataParallel(self.module, broadcast_buffers=False,
-                                    device_ids=[platform.device.index]
-                                    if platform.device.type == "cuda" else None)
-            if platform.distributed else self.module
-        )
+        self.model: nn.Module = self._wrap(self.module) if platform.distributed else self.module
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.lr,
                                          momentum=settings.momentum,
                                          weight_decay=settings.weight_decay)
@@ -44,6 +40,17 @@ class DDPEngine:
         # skipped step (inf/nan gradients) leaves weights and masks as they were.
         self.scaler = torch.amp.GradScaler(platform.device.type,
                                            enabled=needs_loss_scaling(self.perf))
+
+    def _wrap(self, module: nn.Module) -> DistributedDataParallel:
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which still
+            # syncs buffers at construction; its own message says to keep broadcast_buffers
+            # until there is a way to skip that.
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated",
+                                    FutureWarning)
+            return DistributedDataParallel(module, broadcast_buffers=False,
+                                           device_ids=[self.platform.device.index]
+                                           if self.platform.device.type == "cuda" else None)
 
     def _new_scheduler(self) -> MultiStepLR:
         for group in self.optimizer.param_groups:

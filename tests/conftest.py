@@ -29,7 +29,11 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
                 timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """Run app_dist/train.py for real: plain python for 1 process, torchrun (gloo) for more."""
+    """Run app_dist/train.py for real: plain python for 1 process, torchrun (gloo) for more.
+    wandb is off unless the test sets log.wandb.mode: its service process costs every run
+    2-3 s, and only the tests that read what wandb wrote need it."""
+    if not any(arg.startswith("log.wandb.mode=") for arg in args):
+        args = [*args, "log.wandb.mode=disabled"]
     if nproc == 1:
         command = [sys.executable, str(REPO / "app_dist" / "train.py"), *args]
     else:

@@ -178,7 +178,7 @@ def test_a_real_training_run_logs_every_megabatch_offline(
     result = run_trainer(["--config", "configs/digits.yaml", f"data.shards={digits_shards}",
                           f"run.dir={run_dir}", "data.megabatches=2", "train.epochs=1",
                           "data.num_workers=0", "log.progress=false",
-                          "log.wandb.group=test-sweep"],
+                          "log.wandb.mode=offline", "log.wandb.group=test-sweep"],
                          env={"WANDB_DIR": str(tmp_path)}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb sync" in result.stdout  # the user is told how to upload the offline run

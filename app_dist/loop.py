@@ -250,8 +250,10 @@ class MegabatchLoop:
             "train_loss": best["train_loss"],
             "val_accuracy": best["val_accuracy"],
             "generalization_gap": 100 * (best["train_accuracy"] - best["val_accuracy"]),
-            "train_images_per_second": progress.images_seen * self.platform.world_size
-            / max(progress.train_seconds, 1e-9),
+            # images_seen is already summed over ranks (each epoch's count is all-reduced).
+            "train_images": progress.images_seen,
+            "train_seconds": progress.train_seconds,
+            "train_images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
             "resumed_seconds": resumed_seconds,
             # Bad samples skipped (data.bad_samples=skip), counted once per pass that met
             # them: training epochs, validations and the test pass.

@@ -82,6 +82,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def prune_like_the_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          density: float = 0.8) -> None:
+    """Masks at `density` (global magnitude; APP's first megabatch keeps 0.8) with the
+    trainer's masked forward and gradient hooks, and `optimizer.step` re-zeroing the pruned
+    weights after every step, as the engine does: a bare loop with our masking cost."""
+    from app_dist.pruning.masks import MaskSet, attach_masks
+    from app_dist.pruning.threshold import masks_from_scores
+
+    masks = MaskSet(model, attach_masks(model))
+    scores = {name: w.detach().abs() for name, w in masks.weights.items()}
+    current = {name: m.clone() for name, m in masks.masks.items()}
+    masks.update(masks_from_scores(scores, current, density, "global"), optimizer)
+    step = optimizer.step
+
+    def step_and_mask(*args, **kwargs):
+        result = step(*args, **kwargs)
+        masks.apply_to_weights()
+        return result
+
+    optimizer.step = step_and_mask  # type: ignore[method-assign]
+
+
+def trainable(model: torch.nn.Module, masked: bool
+              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """`model` in training mode with the reference setting's SGD (lr 0.1, momentum 0.9,
+    weight decay 1e-4), pruned like the engine at density 0.8 when `masked`."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    if masked:
+        prune_like_the_engine(model, optimizer)
+    return model.train(), optimizer
+
+
 def append_row(what: str, script: str, result: str) -> None:
     """One row of docs/BENCHMARKS.md: date, what, the exact command, machine, result."""
     command = " ".join(["python", script, *sys.argv[1:]])

@@ -38,6 +38,7 @@ from bench.common import (  # noqa: E402
     median,
     metrics,
     run_trainer,
+    trainable,
 )
 
 REFERENCE_IMAGES_PER_SECOND = 486.0  # authors' code, training
@@ -81,27 +82,11 @@ def trained_images(shards: Path) -> list[int]:
 
 def resnet20s(masked: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from app_dist.models import build_model
-    from app_dist.pruning.masks import MaskSet, attach_masks
-    from app_dist.pruning.threshold import masks_from_scores
 
     torch.manual_seed(0)
     model = build_model("resnet20s", 10, mean=[0.4914, 0.4822, 0.4465],
                         std=[0.2470, 0.2435, 0.2616])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    if masked:  # APP's first megabatch: density 0.8
-        masks = MaskSet(model, attach_masks(model))
-        scores = {name: w.detach().abs() for name, w in masks.weights.items()}
-        current = {name: m.clone() for name, m in masks.masks.items()}
-        masks.update(masks_from_scores(scores, current, 0.8, "global"), optimizer)
-        step = optimizer.step
-
-        def step_and_mask(*args, **kwargs):
-            result = step(*args, **kwargs)
-            masks.apply_to_weights()
-            return result
-
-        optimizer.step = step_and_mask  # type: ignore[method-assign]
-    return model.train(), optimizer
+    return trainable(model, masked)
 
 
 def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,

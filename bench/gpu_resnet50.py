@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
     load_average,
     metrics,
     run_trainer,
+    trainable,
 )
 
 WARMUP_STEPS = 10
@@ -95,27 +96,11 @@ def matrix_tflops() -> float:
 
 def resnet50(masked: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from app_dist.models import build_model
-    from app_dist.pruning.masks import MaskSet, attach_masks
-    from app_dist.pruning.threshold import masks_from_scores
 
     torch.manual_seed(0)
     model = build_model("resnet50", 1000, stem="imagenet", mean=[0.485, 0.456, 0.406],
                         std=[0.229, 0.224, 0.225]).cuda().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    if masked:
-        masks = MaskSet(model, attach_masks(model))
-        scores = {name: w.detach().abs() for name, w in masks.weights.items()}
-        current = {name: m.clone() for name, m in masks.masks.items()}
-        masks.update(masks_from_scores(scores, current, 0.8, "global"), optimizer)
-        step = optimizer.step
-
-        def step_and_mask(*args, **kwargs):
-            result = step(*args, **kwargs)
-            masks.apply_to_weights()
-            return result
-
-        optimizer.step = step_and_mask  # type: ignore[method-assign]
-    return model.train(), optimizer
+    return trainable(model, masked)
 
 
 def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,

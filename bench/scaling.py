@@ -2,8 +2,10 @@
 
     python bench/scaling.py [--rounds 2] [--no-write]
 
-Throughput: our trainer on 2,000 CIFAR-10 JPEGs (one megabatch, 2 epochs, resnet20s, global
-batch 64, the decode-once cache on so that reader processes do not blur the picture), as
+Throughput: our trainer on 2,000 CIFAR-10 JPEGs (one megabatch, 4 epochs, resnet20s, global
+batch 64, the decode-once cache filled by the training process itself, data.num_workers=0:
+no reader process competes for the cores, and none has to start; with a reader process, its
+start-up of about 3 s dominated a megabatch this short and blurred the comparison), as
 `python app_dist/train.py` (1 rank, 2 threads; and pinned to 1 thread) and as `torchrun
 --nproc_per_node 2` (2 ranks of 32, 1 thread each, gloo). Scaling = 2-rank img/s / 1-rank
 img/s: a second rank adds no cores to a machine whose cores the single rank already uses,
@@ -44,7 +46,7 @@ def throughput(shards: Path, nproc: int, threads: int | None = None) -> float:
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     with tempfile.TemporaryDirectory(prefix="app-dist-scaling-") as run_dir:
         run_trainer([*COMMON, f"data.shards={shards}", f"run.dir={run_dir}",
-                     "data.megabatches=1", "train.epochs=2", "data.num_workers=1",
+                     "data.megabatches=1", "train.epochs=4", "data.num_workers=0",
                      "prune.method=dense"], nproc=nproc, env=env)
         return metrics(Path(run_dir))[0]["train_images_per_second"]
 

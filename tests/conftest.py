@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import webdataset as wds
@@ -90,8 +91,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock fields, which legitimately differ between runs."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in records:
-        record.pop("seconds")
-        record.pop("train_images_per_second")
+        for wall_clock in ("seconds", "train_seconds", "train_images_per_second"):
+            record.pop(wall_clock)
     return records
 
 
@@ -113,3 +114,22 @@ def uninterrupted(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def checkpoint_folder(run_dir: Path, megabatch: int) -> Path:
     return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
+
+
+def pruned_model(seed: int = 0, name: str = "resnet20s", stem: str = "cifar"
+                 ) -> tuple[Any, Any]:
+    """(model, MaskSet): a registry model with 10 classes pruned to density 0.4 by random
+    scores (global threshold)."""
+    import torch
+
+    from app_dist.models import build_model
+    from app_dist.pruning.masks import MaskSet, attach_masks
+    from app_dist.pruning.threshold import masks_from_scores
+
+    torch.manual_seed(seed)
+    model = build_model(name, 10, stem=stem, mean=[0.5] * 3, std=[0.25] * 3)
+    masks = MaskSet(model, attach_masks(model))
+    scores = {key: torch.rand(w.shape) for key, w in masks.weights.items()}
+    current = {key: m.clone() for key, m in masks.masks.items()}
+    masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
+    return model, masks

@@ -60,6 +60,30 @@ def test_metrics_are_recorded_per_megabatch(uninterrupted):
     assert (uninterrupted / "config.yaml").is_file()
 
 
+def test_training_throughput_counts_every_ranks_images_once(uninterrupted):
+    """train_images is the global count, every rank's batches of 32 over both epochs, as
+    the shard plan promises; the rate divides it by the time in training epochs, with no
+    extra factor of the world size."""
+    import json
+
+    from app_dist.config import load_config
+    from app_dist.data.loader import training_plan
+    from app_dist.train import prepare
+
+    config = load_config(uninterrupted / "config.yaml")
+    _, stream = prepare(config)
+    for line in (uninterrupted / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        t = record["megabatch"]
+        batches = [training_plan(stream.train_selection(t), seed=config.run.seed, megabatch=t,
+                                 epoch=epoch, rank=0, world_size=2, num_workers=1,
+                                 batch_size=32).batches for epoch in range(2)]
+        assert record["train_images"] == 2 * 32 * sum(batches)
+        assert 0 < record["train_seconds"] < record["seconds"]
+        assert record["train_images_per_second"] == pytest.approx(
+            record["train_images"] / record["train_seconds"], rel=1e-9)
+
+
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uninterrupted,
                                                                tmp_path):
     run_dir = tmp_path / "killed"

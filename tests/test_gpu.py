@@ -20,26 +20,14 @@ from app_dist.data.shards import write_shards
 from app_dist.distributed import Platform
 from app_dist.engine.acceleration import accelerate
 from app_dist.engine.ddp import DDPEngine
-from app_dist.models import build_model
-from app_dist.pruning.masks import MaskSet, attach_masks
-from app_dist.pruning.threshold import masks_from_scores
-from tests.conftest import read_metrics, run_trainer
+from app_dist.pruning.masks import MaskSet
+from tests.conftest import pruned_model, read_metrics, run_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
 IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE",
                                     "/work/shared/data/imagenet-sample-restricted"))
-
-
-def _pruned(name: str = "resnet20s") -> tuple[torch.nn.Module, MaskSet]:
-    torch.manual_seed(0)
-    model = build_model(name, 10, mean=[0.5] * 3, std=[0.25] * 3)
-    masks = MaskSet(model, attach_masks(model))
-    scores = {key: torch.rand(w.shape) for key, w in masks.weights.items()}
-    current = {key: m.clone() for key, m in masks.masks.items()}
-    masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
-    return model, masks
 
 
 def _losses(engine: DDPEngine, steps: int) -> list[float]:
@@ -60,9 +48,9 @@ def _assert_pruned_weights_zero(masks: MaskSet) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_with_channels_last_keeps_masks_exact(precision: str) -> None:
-    reference, reference_masks = _pruned()
+    reference, reference_masks = pruned_model()
     want = _losses(DDPEngine(reference, reference_masks, GPU, TrainSettings(lr=0.01)), 1)
-    model, masks = _pruned()
+    model, masks = pruned_model()
     perf = PerfSettings(autocast=precision, channels_last=True, cudnn_benchmark=True)
     accelerate(model, perf, GPU.device)
     assert torch.backends.cudnn.benchmark
@@ -77,8 +65,8 @@ def test_mixed_precision_with_channels_last_keeps_masks_exact(precision: str) ->
 
 def test_inductor_compiled_model_matches_eager_and_sees_new_masks() -> None:
     torch._dynamo.reset()
-    eager, eager_masks = _pruned()
-    compiled, compiled_masks = _pruned()
+    eager, eager_masks = pruned_model()
+    compiled, compiled_masks = pruned_model()
     eager, compiled = eager.cuda().eval(), compiled.cuda().eval()
     compiled.compile()
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")

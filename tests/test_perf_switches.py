@@ -28,8 +28,7 @@ from app_dist.engine.ddp import DDPEngine
 from app_dist.errors import ConfigError, DataError
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
-from app_dist.pruning.threshold import masks_from_scores
-from tests.conftest import REPO, digits_run_args, read_metrics, run_trainer
+from tests.conftest import REPO, digits_run_args, pruned_model, read_metrics, run_trainer
 
 CPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample-restricted")
@@ -250,16 +249,6 @@ def test_gpu_only_switches_are_refused_when_auto_picks_the_cpu(digits_shards: Pa
 
 # ---------------------------------------------------------------- model-side switches
 
-def _pruned_resnet(seed: int = 0, name: str = "resnet20s") -> tuple[torch.nn.Module, MaskSet]:
-    torch.manual_seed(seed)
-    model = build_model(name, 10, mean=[0.5] * 3, std=[0.25] * 3)
-    masks = MaskSet(model, attach_masks(model))
-    scores = {name: torch.rand(w.shape) for name, w in masks.weights.items()}
-    current = {name: m.clone() for name, m in masks.masks.items()}
-    masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
-    return model, masks
-
-
 def _train_steps(model: torch.nn.Module, masks: MaskSet, steps: int = 3,
                  perf: PerfSettings | None = None) -> list[float]:
     # A small learning rate: rounding differences are not amplified into chaos in 3 steps.
@@ -280,8 +269,8 @@ def _assert_pruned_weights_zero(masks: MaskSet) -> None:
 
 
 def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
-    dense_layout, dense_masks = _pruned_resnet()
-    nhwc, nhwc_masks = _pruned_resnet()
+    dense_layout, dense_masks = pruned_model()
+    nhwc, nhwc_masks = pruned_model()
     accelerate(nhwc, PerfSettings(channels_last=True), torch.device("cpu"))
     weight = nhwc_masks.weights["net.conv1.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last)
@@ -299,13 +288,13 @@ def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
 
 
 def test_cudnn_benchmark_is_a_gpu_setting_only() -> None:
-    model, _ = _pruned_resnet(name="digits_cnn")
+    model, _ = pruned_model(name="digits_cnn")
     accelerate(model, PerfSettings(cudnn_benchmark=True), torch.device("cpu"))
     assert not torch.backends.cudnn.benchmark
 
 
 def test_masked_resnet_compiles_as_one_graph_without_breaks() -> None:
-    model, _ = _pruned_resnet()
+    model, _ = pruned_model()
     explanation = torch._dynamo.explain(model)(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
@@ -317,8 +306,8 @@ def test_compiled_masked_model_matches_eager_and_sees_new_masks() -> None:
     checks tracing and autograd; inductor's code generation is checked by the slow test.
     A small CNN keeps tracing quick; the ResNet's single graph is checked above.)"""
     torch._dynamo.reset()
-    eager, eager_masks = _pruned_resnet(name="digits_cnn")
-    compiled, compiled_masks = _pruned_resnet(name="digits_cnn")
+    eager, eager_masks = pruned_model(name="digits_cnn")
+    compiled, compiled_masks = pruned_model(name="digits_cnn")
     compiled.compile(backend="aot_eager")
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(compiled(images), eager(images), rtol=1e-5, atol=1e-5)
@@ -364,8 +353,8 @@ def test_autocast_keeps_masks_exact(precision: str) -> None:
     run-level switch refuses the CPU): the first loss (same weights) is close to fp32's,
     pruned weights stay exactly zero after every step, and only fp16 scales its loss (its
     first steps may be skipped while the scale settles, so later losses are not compared)."""
-    model, masks = _pruned_resnet(name="digits_cnn")  # small: CPU half precision is slow
-    reference, reference_masks = _pruned_resnet(name="digits_cnn")
+    model, masks = pruned_model(name="digits_cnn")  # small: CPU half precision is slow
+    reference, reference_masks = pruned_model(name="digits_cnn")
     perf = PerfSettings(autocast=precision)
     engine = DDPEngine(model, masks, CPU, Config().train, perf=perf)
     assert engine.scaler.is_enabled() == (precision == "fp16")
@@ -397,12 +386,7 @@ def test_folded_batchnorm_evaluates_like_the_model_with_pruned_weights_still_zer
         name: str, stem: str, size: int) -> None:
     from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy
 
-    torch.manual_seed(0)
-    model = build_model(name, 10, stem=stem, mean=[0.5] * 3, std=[0.25] * 3)
-    masks = MaskSet(model, attach_masks(model))
-    scores = {key: torch.rand(w.shape) for key, w in masks.weights.items()}
-    current = {key: m.clone() for key, m in masks.masks.items()}
-    masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
+    model, masks = pruned_model(name=name, stem=stem)
     model = _with_trained_batchnorm_statistics(model)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     pairs = conv_batchnorm_pairs(model)

@@ -86,8 +86,8 @@ def folded_copy(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
 
 class EvaluationModel:
     """The model evaluation runs: the training module itself, or with perf.fold_batchnorm a
-    folded copy made afresh for every pass (the weights change between passes; copying
-    resnet50 takes a fraction of a second, its test pass minutes). The pairs are found once."""
+    folded copy made afresh for every pass, because the weights change between passes. The
+    pairs are found once."""
 
     def __init__(self, fold_batchnorm: bool) -> None:
         self.fold_batchnorm = fold_batchnorm

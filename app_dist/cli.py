@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 
 def _shards(argv: list[str]) -> int:
-    from app_dist.data.shards import main
+    from app_dist.data.prepare.shards import main
 
     return main(argv)
 
@@ -19,13 +19,13 @@ def _train(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    from app_dist.report import main
+    from app_dist.results.report import main
 
     return main(argv)
 
 
 def _inspect(argv: list[str]) -> int:
-    from app_dist.inspection import main
+    from app_dist.results.inspection import main
 
     return main(argv)
 
@@ -43,13 +43,13 @@ def _experiment(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    from app_dist.export import main
+    from app_dist.results.export import main
 
     return main(argv)
 
 
 def _profile(argv: list[str]) -> int:
-    from app_dist.profiling import main
+    from app_dist.training.profiling import main
 
     return main(argv)
 

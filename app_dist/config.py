@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from app_dist.errors import ConfigError
+from app_dist.foundations.errors import ConfigError
 from app_dist.models.registry import MODEL_NAMES, STEMS
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
@@ -44,7 +44,7 @@ class RunSettings:
 
 @dataclass
 class DataSettings:
-    shards: str = "data/digits"  # a folder holding manifest.json (see app_dist.data.shards)
+    shards: str = "data/digits"  # a folder holding manifest.json (see app_dist.data.prepare.shards)
     megabatches: int = 4  # T: equal chunks the training set arrives in (ALMA)
     val_fraction: float = 0.1  # of every megabatch, held out for best-epoch selection
     replay: str = "full"  # what megabatch t trains on: full = all of 1..t (paper)

@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app_dist.arguments import ArgumentParser, UsageError, parse_or_exit_code
 from app_dist.config import load_config
 from app_dist.data.manifest import MANIFEST_NAME
-from app_dist.errors import AppDistError
+from app_dist.foundations.arguments import ArgumentParser, UsageError, parse_or_exit_code
+from app_dist.foundations.errors import AppDistError
 
 DEMO_CONFIG = Path("configs") / "digits.yaml"
 DIGITS_SAMPLES_PER_SHARD = 25  # 60 train shards: enough for 2 ranks x 1 worker each
@@ -39,7 +39,7 @@ def ensure_digits_shards(folder: Path) -> None:
     if (folder / MANIFEST_NAME).is_file():
         print(f"[demo] digits shards already in {folder}", flush=True)
         return
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     manifest = write_shards("digits", None, str(folder), DIGITS_SAMPLES_PER_SHARD, seed=0)
     count = sum(split.num_samples for split in manifest.splits.values())

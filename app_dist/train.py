@@ -24,8 +24,6 @@ if __package__ in (None, ""):  # run as a script path by torchrun / deepspeed
 import numpy as np
 import torch
 
-from app_dist.arguments import ArgumentParser
-from app_dist.checkpoint import Checkpointer, set_rng_state
 from app_dist.config import (
     Config,
     changed_settings,
@@ -38,14 +36,22 @@ from app_dist.data.loader import start_reader_server, stop_readers
 from app_dist.data.manifest import Manifest, verify_shard
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
-from app_dist.distributed import Platform, start_platform
 from app_dist.engine import build_engine
-from app_dist.errors import AppDistError, CheckpointError, ConfigError, one_line
-from app_dist.loop import MegabatchCallback, MegabatchLoop, MegabatchProgress, Preempted, RunState
-from app_dist.metrics import MetricsLog, WandbLog, summary_table
+from app_dist.foundations.arguments import ArgumentParser
+from app_dist.foundations.distributed import Platform, start_platform
+from app_dist.foundations.errors import AppDistError, CheckpointError, ConfigError, one_line
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
+from app_dist.training.checkpoint import Checkpointer, set_rng_state
+from app_dist.training.loop import (
+    MegabatchCallback,
+    MegabatchLoop,
+    MegabatchProgress,
+    Preempted,
+    RunState,
+)
+from app_dist.training.metrics import MetricsLog, WandbLog, summary_table
 
 log = logging.getLogger("app_dist")
 

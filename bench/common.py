@@ -41,7 +41,7 @@ def cifar_shards(limit: int | None, test_limit: int | None, samples_per_shard: i
                  ) -> Path:
     """CIFAR-10 JPEG shards of the first `limit` permuted training images (all 10,000 test
     images unless `test_limit`), written once into the benchmark folder and reused."""
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     if not CIFAR_JPG.is_dir():
         sys.exit(f"error: the CIFAR-10 JPEG folder {CIFAR_JPG} does not exist "

@@ -37,7 +37,7 @@ CIFAR_IMAGES = 5000
 
 
 def imagenet_shards() -> Path:
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     out = WORK / "imagenet-sample"
     if not (out / "manifest.json").exists():

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app_dist.config import load_config  # noqa: E402
-from app_dist.distributed import start_platform  # noqa: E402
 from app_dist.engine import build_engine  # noqa: E402
+from app_dist.foundations.distributed import start_platform  # noqa: E402
 from app_dist.models import build_model  # noqa: E402
 from app_dist.pruning.masks import MaskSet, attach_masks  # noqa: E402
 from app_dist.pruning.threshold import masks_from_scores  # noqa: E402

@@ -71,7 +71,7 @@ def replicated_folder(copies: int) -> Path:
 
 
 def shards_of(folder: Path) -> Path:
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     out = WORK / f"{folder.name}-shards"
     if not (out / "manifest.json").exists():

@@ -49,15 +49,15 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share two cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from app_dist.checkpoint import Checkpointer
     from app_dist.config import TrainSettings
     from app_dist.data.manifest import file_sha256
-    from app_dist.distributed import Platform
     from app_dist.engine.ddp import DDPEngine
+    from app_dist.foundations.distributed import Platform
     from app_dist.models import build_model
     from app_dist.pruning.masks import MaskSet, attach_masks
     from app_dist.pruning.pruner import _all_reduce_dict, verify_identical_masks
     from app_dist.pruning.threshold import masks_from_scores
+    from app_dist.training.checkpoint import Checkpointer
 
     platform = Platform(rank, WORLD, rank, torch.device("cpu"))
     torch.manual_seed(0)

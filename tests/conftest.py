@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's real 8x8 digits as shards of 25 samples (60 train, 12 test shards)."""
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     out = tmp_path_factory.mktemp("digits") / "shards"
     write_shards("digits", None, str(out), samples_per_shard=25, seed=0)

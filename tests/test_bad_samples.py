@@ -15,7 +15,7 @@ from app_dist.data.cache import DecodedCache
 from app_dist.data.loader import decode_samples, make_batches, split_for_workers
 from app_dist.data.manifest import Manifest
 from app_dist.data.stream import MegabatchStream, Selection
-from app_dist.errors import DataError
+from app_dist.foundations.errors import DataError
 
 from .conftest import copy_shards, digits_run_args, first_sample_key, rewrite_shard, run_trainer
 

@@ -1,7 +1,7 @@
 import pytest
 
 from app_dist.config import config_hash, load_config, run_directory
-from app_dist.errors import ConfigError
+from app_dist.foundations.errors import ConfigError
 from app_dist.train import main
 
 from .conftest import REPO

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from app_dist.distributed import Platform
+from app_dist.foundations.distributed import Platform
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.pruner import compute_scores
 from app_dist.pruning.schedule import density_schedule

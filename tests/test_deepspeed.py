@@ -16,7 +16,7 @@ import torch
 
 from app_dist.config import EngineSettings, TrainSettings, load_config
 from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, translate
-from app_dist.errors import ConfigError
+from app_dist.foundations.errors import ConfigError
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
@@ -127,7 +127,7 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 ACCUMULATION_AND_CLIPPING = """
 import torch
 from app_dist.config import load_config
-from app_dist.distributed import start_platform
+from app_dist.foundations.distributed import start_platform
 from app_dist.engine import build_engine
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks

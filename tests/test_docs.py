@@ -173,5 +173,5 @@ def test_the_wheel_the_image_installs_carries_every_data_file(tmp_path: Path) ->
     data_files = {path.relative_to(REPO).as_posix() for path in (REPO / "app_dist").rglob("*")
                   if path.is_file() and path.suffix not in (".py", ".pyc")
                   and "__pycache__" not in path.parts}
-    assert data_files, "expected data files such as app_dist/data/imagenet_classes.tsv"
+    assert data_files, "expected data files such as app_dist/data/prepare/imagenet_classes.tsv"
     assert data_files <= packaged, f"left out of the wheel: {sorted(data_files - packaged)}"

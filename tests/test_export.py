@@ -15,8 +15,10 @@ from app_dist.cli import main as cli_main
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
-from app_dist.distributed import Platform
-from app_dist.export import (
+from app_dist.foundations.distributed import Platform
+from app_dist.models import build_model
+from app_dist.pruning.masks import attach_masks
+from app_dist.results.export import (
     ExportError,
     dense_state,
     export_run,
@@ -25,8 +27,6 @@ from app_dist.export import (
     sparse_payload,
     unpack_mask,
 )
-from app_dist.models import build_model
-from app_dist.pruning.masks import attach_masks
 from app_dist.train import main as train_main
 
 from .conftest import REPO

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_dist.checkpoint import load_verified_file
 from app_dist.config import PerfSettings, TrainSettings
 from app_dist.data.augment import SampleTransform
 from app_dist.data.device_decode import decode_batch
 from app_dist.data.loader import pack_encoded
-from app_dist.data.shards import write_shards
-from app_dist.distributed import Platform
+from app_dist.data.prepare.shards import write_shards
 from app_dist.engine.acceleration import accelerate
 from app_dist.engine.ddp import DDPEngine
+from app_dist.foundations.distributed import Platform
 from app_dist.pruning.masks import MaskSet
+from app_dist.training.checkpoint import load_verified_file
 from tests.conftest import pruned_model, read_metrics, run_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

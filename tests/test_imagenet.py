@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 
 from app_dist.config import load_config
-from app_dist.data.imagenet import RESTRICTED_IMAGENET, imagenet_index, restricted_imagenet_class
 from app_dist.data.manifest import Manifest
-from app_dist.data.shards import main as shards_main
-from app_dist.data.shards import write_shards
+from app_dist.data.prepare.imagenet import (
+    RESTRICTED_IMAGENET,
+    imagenet_index,
+    restricted_imagenet_class,
+)
+from app_dist.data.prepare.shards import main as shards_main
+from app_dist.data.prepare.shards import write_shards
 
 from .conftest import REPO, free_port, read_metrics
 
@@ -69,7 +73,7 @@ def test_every_image_gets_the_superclass_its_wnid_says(restricted_shards):
 
 
 def test_superclass_ranges_agree_with_the_public_class_table():
-    table = read_table(REPO / "app_dist" / "data" / "imagenet_classes.tsv")
+    table = read_table(REPO / "app_dist" / "data" / "prepare" / "imagenet_classes.tsv")
     assert len(table) == 1000 and len(imagenet_index()) == 1000
     names = [name for name, _, _ in RESTRICTED_IMAGENET]
     for row in table:

@@ -122,7 +122,7 @@ def test_early_stopping_settings_are_validated(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def small_digits_shards(tmp_path_factory) -> Path:
     """Digits in shards of 10 samples (150 training shards): room for T = 100 megabatches."""
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     out = tmp_path_factory.mktemp("digits10") / "shards"
     write_shards("digits", None, str(out), samples_per_shard=10, seed=0)

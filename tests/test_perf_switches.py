@@ -18,14 +18,14 @@ from app_dist.data.augment import SampleTransform
 from app_dist.data.device_decode import decode_on_device
 from app_dist.data.loader import evaluation_plan, make_batches, pack_encoded, training_plan
 from app_dist.data.manifest import Manifest
+from app_dist.data.prepare.shards import write_shards
 from app_dist.data.reader import StreamReader
-from app_dist.data.shards import write_shards
 from app_dist.data.stream import MegabatchStream
-from app_dist.distributed import Platform
 from app_dist.engine import build_engine
 from app_dist.engine.acceleration import accelerate, check_device
 from app_dist.engine.ddp import DDPEngine
-from app_dist.errors import ConfigError, DataError
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import ConfigError, DataError
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from tests.conftest import REPO, digits_run_args, pruned_model, read_metrics, run_trainer
@@ -123,7 +123,7 @@ from app_dist.config import DataSettings, PerfSettings
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
-from app_dist.distributed import Platform
+from app_dist.foundations.distributed import Platform
 shards = Path({str(digits_shards)!r})
 manifest = Manifest.load(str(shards))
 stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, 1)
@@ -426,7 +426,7 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
     """Large evaluation batches under inference_mode: the same correct/count, the same loss
     up to summation order; so does perf.fold_batchnorm (with BatchNorm statistics that are
     not the identity, so folding really changes the weights)."""
-    from app_dist.loop import MegabatchLoop
+    from app_dist.training.loop import MegabatchLoop
 
     manifest = Manifest.load(str(digits_shards))
     stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)

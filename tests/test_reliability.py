@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_dist.checkpoint import Checkpointer, verify
 from app_dist.data.manifest import file_sha256
-from app_dist.distributed import Platform
-from app_dist.errors import CheckpointError
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import CheckpointError
+from app_dist.training.checkpoint import Checkpointer, verify
 
 from .conftest import (
     REPO,
@@ -209,7 +209,7 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
     """torchrun --max-restarts 3; a random rank is SIGKILLed at a random moment, three times;
     the final metrics equal the uninterrupted run's."""
     shards = tmp_path / "small-shards"
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     write_shards("digits", None, str(shards), samples_per_shard=10, seed=0)
     args = ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
@@ -244,7 +244,7 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
 
 def test_a_digest_taken_while_writing_is_used_only_for_the_unchanged_file(tmp_path: Path) -> None:
     """Sealing trusts the sha256 computed as torch.save wrote the file, not a rewrite since."""
-    from app_dist.checkpoint import _sealed_sha256, atomic_torch_save
+    from app_dist.training.checkpoint import _sealed_sha256, atomic_torch_save
 
     path = tmp_path / "engine.pt"
     atomic_torch_save({"weights": torch.arange(1000.0)}, path)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app_dist.errors import AppDistError
-from app_dist.plots import layer_density_matrix
-from app_dist.report import CURVES, run_labels, write_report
-from app_dist.report import main as report_main
-from app_dist.runs import read_run
+from app_dist.foundations.errors import AppDistError
+from app_dist.results.plots import layer_density_matrix
+from app_dist.results.report import CURVES, run_labels, write_report
+from app_dist.results.report import main as report_main
+from app_dist.results.runs import read_run
 from tests.conftest import REPO, run_trainer
 
 CHROMIUM = shutil.which("chromium")

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from app_dist.metrics import cumulative_error
 from app_dist.pruning.schedule import density_schedule
 from app_dist.pruning.threshold import keep_top, masks_from_scores
+from app_dist.training.metrics import cumulative_error
 
 
 def test_app_schedule_matches_the_paper_numbers_for_T8_tau45():

@@ -22,8 +22,8 @@ from app_dist.data.manifest import (
     shard_path,
     verify_shard,
 )
-from app_dist.data.shards import main, write_shards
-from app_dist.data.sources import image_header
+from app_dist.data.prepare.shards import main, write_shards
+from app_dist.data.prepare.sources import image_header
 
 # The shared real-data folder sits next to the repository (never copied into it).
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -7,8 +7,8 @@ from app_dist.data.loader import training_plan
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream, reservoir
-from app_dist.distributed import Platform
-from app_dist.errors import DataError
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import DataError
 
 
 def make_stream(shards, replay="full", megabatches=4, **kw):

@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 
-from app_dist.checkpoint import Checkpointer, verify
 from app_dist.cli import SUBCOMMANDS
 from app_dist.config import load_config
-from app_dist.distributed import Platform
-from app_dist.errors import CheckpointError, ConfigError
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import CheckpointError, ConfigError
 from app_dist.sweep import load_sweep, main
 from app_dist.sweep.results import TrialOutcome, format_table, trial_rows, write_results
 from app_dist.sweep.resume import restore_reported_checkpoint
+from app_dist.training.checkpoint import Checkpointer, verify
 
 from .conftest import REPO
 
@@ -75,7 +75,7 @@ def test_repository_sweep_files_validate_and_give_each_trial_its_identity(name, 
 
 def test_relative_shards_become_absolute_for_trials_running_in_rays_folders(tmp_path):
     shards = tmp_path / "data" / "digits"
-    from app_dist.data.shards import write_shards
+    from app_dist.data.prepare.shards import write_shards
 
     write_shards("digits", None, str(shards), samples_per_shard=100, seed=0)
     path = sweep_file(tmp_path, Path("data/digits"))

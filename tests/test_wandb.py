@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from app_dist.config import load_config
-from app_dist.errors import AppDistError
-from app_dist.metrics import WandbLog
+from app_dist.foundations.errors import AppDistError
+from app_dist.training.metrics import WandbLog
 from tests.conftest import run_trainer
 
 _BLOCK = 32 * 1024  # wandb's record log is LevelDB's log format: 32 KiB blocks

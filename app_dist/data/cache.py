@@ -32,7 +32,7 @@ from app_dist.data.loader import (
 )
 from app_dist.data.manifest import SplitInfo
 from app_dist.data.stream import Selection
-from app_dist.errors import DataError
+from app_dist.foundations.errors import DataError
 
 log = logging.getLogger("app_dist")
 

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from app_dist.data.augment import Draw, SampleTransform, decode
 from app_dist.data.manifest import ShardInfo
-from app_dist.data.sources import image_header
+from app_dist.data.prepare.sources import image_header
 from app_dist.data.stream import Selection
-from app_dist.errors import DataError
-from app_dist.seeding import derived_seed, numpy_rng
+from app_dist.foundations.errors import DataError
+from app_dist.foundations.seeding import derived_seed, numpy_rng
 
 ShardCounts = list[tuple[ShardInfo, int]]
 T = TypeVar("T")
@@ -279,7 +279,7 @@ class ShardReader(IterableDataset):
                 index = int(key)
             except ValueError:
                 raise DataError(f"shard {sample['__url__']}: sample key '{key}' is not an "
-                                "index (was it written by app_dist.data.shards?)") from None
+                                "index (was it written by app_dist.data.prepare.shards?)") from None
             if index >= self.membership.size or not self.membership[index]:
                 continue
             try:

@@ -3,7 +3,7 @@
 A shard directory holds `<split>-NNNNNN.tar` shards and a manifest written last, so a manifest
 that loads means every shard it lists was completely written. Shard i of a split holds the
 samples keyed `f"{index:08d}"` for index in [first_index, first_index + count), where
-first_index = i * samples_per_shard; `app_dist.data.shards` writes this format.
+first_index = i * samples_per_shard; `app_dist.data.prepare.shards` writes this format.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app_dist.errors import DataError
+from app_dist.foundations.errors import DataError
 
 FORMAT = "app-dist-shards/1"
 MANIFEST_NAME = "manifest.json"

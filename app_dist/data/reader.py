@@ -28,9 +28,9 @@ from app_dist.data.loader import (
 )
 from app_dist.data.manifest import Manifest
 from app_dist.data.stream import MegabatchStream, Selection
-from app_dist.distributed import Platform
-from app_dist.errors import ConfigError
-from app_dist.seeding import derived_seed
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.seeding import derived_seed
 
 
 class Pass(Protocol):

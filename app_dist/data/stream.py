@@ -14,8 +14,8 @@ from functools import cached_property
 import numpy as np
 
 from app_dist.data.manifest import Manifest, ShardInfo, SplitInfo
-from app_dist.errors import DataError
-from app_dist.seeding import numpy_rng
+from app_dist.foundations.errors import DataError
+from app_dist.foundations.seeding import numpy_rng
 
 
 @dataclass(frozen=True, eq=False)

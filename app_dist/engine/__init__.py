@@ -9,9 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from app_dist.config import Config
-from app_dist.distributed import Platform
 from app_dist.engine.acceleration import accelerate
 from app_dist.engine.base import Engine, StepResult
+from app_dist.foundations.distributed import Platform
 from app_dist.pruning.masks import MaskSet
 
 

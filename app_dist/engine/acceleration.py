@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from app_dist.config import PerfSettings
-from app_dist.errors import ConfigError
+from app_dist.foundations.errors import ConfigError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from app_dist.distributed import Platform
+from app_dist.foundations.distributed import Platform
 
 
 @torch.no_grad()

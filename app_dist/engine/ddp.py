@@ -11,13 +11,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 
-from app_dist.checkpoint import atomic_torch_save, load_verified_file
 from app_dist.config import PerfSettings, TrainSettings
-from app_dist.distributed import Platform
 from app_dist.engine.acceleration import autocast, needs_loss_scaling
 from app_dist.engine.base import StepResult, module_state
 from app_dist.engine.batchnorm import average_batchnorm_statistics
+from app_dist.foundations.distributed import Platform
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
+from app_dist.training.checkpoint import atomic_torch_save, load_verified_file
 
 
 class DDPEngine:

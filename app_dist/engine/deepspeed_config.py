@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app_dist.config import EngineSettings, TrainSettings
-from app_dist.errors import ConfigError
+from app_dist.foundations.errors import ConfigError
 
 # The project builds the optimizer (SGD from train.*) and steps its own per-epoch lr schedule;
 # a raw file must not replace them behind the masks' back.

@@ -29,11 +29,11 @@ from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 
 from app_dist.config import Config
-from app_dist.distributed import Platform
 from app_dist.engine.base import StepResult
 from app_dist.engine.batchnorm import average_batchnorm_statistics
 from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, precision_of
-from app_dist.errors import CheckpointError
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import CheckpointError
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
 log = logging.getLogger("app_dist")

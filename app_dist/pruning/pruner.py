@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from app_dist.distributed import Platform
 from app_dist.engine.acceleration import eager
 from app_dist.engine.base import Engine
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.seeding import derived_seed
 from app_dist.models import classifier_of
 from app_dist.pruning.masks import MaskSet
 from app_dist.pruning.scores import (
@@ -33,7 +34,6 @@ from app_dist.pruning.scores import (
     synflow_iterated_scores,
 )
 from app_dist.pruning.threshold import masks_from_scores
-from app_dist.seeding import derived_seed
 
 ScoringBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app_dist.checkpoint import MARKER, verify
-from app_dist.errors import CheckpointError
+from app_dist.foundations.errors import CheckpointError
+from app_dist.training.checkpoint import MARKER, verify
 
 log = logging.getLogger("app_dist")
 
@@ -33,7 +33,7 @@ class Restored:
 
 
 def checkpoint_folder(run_dir: Path, megabatch: int) -> Path:
-    """The folder app_dist.checkpoint.Checkpointer writes for `megabatch`."""
+    """The folder app_dist.training.checkpoint.Checkpointer writes for `megabatch`."""
     return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from app_dist.config import flatten
-from app_dist.errors import AppDistError, ConfigError
+from app_dist.foundations.errors import AppDistError, ConfigError
 from app_dist.sweep.results import (
     TrialOutcome,
     format_table,

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 import app_dist
 from app_dist.config import Config, load_config
 from app_dist.data.manifest import Manifest
-from app_dist.errors import AppDistError, ConfigError
+from app_dist.foundations.errors import AppDistError, ConfigError
 
 # Top-level sections of the training config: `key=value` arguments under these go to every
 # trial; anything else on the sweep command line overrides the sweep file itself.

@@ -20,7 +20,7 @@ from typing import Any
 
 from app_dist.config import load_config, run_directory
 from app_dist.data.loader import stop_readers
-from app_dist.distributed import Platform, start_platform
+from app_dist.foundations.distributed import Platform, start_platform
 from app_dist.sweep.resume import restore_reported_checkpoint, set_aside_unreported
 from app_dist.sweep.settings import Sweep
 from app_dist.train import prepare, setup_logging, train

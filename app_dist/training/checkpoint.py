@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from app_dist.data.manifest import file_sha256
-from app_dist.distributed import Platform
-from app_dist.errors import CheckpointError
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import CheckpointError
 
 log = logging.getLogger("app_dist")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from app_dist.errors import AppDistError
+from app_dist.foundations.errors import AppDistError
 
 
 class UsageError(AppDistError):

@@ -13,7 +13,7 @@ import functools
 import io
 from importlib import resources
 
-from app_dist.errors import DataError
+from app_dist.foundations.errors import DataError
 
 # The classic 9-class Restricted ImageNet (APP_SPEC.md section 5; Tsipras et al.'s
 # robustness library): super-class -> inclusive ImageNet-1k index range.
@@ -35,7 +35,7 @@ LABEL_MAPS = ("restricted_imagenet",)
 @functools.cache
 def imagenet_index() -> dict[str, int]:
     """{wnid: ImageNet-1k index} for all 1000 classes."""
-    text = resources.files("app_dist.data").joinpath("imagenet_classes.tsv").read_text()
+    text = resources.files("app_dist.data.prepare").joinpath("imagenet_classes.tsv").read_text()
     rows = csv.DictReader(io.StringIO(text), delimiter="\t")
     return {row["wnid"]: int(row["imagenet_index"]) for row in rows}
 

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from app_dist.arguments import ArgumentParser, parse_or_exit_code
-from app_dist.checkpoint import load_verified_file, verify
-from app_dist.errors import AppDistError, CheckpointError
+from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
+from app_dist.foundations.errors import AppDistError, CheckpointError
 from app_dist.models import build_model, classifier_of
+from app_dist.training.checkpoint import load_verified_file, verify
 
 FORMAT = "app-dist-sparse/1"
 DEFAULT_NAME = "model-sparse.pt"

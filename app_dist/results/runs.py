@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from app_dist.config import PruneSettings, final_density
-from app_dist.errors import AppDistError
+from app_dist.foundations.errors import AppDistError
 
 HINT = ("pass the folder `app-dist train` wrote (run.dir, by default runs/<run.name>-<hash>), "
         "which holds config.yaml and metrics.jsonl")

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app_dist.arguments import ArgumentParser, parse_or_exit_code
-from app_dist.errors import AppDistError
-from app_dist.plots import plot_layer_density, plot_runs
-from app_dist.runs import Run, describe_config, final_density_of, read_run
+from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
+from app_dist.foundations.errors import AppDistError
+from app_dist.results.plots import plot_layer_density, plot_runs
+from app_dist.results.runs import Run, describe_config, final_density_of, read_run
 
 REPORT_NAME = "report.html"
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from app_dist.errors import DataError
-from app_dist.seeding import numpy_rng
+from app_dist.foundations.errors import DataError
+from app_dist.foundations.seeding import numpy_rng
 
 SOURCE_KINDS = ("imagefolder", "cifar10", "cifar100", "digits")
 # Sources without their own test split carve one; digits' 0.165 leaves ~297 of 1797 for test.
@@ -107,9 +107,9 @@ def carve_test(records: list[Record], fraction: float,
 
 def relabel(data: SourceData, label_map: str) -> SourceData:
     """Labels from a named map of each record's class (an ImageNet wnid for the ImageNet
-    maps; see app_dist.data.imagenet), never from its folder index; records the map sends
+    maps; see app_dist.data.prepare.imagenet), never from its folder index; records the map sends
     to None are dropped. Raises SourceError when a class is not one the map knows."""
-    from app_dist.data.imagenet import LabelMap
+    from app_dist.data.prepare.imagenet import LabelMap
 
     try:
         mapping = LabelMap(label_map)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from app_dist.config import Config, to_dict
-from app_dist.errors import AppDistError, one_line
+from app_dist.foundations.errors import AppDistError, one_line
 
 log = logging.getLogger("app_dist")
 

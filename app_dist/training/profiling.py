@@ -107,9 +107,9 @@ class MegabatchProfile:
     def instrumented(self) -> Iterator[None]:
         """Wrap the loop, reader, engine and checkpointer classes the trainer builds."""
         import app_dist.train as train_module
-        from app_dist.checkpoint import Checkpointer
         from app_dist.data.reader import StreamReader
-        from app_dist.loop import MegabatchLoop
+        from app_dist.training.checkpoint import Checkpointer
+        from app_dist.training.loop import MegabatchLoop
 
         profile = self
         originals = {
@@ -242,7 +242,7 @@ def profile_run(config_path: str | None, overrides: list[str], megabatches: int
                 ) -> MegabatchProfile:
     """Train `megabatches` megabatches in a fresh temporary run directory, profiled."""
     from app_dist.config import load_config
-    from app_dist.distributed import start_platform
+    from app_dist.foundations.distributed import start_platform
     from app_dist.train import prepare, setup_logging, train
 
     with tempfile.TemporaryDirectory(prefix="app-dist-profile-") as run_dir:
@@ -273,8 +273,8 @@ def profile_run(config_path: str | None, overrides: list[str], megabatches: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app_dist.arguments import ArgumentParser, parse_or_exit_code
-    from app_dist.errors import AppDistError, ConfigError, one_line
+    from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
+    from app_dist.foundations.errors import AppDistError, ConfigError, one_line
 
     parser = ArgumentParser(prog="app-dist profile", description=__doc__.splitlines()[0],
                             epilog="Overrides: key=value pairs, e.g. perf.cache_decoded=true")

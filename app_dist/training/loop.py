@@ -19,17 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from app_dist.checkpoint import Checkpointer
 from app_dist.config import Config, computation_settings
 from app_dist.data.reader import Pass, StreamReader
-from app_dist.distributed import Platform
 from app_dist.engine import Engine
 from app_dist.engine.acceleration import autocast
 from app_dist.engine.folding import EvaluationModel
-from app_dist.faults import FaultInjector
-from app_dist.metrics import MetricsLog, WandbLog, cumulative_error
+from app_dist.foundations.distributed import Platform
 from app_dist.pruning.pruner import prune_step
 from app_dist.pruning.threshold import keep_count
+from app_dist.training.checkpoint import Checkpointer
+from app_dist.training.faults import FaultInjector
+from app_dist.training.metrics import MetricsLog, WandbLog, cumulative_error
 
 log = logging.getLogger("app_dist")
 

@@ -15,12 +15,18 @@ from typing import Any
 
 import torch
 
-from app_dist.arguments import ArgumentParser, parse_or_exit_code
-from app_dist.checkpoint import MARKER, Checkpoint, Checkpointer, load_verified_file, verify
-from app_dist.distributed import Platform
-from app_dist.errors import AppDistError
-from app_dist.metrics import SUMMARY_COLUMNS, summary_table
-from app_dist.runs import Run, describe_config, read_run
+from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import AppDistError
+from app_dist.results.runs import Run, describe_config, read_run
+from app_dist.training.checkpoint import (
+    MARKER,
+    Checkpoint,
+    Checkpointer,
+    load_verified_file,
+    verify,
+)
+from app_dist.training.metrics import SUMMARY_COLUMNS, summary_table
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Offline data preparation: shard writing, image sources, ImageNet label maps."""

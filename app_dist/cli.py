@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from app_dist.foundations.commands import BAD_INPUT, UsageError, report_bad_input
+
 
 def _shards(argv: list[str]) -> int:
     from app_dist.data.prepare.shards import main
@@ -85,12 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 2
+        return 0 if argv else BAD_INPUT
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"error: unknown subcommand '{name}'; choose one of: {', '.join(SUBCOMMANDS)}",
-              file=sys.stderr)
-        return 2
+        return report_bad_input(UsageError(f"unknown subcommand '{name}'; choose one of: "
+                                           f"{', '.join(SUBCOMMANDS)}"))
     return SUBCOMMANDS[name][0](rest)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app_dist import config as schema
+from app_dist.foundations.commands import ArgumentParser, command
 
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 REGENERATE = "python -m app_dist.config_reference --write"
@@ -184,13 +185,17 @@ def render() -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app_dist.config_reference",
-                                     description="Generate docs/CONFIG.md from the schema.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m app_dist.config_reference",
+                            description="Generate docs/CONFIG.md from the schema.")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help=f"write {OUTPUT}")
     action.add_argument("--check", action="store_true", help="exit 1 when the file is stale")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
     text = render()
     if args.write:
         OUTPUT.write_text(text)

@@ -9,14 +9,14 @@ picks a free rendezvous port, so two demos on one machine do not collide) on the
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 from app_dist.config import load_config
 from app_dist.data.manifest import MANIFEST_NAME
-from app_dist.foundations.arguments import ArgumentParser, UsageError, parse_or_exit_code
-from app_dist.foundations.errors import AppDistError
+from app_dist.foundations.commands import ArgumentParser, UsageError, command
 
 DEMO_CONFIG = Path("configs") / "digits.yaml"
 DIGITS_SAMPLES_PER_SHARD = 25  # 60 train shards: enough for 2 ranks x 1 worker each
@@ -67,23 +67,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_or_exit_code(build_parser(), argv)
-        if isinstance(args, int):
-            return args
-        if args.nproc < 1:
-            raise UsageError(f"--nproc {args.nproc}: must be >= 1")
-        config = find_config(args.config)
-        overrides = [f"data.shards={args.data}", *args.overrides]
-        load_config(config, overrides)  # bad keys stop here, with one line, before any launch
-        ensure_digits_shards(Path(args.data))
-    except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    command = launch_command(args.nproc, config, overrides)
-    print(f"[demo] {' '.join(command[2:])}", flush=True)
-    return subprocess.run(command).returncode
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: must be >= 1")
+    config = find_config(args.config)
+    overrides = [f"data.shards={args.data}", *args.overrides]
+    load_config(config, overrides)  # bad keys stop here, with one line, before any launch
+    ensure_digits_shards(Path(args.data))
+    command_line = launch_command(args.nproc, config, overrides)
+    print(f"[demo] {' '.join(command_line[2:])}", flush=True)
+    return subprocess.run(command_line).returncode
 
 
 if __name__ == "__main__":

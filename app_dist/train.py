@@ -26,47 +26,46 @@ import torch
 
 from app_dist.config import (
     Config,
-    changed_settings,
     load_config,
     run_directory,
     sparsity_level,
     to_yaml,
 )
-from app_dist.data.loader import start_reader_server, stop_readers
 from app_dist.data.manifest import Manifest, verify_shard
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
+from app_dist.data.workers import start_reader_server, stop_readers
 from app_dist.engine import build_engine
-from app_dist.foundations.arguments import ArgumentParser
+from app_dist.foundations.commands import ArgumentParser, command, missing_config
 from app_dist.foundations.distributed import Platform, start_platform
-from app_dist.foundations.errors import AppDistError, CheckpointError, ConfigError, one_line
+from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.files import atomic_write_text
+from app_dist.foundations.run_layout import RunLayout
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
-from app_dist.training.checkpoint import Checkpointer, set_rng_state
-from app_dist.training.loop import (
-    MegabatchCallback,
-    MegabatchLoop,
-    MegabatchProgress,
-    Preempted,
-    RunState,
-)
+from app_dist.training.callbacks import LogLines, ProgressBar
+from app_dist.training.checkpoint import Checkpointer
+from app_dist.training.events import Callback, Events
+from app_dist.training.faults import FaultInjector
+from app_dist.training.loop import MegabatchLoop
 from app_dist.training.metrics import MetricsLog, WandbLog, summary_table
+from app_dist.training.preemption import Preempted
+from app_dist.training.state import RunState
 
 log = logging.getLogger("app_dist")
 
 
-def parse_arguments(argv: list[str] | None) -> tuple[str | None, list[str]]:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="app-dist train", description="Train APP / OSP / dense under the megabatch stream.",
         epilog="Overrides: key=value pairs, e.g. prune.method=osp train.epochs=2",
     )
-    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--config", help="YAML config file (see configs/), required")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # added by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    return parser
 
 
 def prepare(config: Config) -> tuple[Manifest, MegabatchStream]:
@@ -95,57 +94,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume_state(config: Config, checkpointer: Checkpointer, engine, masks: MaskSet,
-                 platform: Platform) -> tuple[RunState, MegabatchProgress | None]:
-    """The run state to continue from (the last valid checkpoint's, or a fresh one), and the
-    progress inside a megabatch when that checkpoint was written at a pre-emption."""
-    if not config.checkpoint.resume:
-        return RunState(), None
-    checkpoint = checkpointer.latest()
-    if checkpoint is None:
-        return RunState(), None
-    saved = checkpoint.load_state()
-    allow_resize = config.checkpoint.allow_world_size_change
-    if saved["world_size"] != platform.world_size and not allow_resize:
-        raise CheckpointError(
-            f"{checkpoint.path} was written by {saved['world_size']} ranks, this run has "
-            f"{platform.world_size}; set checkpoint.allow_world_size_change=true to continue "
-            "anyway")
-    changes = changed_settings(saved["settings"], config)
-    if changes and not config.checkpoint.allow_config_change:
-        raise CheckpointError(
-            f"{checkpoint.path} was made with other settings ({'; '.join(changes[:4])}); "
-            "set checkpoint.allow_config_change=true, or checkpoint.resume=false to start over")
-    masks.load_state_dict(saved["masks"])
-    engine.load(checkpoint.path)
-    rank_state = (checkpoint.load_rank_state(platform.rank)
-                  if platform.rank < checkpoint.world_size else None)
-    if rank_state is not None:
-        set_rng_state(rank_state["rng"])
-    run = saved["run"]
-    state = RunState(completed=run["completed"], history=run["history"], wandb_id=run["wandb_id"])
-    progress = None
-    if saved.get("progress") is not None:
-        if rank_state is None or checkpoint.world_size != platform.world_size:
-            raise CheckpointError(f"{checkpoint.path} was written mid-megabatch by "
-                                  f"{checkpoint.world_size} ranks: resume it with as many")
-        progress = MegabatchProgress(**saved["progress"], epoch_sums=rank_state["epoch_sums"])
-        engine.module.load_state_dict(rank_state["buffers"], strict=False)
-        log.info("resuming megabatch %d at epoch %d, step %d from %s", progress.megabatch,
-                 progress.epoch + 1, progress.steps_done, checkpoint.path)
-    else:
-        log.info("resuming after megabatch %d from %s", state.completed, checkpoint.path)
-    return state, progress
+def run_callbacks(config: Config, platform: Platform, run_dir: Path, state: RunState,
+                  schedule: list[float], extra: list[Callback]) -> list[Callback]:
+    """Who listens to the loop: the metrics file and wandb on rank 0, the log lines and the
+    progress bar, fault injection when the reliability tests ask for it, then `extra`."""
+    callbacks: list[Callback] = []
+    if platform.is_primary:
+        callbacks += [MetricsLog(run_dir, state.history),
+                      WandbLog(config, run_dir, state.wandb_id, state.history)]
+    callbacks.append(LogLines(config, len(schedule)))
+    if ProgressBar.wanted(config, platform.is_primary):
+        callbacks.append(ProgressBar())
+    faults = FaultInjector.from_environment(platform.rank)
+    if faults is not None:
+        callbacks.append(faults)
+    return callbacks + extra
 
 
 def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform: Platform,
-          callbacks: list[MegabatchCallback] | None = None) -> RunState:
-    """Run (or resume) the megabatch loop on this rank; `callbacks` hear every megabatch."""
+          callbacks: list[Callback] | None = None) -> RunState:
+    """Run (or resume) the megabatch loop on this rank; `callbacks` hear its events."""
     run_dir = run_directory(config)
     if platform.is_primary:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(config))
+            atomic_write_text(RunLayout(run_dir).config, to_yaml(config))
         except OSError as error:
             raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} "
                               f"({error.strerror or error})") from None
@@ -163,8 +136,8 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
         raise ConfigError(f"config key 'model': {error}") from None
     masks = MaskSet(model, attach_masks(model, config.prune.include_linear))
     engine = build_engine(config, model, masks, platform)
-    checkpointer = Checkpointer(run_dir, platform, config.checkpoint.keep_last)
-    state, progress = resume_state(config, checkpointer, engine, masks, platform)
+    checkpointer = Checkpointer.for_run(config, run_dir, platform)
+    state, progress = checkpointer.restore(engine)
     if not state.wandb_id:
         state.wandb_id = platform.broadcast_object(uuid.uuid4().hex[:12])
 
@@ -173,41 +146,37 @@ def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform:
     reader = StreamReader(Path(config.data.shards), manifest, stream, config.data,
                           config.train.batch_size // platform.world_size, platform,
                           config.run.seed, perf=config.perf)
-    metrics = MetricsLog(run_dir, state.history) if platform.is_primary else None
-    wandb = (WandbLog(config, run_dir, state.wandb_id, state.history) if platform.is_primary
-             else None)
+    listeners = run_callbacks(config, platform, run_dir, state, schedule, callbacks or [])
     log.info("run %s: %s/%s on %s, %d rank(s) on %s, %d megabatches, final density %.3f",
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
              platform.world_size, platform.device, config.data.megabatches,
              schedule[-1] if config.prune.method != "dense" else 1.0)
-    loop = MegabatchLoop(config, platform, reader, engine, schedule, checkpointer, metrics, wandb,
-                         callbacks)
+    loop = MegabatchLoop(config, platform, stream, reader, engine, schedule, checkpointer,
+                         Events(listeners))
     try:
         state = loop.run(state, progress)
     finally:
-        if wandb is not None:
-            wandb.finish()
+        for listener in listeners:
+            if isinstance(listener, WandbLog):
+                listener.finish()
     if platform.is_primary:
         print(summary_table(state.history), flush=True)
     return state
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        config_path, overrides = parse_arguments(argv)
-        config = load_config(config_path, overrides)
-        manifest, stream = prepare(config)
-    except AppDistError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    """0 when the run finished, 2 on bad input (one `error:` line, from any rank), 75 when
+    pre-empted after writing a checkpoint (the same command continues)."""
+    if args.config is None:
+        raise missing_config("app-dist train")
+    config = load_config(args.config, args.overrides)
+    manifest, stream = prepare(config)
     start_reader_server(config.data.num_workers)
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
     try:
         train(config, manifest, stream, platform)
-    except AppDistError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
     except Preempted as notice:
         log.warning("%s; run the same command again to continue", notice)
         return Preempted.exit_code

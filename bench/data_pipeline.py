@@ -61,7 +61,7 @@ def shard_reader(shards: Path, augment: str, passes: int):
     """A function reading every training sample `passes` times through our shard readers
     (1 worker process); returns images read."""
     from app_dist.data.augment import SampleTransform
-    from app_dist.data.loader import make_batches
+    from app_dist.data.batches import make_batches
     from app_dist.data.manifest import Manifest
     from app_dist.data.stream import Selection
 
@@ -86,8 +86,8 @@ def shard_reader(shards: Path, augment: str, passes: int):
 def cache_reader(shards: Path, passes: int):
     """Every CIFAR training sample `passes` times from the decode-once cache (warm)."""
     from app_dist.data.augment import SampleTransform
+    from app_dist.data.batches import decode_samples
     from app_dist.data.cache import DecodedCache
-    from app_dist.data.loader import decode_samples
     from app_dist.data.manifest import Manifest
     from app_dist.data.stream import Selection
 

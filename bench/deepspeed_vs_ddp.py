@@ -52,8 +52,7 @@ def build_engines(args: argparse.Namespace, platform_):
         engine = build_engine(config, model, masks, platform_)
         scores = {n: w.detach().abs() for n, w in masks.weights.items()}
         current = {n: m.clone() for n, m in masks.masks.items()}
-        masks.set(masks_from_scores(scores, current, args.density, "global"))
-        engine.masks_changed()
+        engine.apply_masks(masks_from_scores(scores, current, args.density, "global"))
         engines[name] = engine
     return engines
 

@@ -70,8 +70,8 @@ def trainer_run(shards: Path, perf: list[str]) -> dict:
 def trained_images(shards: Path) -> list[int]:
     """Images each megabatch trains on over its 2 epochs (full batches of each reader; the
     plan is pure bookkeeping, so this is exactly what the trainer did)."""
-    from app_dist.data.loader import training_plan
     from app_dist.data.manifest import Manifest
+    from app_dist.data.plan import training_plan
     from app_dist.data.stream import MegabatchStream
 
     stream = MegabatchStream(Manifest.load(str(shards)), 4, 0.1, "full", 2, 1000, seed=1)
@@ -153,7 +153,7 @@ def bare_loop_round(dataset) -> float:
 
 def decoded_training_images(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 training images decoded once into one uint8 tensor (not timed)."""
-    from app_dist.data.loader import decode_samples
+    from app_dist.data.batches import decode_samples
     from app_dist.data.manifest import Manifest
     from app_dist.data.stream import Selection
 

@@ -49,10 +49,10 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share two cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from app_dist.config import TrainSettings
-    from app_dist.data.manifest import file_sha256
+    from app_dist.config import Config
     from app_dist.engine.ddp import DDPEngine
     from app_dist.foundations.distributed import Platform
+    from app_dist.foundations.files import file_sha256
     from app_dist.models import build_model
     from app_dist.pruning.masks import MaskSet, attach_masks
     from app_dist.pruning.pruner import _all_reduce_dict, verify_identical_masks
@@ -63,7 +63,7 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
     torch.manual_seed(0)
     model = build_model("resnet50", 10, mean=[0.5] * 3, std=[0.25] * 3)
     masks = MaskSet(model, attach_masks(model))
-    engine = DDPEngine(model, masks, platform, TrainSettings())
+    engine = DDPEngine(model, masks, platform, Config())
     generator = torch.Generator().manual_seed(rank)
     images = torch.randint(0, 256, (BATCH_PER_RANK, 3, 32, 32), dtype=torch.uint8,
                            generator=generator)
@@ -80,9 +80,8 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
     steps = [timed(engine.train_step, images, labels)[0] for _ in range(2 + rounds)][2:]
 
     def install(new_masks: dict) -> None:
-        masks.set(new_masks)
-        engine.masks_changed()
-        verify_identical_masks(masks, platform)
+        engine.apply_masks(new_masks)
+        verify_identical_masks(masks.masks, platform)
 
     ones = {name: torch.ones_like(mask) for name, mask in masks.masks.items()}
     sync: dict[str, list[float]] = {"all-reduce": [], "threshold": [], "install+checksum": []}
@@ -106,7 +105,7 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
 
     def ours_save(checkpointer: Checkpointer, megabatch: int) -> None:
         shared_state, rank_state = states(megabatch)
-        checkpointer.save(megabatch, shared_state, rank_state, engine)
+        checkpointer.write(megabatch, shared_state, rank_state, engine)
 
     def ours_load(checkpointer: Checkpointer) -> None:
         found = checkpointer.latest()

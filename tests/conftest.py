@@ -7,13 +7,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import webdataset as wds
 
-from app_dist.data.manifest import file_sha256
+from app_dist.foundations.files import file_sha256
+from app_dist.foundations.run_layout import RunLayout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,22 +31,71 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process a test starts: wandb offline (never the network),
+    one OpenMP thread per process (the ranks share a few cores), then the test's own `env`."""
+    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def trainer_command(args: list[str], nproc: int = 1, launcher: str = "torchrun",
+                    launcher_args: Sequence[str] = ()) -> list[str]:
+    """app_dist/train.py as users start it: plain python for 1 process; torchrun (gloo on the
+    CPU) for more, or with `launcher_args` (e.g. --max-restarts); or, with launcher
+    "deepspeed", the `deepspeed` launcher, which on a CPU-only machine counts NUMA nodes as
+    devices, so --num_gpus N starts N ranks on the CPU accelerator (gloo) all the same."""
+    script = str(REPO / "app_dist" / "train.py")
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), *launcher_args, script, *args]
+    assert launcher == "torchrun", launcher
+    if nproc == 1 and not launcher_args:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), *launcher_args, script, *args]
+
+
 def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
                 timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """Run app_dist/train.py for real: plain python for 1 process, torchrun (gloo) for more.
+    """Run app_dist/train.py for real (see trainer_command) and wait for it to end.
     wandb is off unless the test sets log.wandb.mode: its service process costs every run
     2-3 s, and only the tests that read what wandb wrote need it."""
     if not any(arg.startswith("log.wandb.mode=") for arg in args):
         args = [*args, "log.wandb.mode=disabled"]
-    if nproc == 1:
-        command = [sys.executable, str(REPO / "app_dist" / "train.py"), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                   str(nproc), "--master_port", str(free_port()),
-                   str(REPO / "app_dist" / "train.py"), *args]
-    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(trainer_command(args, nproc), cwd=REPO, env=trainer_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def launch(command: list[str], env: dict[str, str] | None = None, cwd: Path = REPO,
+           **popen: Any) -> subprocess.Popen:
+    """Start `command` without waiting for it, in a session of its own (a test can signal
+    its whole process group, and Ctrl-C on pytest does not reach it). Its output is
+    discarded unless `popen` says otherwise (stdout=subprocess.PIPE, text=True, ...)."""
+    options = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
+               "start_new_session": True, **popen}
+    return subprocess.Popen(command, cwd=cwd, env=trainer_env(env), **options)
+
+
+def launch_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
+                   launcher: str = "torchrun", launcher_args: Sequence[str] = (),
+                   **popen: Any) -> subprocess.Popen:
+    """Start a real run of app_dist/train.py (see trainer_command) for a test to interrupt:
+    `wait_for` one of its checkpoints, then kill or signal it. Unlike run_trainer it passes
+    `args` unchanged (wandb as the config says)."""
+    return launch(trainer_command(args, nproc, launcher, launcher_args), env, **popen)
+
+
+def wait_for(target: Path | Callable[[], bool], process: subprocess.Popen, timeout: float,
+             interval: float = 0.05) -> bool:
+    """Poll until `target` exists (a path: a checkpoint folder, its marker file) or holds (a
+    callable) while `process` runs. True once it does; False when the process ended first
+    or `timeout` seconds passed without it."""
+    ready = target.exists if isinstance(target, Path) else target
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            return ready()
+        time.sleep(interval)
+    return True
 
 
 def free_port() -> int:
@@ -89,7 +141,7 @@ def rank_processes(launcher_pid: int) -> list[int]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock fields, which legitimately differ between runs."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunLayout(run_dir).metrics.read_text().splitlines()]
     for record in records:
         for wall_clock in ("seconds", "train_seconds", "train_images_per_second"):
             record.pop(wall_clock)
@@ -112,8 +164,39 @@ def uninterrupted(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory)
     return run_dir
 
 
+def short_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A finished run to read, not to compare: 1 process, T = 2 megabatches of digits,
+    1 epoch each, APP to density 0.366 (0.8 after megabatch 1), both checkpoints kept."""
+    return ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
+            f"run.dir={run_dir}", "data.megabatches=2", "train.epochs=1",
+            "data.num_workers=0", "log.progress=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def finished_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's one short finished APP run (short_run_args), for every test that only reads
+    a run (inspect, export, report, wandb's files). It logs to wandb offline (group
+    test-sweep) for tests/test_wandb.py. A test that changes a run directory works on a
+    copy: shutil.copytree(finished_run, tmp_path / "app"). The folder is named after the
+    method, as the report's labels are. The trainer's stdout is finished_run_stdout."""
+    root = tmp_path_factory.mktemp("finished")
+    run_dir = root / "app"
+    result = run_trainer(short_run_args(digits_shards, run_dir, "log.wandb.mode=offline",
+                                        "log.wandb.group=test-sweep"),
+                         env={"WANDB_DIR": str(root / "wandb-dir")}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def finished_run_stdout(finished_run: Path) -> str:
+    """What the trainer printed while making finished_run."""
+    return (finished_run.parent / "stdout.txt").read_text()
+
+
 def checkpoint_folder(run_dir: Path, megabatch: int) -> Path:
-    return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
+    return RunLayout(run_dir).checkpoint(megabatch)
 
 
 def pruned_model(seed: int = 0, name: str = "resnet20s", stem: str = "cifar"

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from app_dist.data.augment import SampleTransform
+from app_dist.data.batches import decode_samples, make_batches
 from app_dist.data.cache import DecodedCache
-from app_dist.data.loader import decode_samples, make_batches, split_for_workers
 from app_dist.data.manifest import Manifest
+from app_dist.data.plan import split_for_workers
 from app_dist.data.stream import MegabatchStream, Selection
 from app_dist.foundations.errors import DataError
 
@@ -99,6 +100,8 @@ def test_without_skip_a_bad_sample_is_an_error_naming_it(damaged, cached):
         read_pass(damaged, train=False, skip=False, workers=1, cached=cached)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_run_stopped_by_a_bad_sample_resumes_with_skip_on_two_ranks(digits_shards, tmp_path):
     shards = copy_shards(digits_shards, tmp_path / "shards")
     manifest = Manifest.load(str(shards))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app_dist.cli import SUBCOMMANDS, main
-from tests.conftest import REPO, run_trainer
+from tests.conftest import REPO
 
 
 def app_dist(*args: str, cwd: Path = REPO, timeout: int = 300
@@ -39,18 +39,6 @@ def assert_one_line_usage_error(result: subprocess.CompletedProcess[str]) -> str
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
     return result.stderr
-
-
-@pytest.fixture(scope="module")
-def finished_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 1-process APP run on the digits: T = 2 megabatches, 1 epoch each."""
-    run_dir = tmp_path_factory.mktemp("cli") / "run"
-    result = run_trainer(["--config", "configs/digits.yaml", f"data.shards={digits_shards}",
-                          f"run.dir={run_dir}", "data.megabatches=2", "train.epochs=1",
-                          "data.num_workers=0", "log.progress=false",
-                          "log.wandb.mode=disabled"], timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def test_help_lists_every_subcommand_with_its_description() -> None:
@@ -91,6 +79,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys: pytest.CaptureFixtur
     assert "configs/none.yaml does not exist" in message
 
 
+@pytest.mark.slow
 def test_inspect_a_finished_run(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = app_dist("inspect", str(finished_run))
     assert result.returncode == 0, result.stderr
@@ -112,6 +101,7 @@ def test_inspect_a_finished_run(finished_run: Path, capsys: pytest.CaptureFixtur
     assert kept == records[-1]["kept_parameters"]
 
 
+@pytest.mark.slow
 def test_inspect_reports_a_damaged_newest_checkpoint(
         finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
@@ -142,6 +132,7 @@ def test_inspect_rejects_what_is_not_a_run(tmp_path: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_demo_writes_the_shards_and_trains_on_two_ranks(tmp_path: Path) -> None:
     data, run_dir = tmp_path / "digits", tmp_path / "run"
     result = app_dist("demo", "--data", str(data), f"run.dir={run_dir}", "data.megabatches=2",

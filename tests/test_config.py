@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from app_dist.config import config_hash, load_config, run_directory
@@ -57,3 +61,65 @@ def test_run_directory_is_stable_per_settings_and_ignores_logging_keys():
     c = load_config(REPO / "configs/digits.yaml", ["train.epochs=1"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert run_directory(a) == run_directory(b)
+
+
+def train_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python app_dist/train.py ARGS` as a user runs it, in a fresh interpreter."""
+    return subprocess.run([sys.executable, str(REPO / "app_dist" / "train.py"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+
+
+BAD_CONFIG_FILES = {  # name: (file text, what the one line must say besides the file name)
+    "yaml_syntax": ("train:\n  epochs: [1, 2\n", ["not valid YAML", "line 3"]),
+    "top_level_list": ("- train.epochs=1\n- prune.method=osp\n", ["mapping", "list"]),
+    "duplicate_key": ("train:\n  epochs: 1\n  lr: 0.1\n  epochs: 2\n",
+                      ["duplicate key 'epochs'", "line 4"]),
+}
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *named: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for text in named:
+        assert text in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
+@pytest.mark.slow
+def test_a_bad_config_file_is_one_line_naming_it_and_exit_2(name, tmp_path):
+    text, said = BAD_CONFIG_FILES[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    assert_one_error_line(train_command("--config", str(path)), str(path), *said)
+
+
+@pytest.mark.slow
+def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path):
+    assert_one_error_line(train_command("--config", str(tmp_path)), str(tmp_path),
+                          "is a directory")
+    assert_one_error_line(train_command("--config", "/dev/null"), "/dev/null",
+                          "not a regular file")
+
+
+@pytest.mark.slow
+def test_no_config_says_that_config_is_missing_and_what_to_pass():
+    assert_one_error_line(train_command("train.epochs=1"), "--config is missing",
+                          "configs/digits.yaml")
+
+
+@pytest.mark.slow
+def test_a_config_file_asking_for_a_density_that_keeps_no_weight_is_refused(tmp_path):
+    path = tmp_path / "sparse.yaml"
+    path.write_text("prune:\n  sparsity_level: 200\n")  # final density 0.8 ** 200 = 4e-20
+    assert_one_error_line(train_command("--config", str(path)), "'prune.sparsity_level' = 200",
+                          "<= 61.9")
+
+
+@pytest.mark.parametrize("override, bound", [("prune.sparsity_level=62", "61.9"),
+                                             ("prune.target_density=1e-7", "1e-6")])
+def test_a_target_that_keeps_no_weight_is_refused(override, bound):
+    with pytest.raises(ConfigError, match=override.split("=")[0]) as error:
+        load_config(REPO / "configs/digits.yaml", [override])
+    assert bound in str(error.value)
+    load_config(REPO / "configs/digits.yaml", ["prune.sparsity_level=61.9"])

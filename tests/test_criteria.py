@@ -208,6 +208,7 @@ def test_iterated_synflow_prunes_in_exponential_rounds_ending_at_the_target():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("criterion", ["grasp", "synflow", "random"])
 def test_two_rank_runs_have_identical_masks_on_every_rank(criterion, digits_shards, tmp_path):
     run_dir = tmp_path / criterion

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,21 @@ import torch
 from app_dist.config import EngineSettings, TrainSettings, load_config
 from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, translate
 from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
 
-from .conftest import REPO, checkpoint_folder, digits_run_args, free_port, read_metrics
+from .conftest import (
+    REPO,
+    checkpoint_folder,
+    digits_run_args,
+    launch_trainer,
+    read_metrics,
+    trainer_command,
+    trainer_env,
+    wait_for,
+)
 
 # ---------------------------------------------------------------------------- translation
 
@@ -121,9 +130,6 @@ def test_masks_follow_their_layers_when_the_model_is_cast():
 
 # ---------------------------------------------------------------------------- real runs
 
-slow = pytest.mark.slow
-ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
 ACCUMULATION_AND_CLIPPING = """
 import torch
 from app_dist.config import load_config
@@ -139,8 +145,7 @@ torch.manual_seed(0)
 model = build_model("digits_cnn", 10, in_channels=1, mean=[0.3], std=[0.4])
 masks = MaskSet(model, attach_masks(model))
 engine = build_engine(config, model, masks, start_platform("cpu"))
-masks.set({n: (torch.rand(m.shape) < 0.5).float() for n, m in masks.masks.items()})
-engine.masks_changed()
+engine.apply_masks({n: (torch.rand(m.shape) < 0.5).float() for n, m in masks.masks.items()})
 images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
 labels = torch.randint(0, 10, (16,))
 flat = lambda: torch.cat([p.detach().flatten().clone() for p in model.parameters()])
@@ -153,13 +158,14 @@ print("residue", engine.pruned_residue())
 """
 
 
-@slow
+@pytest.mark.slow
+@pytest.mark.deepspeed
 def test_gradient_accumulation_and_clipping_reach_deepspeed_in_a_plain_python_process():
     """One process started with plain `python` (no launcher): the optimizer steps once per
     2 micro-batches, and the step is clipped (lr 1, no momentum yet, no weight decay: the
     update is the clipped gradient, norm <= 0.001)."""
     result = subprocess.run([sys.executable, "-c", ACCUMULATION_AND_CLIPPING], cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=300)
+                            env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     moved = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines()
                  if line.startswith("after"))
@@ -169,18 +175,12 @@ def test_gradient_accumulation_and_clipping_reach_deepspeed_in_a_plain_python_pr
         result.stdout)
 
 
-def deepspeed_command(args: list[str], nproc: int) -> list[str]:
-    """The `deepspeed` launcher. On a CPU-only machine it counts NUMA nodes as devices;
-    --num_gpus N starts N ranks on the CPU accelerator (gloo) all the same."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), str(REPO / "app_dist/train.py"), *args]
-
-
-
-def run_deepspeed(args: list[str], nproc: int = 2,
+def run_deepspeed(args: list[str], nproc: int = 2, env: dict[str, str] | None = None,
                   timeout: int = 400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(deepspeed_command(args, nproc), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    """app_dist/train.py under the `deepspeed` launcher, `nproc` ranks (gloo on the CPU)."""
+    return subprocess.run(trainer_command(args, nproc, launcher="deepspeed"), cwd=REPO,
+                          env=trainer_env(env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def ds_args(shards: Path, run_dir: Path, stage: int) -> list[str]:
@@ -238,7 +238,9 @@ def engine_copies(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return copies
 
 
-@slow
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_pruned_weights_are_exactly_zero_in_every_copy_and_masks_agree(zero_runs, stage):
     run_dir = zero_runs(stage)
@@ -265,7 +267,9 @@ def test_pruned_weights_are_exactly_zero_in_every_copy_and_masks_agree(zero_runs
         assert any(copies["momentum"][name].any() for name in masks)  # momentum is real
 
 
-@slow
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_computes_what_ddp_computes(zero_runs, uninterrupted, stage):
     """Same data order, same SGD, same masks: two ranks summing two gradients is exact in
@@ -273,19 +277,16 @@ def test_deepspeed_computes_what_ddp_computes(zero_runs, uninterrupted, stage):
     assert read_metrics(zero_runs(stage)) == read_metrics(uninterrupted)
 
 
-@slow
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
 def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_shards,
                                                                          zero_runs, tmp_path):
     reference = zero_runs(2)
     run_dir = tmp_path / "killed"
-    launcher = subprocess.Popen(deepspeed_command(ds_args(digits_shards, run_dir, 2), 2),
-                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = checkpoint_folder(run_dir, 1) / "COMPLETE.json"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and launcher.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists()
+    launcher = launch_trainer(ds_args(digits_shards, run_dir, 2), nproc=2, launcher="deepspeed")
+    assert wait_for(checkpoint_folder(run_dir, 1) / CheckpointFiles.MARKER, launcher,
+                    timeout=300)
     # A crash: SIGKILL the launcher's whole process group (runner, launch.py, both ranks).
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=30)
@@ -305,7 +306,9 @@ def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_s
             assert torch.equal(value, copies[1][kind][name]), (kind, name)
 
 
-@slow
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
 def test_preempted_deepspeed_run_exits_75_and_resumes_exactly(digits_shards, zero_runs,
                                                               tmp_path):
     """SIGTERM to rank 1 mid-epoch under the deepspeed launcher at ZeRO-2: both ranks finish
@@ -313,9 +316,8 @@ def test_preempted_deepspeed_run_exits_75_and_resumes_exactly(digits_shards, zer
     `preempted-0002` checkpoint and exit 75; the same command resumes at that step."""
     reference = zero_runs(2)
     run_dir = tmp_path / "preempted"
-    first = subprocess.run(deepspeed_command(ds_args(digits_shards, run_dir, 2), 2), cwd=REPO,
-                           env={**ENV, "APP_DIST_FAULT": "sigterm:rank=1,megabatch=2,epoch=1,"
-                                "step=2"}, capture_output=True, text=True, timeout=400)
+    first = run_deepspeed(ds_args(digits_shards, run_dir, 2),
+                          env={"APP_DIST_FAULT": "sigterm:rank=1,megabatch=2,epoch=1,step=2"})
     assert first.returncode == 75, first.stderr[-3000:]
     assert "pre-empted in megabatch 2, epoch 2" in first.stdout + first.stderr
     assert (run_dir / "checkpoints" / "preempted-0002" / "COMPLETE.json").is_file()

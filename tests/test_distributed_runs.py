@@ -5,21 +5,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
+from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.pruning.schedule import density_schedule
 
-from .conftest import REPO, free_port, rank_processes, read_metrics, run_trainer
 from .conftest import checkpoint_folder as checkpoint
 from .conftest import digits_run_args as args_for
+from .conftest import launch_trainer, rank_processes, read_metrics, run_trainer, wait_for
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.distributed
 def test_two_rank_run_has_identical_masks_on_every_rank_after_every_pruning(uninterrupted):
     schedule = density_schedule("app", 3, 4.5)
     for t in range(1, 4):
@@ -33,6 +33,7 @@ def test_two_rank_run_has_identical_masks_on_every_rank_after_every_pruning(unin
         assert kept == round(schedule[t - 1] * total)
 
 
+@pytest.mark.distributed
 def test_pruned_weights_and_momentum_are_exactly_zero_after_training(uninterrupted):
     folder = checkpoint(uninterrupted, 3)
     masks = torch.load(folder / "state.pt", weights_only=True)["masks"]
@@ -52,6 +53,7 @@ def test_pruned_weights_and_momentum_are_exactly_zero_after_training(uninterrupt
         assert audit == {"weights": 0.0, "optimizer_state": 0.0}
 
 
+@pytest.mark.distributed
 def test_metrics_are_recorded_per_megabatch(uninterrupted):
     records = read_metrics(uninterrupted)
     assert [r["megabatch"] for r in records] == [1, 2, 3]
@@ -60,6 +62,7 @@ def test_metrics_are_recorded_per_megabatch(uninterrupted):
     assert (uninterrupted / "config.yaml").is_file()
 
 
+@pytest.mark.distributed
 def test_training_throughput_counts_every_ranks_images_once(uninterrupted):
     """train_images is the global count, every rank's batches of 32 over both epochs, as
     the shard plan promises; the rate divides it by the time in training epochs, with no
@@ -67,7 +70,7 @@ def test_training_throughput_counts_every_ranks_images_once(uninterrupted):
     import json
 
     from app_dist.config import load_config
-    from app_dist.data.loader import training_plan
+    from app_dist.data.plan import training_plan
     from app_dist.train import prepare
 
     config = load_config(uninterrupted / "config.yaml")
@@ -84,20 +87,12 @@ def test_training_throughput_counts_every_ranks_images_once(uninterrupted):
             record["train_images"] / record["train_seconds"], rel=1e-9)
 
 
+@pytest.mark.distributed
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uninterrupted,
                                                                tmp_path):
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "app_dist/train.py"),
-               *args_for(digits_shards, run_dir)]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = checkpoint(run_dir, 1) / "COMPLETE.json"
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and launcher.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists()
+    launcher = launch_trainer(args_for(digits_shards, run_dir), nproc=2)
+    assert wait_for(checkpoint(run_dir, 1) / CheckpointFiles.MARKER, launcher, timeout=120)
     # A crash: SIGKILL every process of this run (the launcher and both ranks).
     subprocess.run(["pkill", "-9", "-f", f"run.dir={run_dir}"], check=False)
     launcher.wait(timeout=30)
@@ -114,12 +109,14 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uni
             assert torch.equal(value, final[1][name]), name
 
 
+@pytest.mark.distributed
 def test_resume_with_another_world_size_is_refused(digits_shards, uninterrupted):
     result = run_trainer(args_for(digits_shards, uninterrupted), nproc=1)
     assert result.returncode == 2
     assert "written by 2 ranks" in result.stderr and "allow_world_size_change" in result.stderr
 
 
+@pytest.mark.distributed
 def test_resume_with_changed_settings_is_refused(digits_shards, uninterrupted):
     result = run_trainer(args_for(digits_shards, uninterrupted, "train.lr=0.2"), nproc=2)
     assert result.returncode != 0  # torchrun reports a worker's exit 2 as its own exit 1
@@ -137,19 +134,12 @@ def test_single_process_runs_are_deterministic(digits_shards, tmp_path):
     assert runs[0][0]["density"] == pytest.approx(0.8**4.5, abs=1e-3)
 
 
+@pytest.mark.distributed
 def test_sigkill_of_one_rank_does_not_leave_the_job_hanging(digits_shards, tmp_path):
     """torchrun notices the dead rank and stops the other one; nothing waits forever."""
     run_dir = tmp_path / "one-rank-dies"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "app_dist/train.py"),
-               *args_for(digits_shards, run_dir, "engine.timeout_s=60")]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = checkpoint(run_dir, 1) / "COMPLETE.json"
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    launcher = launch_trainer(args_for(digits_shards, run_dir, "engine.timeout_s=60"), nproc=2)
+    wait_for(checkpoint(run_dir, 1) / CheckpointFiles.MARKER, launcher, timeout=120)
     workers = rank_processes(launcher.pid)
     assert len(workers) == 2
     os.kill(max(workers), signal.SIGKILL)

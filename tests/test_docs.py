@@ -110,6 +110,10 @@ QUOTED_MESSAGES = [
     "keep log.wandb.mode=offline and upload later with",
     "(corrupt or replaced shard)",
     "mixed image formats",
+    "is a directory; pass a YAML file",
+    "the top level is a list, but it must be a mapping of",
+    "duplicate key",
+    "--config is missing; pass a training config",
 ]
 
 

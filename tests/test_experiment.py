@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from app_dist.cli import main as cli_main
-from app_dist.experiment import BEGIN, END, load_experiment, plan_runs, write_report
+from app_dist.experiment.report import BEGIN, END, write_report
+from app_dist.experiment.runner import is_finished
+from app_dist.experiment.spec import load_experiment, plan_runs
 
 from .conftest import REPO
 
@@ -58,6 +60,27 @@ def test_bad_experiment_files_fail_with_one_line(field, value, message, digits_s
     assert cli_main(["experiment", str(path), "--dry-run"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1
+
+
+def test_an_experiment_file_with_a_duplicate_key_is_one_line_naming_it(tmp_path, capsys):
+    path = tmp_path / "experiment.yaml"
+    path.write_text("name: a\ntrain_config: configs/digits.yaml\nname: b\n")
+    assert cli_main(["experiment", str(path), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert error == f"error: experiment file {path}, line 3: duplicate key 'name'\n"
+
+
+def test_a_torn_last_metrics_line_is_not_a_finished_megabatch(digits_shards, tmp_path):
+    """A crash while the last record was written leaves it without its newline: the run must
+    train again (and resume), not be reported as finished."""
+    spec = load_experiment(experiment_file(tmp_path, digits_shards, methods="[app]"))
+    (run,) = plan_runs(spec)
+    run.run_dir.mkdir(parents=True)
+    metrics = run.run_dir / "metrics.jsonl"
+    metrics.write_text('{"megabatch": 1}\n{"megabatch": 2, "test_acc')
+    assert not is_finished(run)
+    metrics.write_text('{"megabatch": 1}\n{"megabatch": 2}\n')
+    assert is_finished(run)
 
 
 def test_report_block_is_replaced_and_notes_around_it_survive(tmp_path):

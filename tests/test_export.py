@@ -16,6 +16,7 @@ from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
 from app_dist.foundations.distributed import Platform
+from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.models import build_model
 from app_dist.pruning.masks import attach_masks
 from app_dist.results.export import (
@@ -27,22 +28,8 @@ from app_dist.results.export import (
     sparse_payload,
     unpack_mask,
 )
-from app_dist.train import main as train_main
 
-from .conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def pruned_run(digits_shards, tmp_path_factory) -> Path:
-    """A finished single-process APP run on digits, 2 megabatches, final density 0.366."""
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    code = train_main(["--config", str(REPO / "configs/digits.yaml"),
-                       f"data.shards={digits_shards}", f"run.dir={run_dir}",
-                       "data.megabatches=2", "train.epochs=1", "data.num_workers=0",
-                       "log.progress=false", "log.wandb.mode=disabled",
-                       "checkpoint.keep_last=3"])
-    assert code == 0
-    return run_dir
+from .conftest import checkpoint_folder
 
 
 def masked_model_from_checkpoint(folder: Path, manifest: Manifest) -> nn.Module:
@@ -81,15 +68,16 @@ def test_payload_folds_masks_and_keeps_nearly_dense_weights_plain():
     assert torch.count_nonzero(restored[names[0]]) == 0
 
 
-def test_export_is_small_and_reloads_as_a_plain_model_with_identical_outputs(pruned_run,
+@pytest.mark.slow
+def test_export_is_small_and_reloads_as_a_plain_model_with_identical_outputs(finished_run,
                                                                              digits_shards,
                                                                              tmp_path, capsys):
     out = tmp_path / "model.pt"
-    assert cli_main(["export", str(pruned_run), "--out", str(out)]) == 0
+    assert cli_main(["export", str(finished_run), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "density 0.366" in printed
 
-    final = pruned_run / "checkpoints" / "megabatch-0002"
+    final = checkpoint_folder(finished_run, 2)
     dense_bytes = len(_saved({k: v for k, v in torch.load(final / "engine.pt",
                                                           weights_only=True)["model"].items()
                               if not k.endswith("weight_mask")}))
@@ -129,10 +117,11 @@ def _saved(value) -> bytes:
     return buffer.getvalue()
 
 
-def test_export_skips_a_damaged_newest_checkpoint(pruned_run, tmp_path):
+@pytest.mark.slow
+def test_export_skips_a_damaged_newest_checkpoint(finished_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(pruned_run, copy)
-    newest = copy / "checkpoints" / "megabatch-0002" / "engine.pt"
+    shutil.copytree(finished_run, copy)
+    newest = checkpoint_folder(copy, 2) / CheckpointFiles.ENGINE
     newest.write_bytes(newest.read_bytes()[:100])
     exported = export_run(copy)
     assert exported.path == copy / "model-sparse.pt"

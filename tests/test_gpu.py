@@ -11,19 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_dist.config import PerfSettings, TrainSettings
+from app_dist.config import Config, PerfSettings, TrainSettings
 from app_dist.data.augment import SampleTransform
 from app_dist.data.device_decode import decode_batch
-from app_dist.data.loader import pack_encoded
+from app_dist.data.pipeline import pack_encoded
 from app_dist.data.prepare.shards import write_shards
 from app_dist.engine.acceleration import accelerate
 from app_dist.engine.ddp import DDPEngine
 from app_dist.foundations.distributed import Platform
+from app_dist.foundations.files import load_torch_file
 from app_dist.pruning.masks import MaskSet
-from app_dist.training.checkpoint import load_verified_file
 from tests.conftest import pruned_model, read_metrics, run_trainer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 GPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
 IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE",
@@ -49,12 +50,13 @@ def _assert_pruned_weights_zero(masks: MaskSet) -> None:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_with_channels_last_keeps_masks_exact(precision: str) -> None:
     reference, reference_masks = pruned_model()
-    want = _losses(DDPEngine(reference, reference_masks, GPU, TrainSettings(lr=0.01)), 1)
+    want = _losses(DDPEngine(reference, reference_masks, GPU,
+                             Config(train=TrainSettings(lr=0.01))), 1)
     model, masks = pruned_model()
     perf = PerfSettings(autocast=precision, channels_last=True, cudnn_benchmark=True)
     accelerate(model, perf, GPU.device)
     assert torch.backends.cudnn.benchmark
-    engine = DDPEngine(model, masks, GPU, TrainSettings(lr=0.01), perf=perf)
+    engine = DDPEngine(model, masks, GPU, Config(train=TrainSettings(lr=0.01), perf=perf))
     got = _losses(engine, 5)
     assert got[0] == pytest.approx(want[0], rel=0.02) and got[0] != want[0]
     assert all(torch.isfinite(torch.tensor(got)))
@@ -104,6 +106,7 @@ def _size(file: Path) -> tuple[int, int]:
     return height, width
 
 
+@pytest.mark.slow
 def test_a_gpu_run_with_every_gpu_switch_trains_and_keeps_masks_exact(tmp_path: Path) -> None:
     if not IMAGENET_SAMPLE.is_dir():
         pytest.skip("the ImageNet sample is not on this machine")
@@ -124,7 +127,7 @@ def test_a_gpu_run_with_every_gpu_switch_trains_and_keeps_masks_exact(tmp_path: 
     records = read_metrics(run_dir)
     assert [r["megabatch"] for r in records] == [1, 2]
     assert records[1]["density"] < records[0]["density"] < 1.0
-    state = load_verified_file(run_dir / "checkpoints" / "megabatch-0002" / "engine.pt")["model"]
+    state = load_torch_file(run_dir / "checkpoints" / "megabatch-0002" / "engine.pt")["model"]
     masked = [key for key in state if key.endswith("weight_mask")]
     assert masked
     for key in masked:

@@ -141,6 +141,7 @@ def test_imagenet_configs_hold_the_paper_settings():
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_resnet50_trains_at_224_on_real_jpegs_through_the_deepspeed_launcher(tmp_path):
     """`deepspeed app_dist/train.py --config configs/imagenet.yaml`, shrunk to a few steps:
     JPEG bytes decoded in a DataLoader worker, RandomResizedCrop(224) + flip, ResNet-50 with

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.pruning.schedule import density_schedule
 from app_dist.pruning.threshold import keep_count
 from app_dist.train import main as train_main
@@ -25,15 +26,16 @@ def train(shards: Path, run_dir: Path, *overrides: str) -> list[dict]:
                        "data.num_workers=0", "log.progress=false", "log.wandb.mode=disabled",
                        "prune.criterion=magnitude", *overrides])
     assert code == 0
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines = RunLayout(run_dir).metrics.read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
 def final_masks(run_dir: Path, megabatch: int) -> dict[str, torch.Tensor]:
-    folder = run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
-    return torch.load(folder / "state.pt", weights_only=True)["masks"]
+    folder = RunLayout(run_dir).checkpoint(megabatch)
+    return torch.load(folder / CheckpointFiles.STATE, weights_only=True)["masks"]
 
 
+@pytest.mark.slow
 def test_include_linear_prunes_hidden_linear_layers_but_never_the_classifier(digits_shards,
                                                                              tmp_path):
     records = train(digits_shards, tmp_path / "linear", "model.name=digits_cnn_mlp",
@@ -45,7 +47,7 @@ def test_include_linear_prunes_hidden_linear_layers_but_never_the_classifier(dig
     assert sum(int(m.sum()) for m in masks.values()) == keep_count(0.8**4.5, total)
     assert 0 < masks["net.12.weight"].float().mean() < 1  # the Linear layer was pruned
     assert records[-1]["prunable_parameters"] == total
-    engine = torch.load(tmp_path / "linear/checkpoints/megabatch-0002/engine.pt",
+    engine = torch.load(RunLayout(tmp_path / "linear").checkpoint(2) / CheckpointFiles.ENGINE,
                         weights_only=True)["model"]
     assert torch.count_nonzero(engine["net.12.weight"][~masks["net.12.weight"]]) == 0
 
@@ -55,6 +57,7 @@ def test_include_linear_prunes_hidden_linear_layers_but_never_the_classifier(dig
     assert without[-1]["prunable_parameters"] == total - 64 * 64
 
 
+@pytest.mark.slow
 def test_target_density_and_sparsity_level_give_the_same_run(digits_shards, tmp_path):
     by_tau = train(digits_shards, tmp_path / "tau", "prune.sparsity_level=3",
                    "data.megabatches=2")
@@ -87,6 +90,7 @@ REPLAY_SIZES = {
 
 
 @pytest.mark.parametrize("replay", list(REPLAY_SIZES))
+@pytest.mark.slow
 def test_replay_policies_train_and_validate_on_their_sets(replay, digits_shards, tmp_path):
     records = train(digits_shards, tmp_path / replay, f"data.replay={replay}",
                     "data.replay_window=2", "data.replay_buffer=100")
@@ -96,6 +100,7 @@ def test_replay_policies_train_and_validate_on_their_sets(replay, digits_shards,
     assert records[-1]["cer_count"] == sum(r["test_errors"] for r in records)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_a_megabatch_after_patience_epochs_without_gain(digits_shards,
                                                                             tmp_path):
     # A gain of more than 100 points is impossible: every megabatch stops after 1 + 1 epochs.
@@ -129,12 +134,14 @@ def small_digits_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_single_megabatch_prunes_straight_to_the_final_density(digits_shards, tmp_path):
     records = train(digits_shards, tmp_path / "one", "data.megabatches=1")
     assert len(records) == 1
     assert records[0]["density"] == pytest.approx(0.8**4.5, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_one_hundred_megabatches(small_digits_shards, tmp_path):
     run_dir = tmp_path / "long"
     records = train(small_digits_shards, run_dir, "data.megabatches=100", "train.batch_size=8",
@@ -146,7 +153,7 @@ def test_one_hundred_megabatches(small_digits_shards, tmp_path):
     assert records[-1]["density"] == pytest.approx(0.8**4.5, abs=1e-4)
     assert records[-1]["cer_count"] == sum(r["test_errors"] for r in records)
     assert records[-1]["cer"] == pytest.approx(records[-1]["cer_count"] / 297)
-    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept == ["megabatch-0099", "megabatch-0100"]
+    layout = RunLayout(run_dir)
+    assert sorted(layout.checkpoints.iterdir()) == [layout.checkpoint(99), layout.checkpoint(100)]
     masks_99, masks_100 = final_masks(run_dir, 99), final_masks(run_dir, 100)
     assert all(bool((masks_100[n] <= masks_99[n]).all()) for n in masks_100)  # nested

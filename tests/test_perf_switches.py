@@ -4,6 +4,7 @@ within float tolerance, and the GPU-only ones are refused on the CPU with one cl
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import torch
 
 from app_dist.config import Config, DataSettings, PerfSettings, TrainSettings, load_config
 from app_dist.data.augment import SampleTransform
+from app_dist.data.batches import make_batches
 from app_dist.data.device_decode import decode_on_device
-from app_dist.data.loader import evaluation_plan, make_batches, pack_encoded, training_plan
 from app_dist.data.manifest import Manifest
+from app_dist.data.pipeline import pack_encoded
+from app_dist.data.plan import evaluation_plan, training_plan
 from app_dist.data.prepare.shards import write_shards
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
@@ -252,7 +255,8 @@ def test_gpu_only_switches_are_refused_when_auto_picks_the_cpu(digits_shards: Pa
 def _train_steps(model: torch.nn.Module, masks: MaskSet, steps: int = 3,
                  perf: PerfSettings | None = None) -> list[float]:
     # A small learning rate: rounding differences are not amplified into chaos in 3 steps.
-    engine = DDPEngine(model, masks, CPU, TrainSettings(lr=0.01), perf=perf)
+    engine = DDPEngine(model, masks, CPU,
+                       Config(train=TrainSettings(lr=0.01), perf=perf or PerfSettings()))
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
@@ -336,7 +340,8 @@ def test_accelerate_compiles_with_inductor_through_build_engine() -> None:
     engine = build_engine(config, model, masks, CPU)
     assert model._compiled_call_impl is not None
     reference, reference_masks = _digits_model()
-    reference_engine = DDPEngine(reference, reference_masks, CPU, config.train)
+    reference_engine = DDPEngine(reference, reference_masks, CPU,
+                                 Config(train=config.train))
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 10, (32,))
     for _ in range(2):
@@ -356,7 +361,7 @@ def test_autocast_keeps_masks_exact(precision: str) -> None:
     model, masks = pruned_model(name="digits_cnn")  # small: CPU half precision is slow
     reference, reference_masks = pruned_model(name="digits_cnn")
     perf = PerfSettings(autocast=precision)
-    engine = DDPEngine(model, masks, CPU, Config().train, perf=perf)
+    engine = DDPEngine(model, masks, CPU, Config(perf=perf))
     assert engine.scaler.is_enabled() == (precision == "fp16")
     got = _train_steps(model, masks, steps=3, perf=perf)
     want = _train_steps(reference, reference_masks, steps=1)
@@ -426,31 +431,27 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
     """Large evaluation batches under inference_mode: the same correct/count, the same loss
     up to summation order; so does perf.fold_batchnorm (with BatchNorm statistics that are
     not the identity, so folding really changes the weights)."""
-    from app_dist.training.loop import MegabatchLoop
+    from app_dist.training.evaluation import Evaluator
 
     manifest = Manifest.load(str(digits_shards))
     stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
     torch.manual_seed(0)
     model = build_model("digits_cnn", manifest.num_classes, in_channels=1, mean=[0.3],
                         std=[0.4])
-    masks = MaskSet(model, attach_masks(model))
-    engine = DDPEngine(model, masks, CPU, Config().train)
+    attach_masks(model)
+    plain = Evaluator(load_config(REPO / "configs/digits.yaml"), CPU)
     results = []
     for size in (7, 64, 1000):
         reader = StreamReader(digits_shards, manifest, stream,
                               DataSettings(augment="none", num_workers=0,
                                            eval_batch_size=size), 16, CPU, 1)
-        loop = MegabatchLoop(load_config(REPO / "configs/digits.yaml"), CPU, reader, engine,
-                             [1.0] * 3, None, None, None)  # type: ignore[arg-type]
-        loop.preemption.restore()
-        results.append(loop.evaluate(reader.evaluation(stream.test_selection())))
-    folding = MegabatchLoop(load_config(REPO / "configs/digits.yaml",
-                                        ["perf.fold_batchnorm=true"]), CPU, reader, engine,
-                            [1.0] * 3, None, None, None)  # type: ignore[arg-type]
-    folding.preemption.restore()
+        test_pass = functools.partial(reader.evaluation, stream.test_selection())
+        results.append(plain.evaluate(model, test_pass))
+    folding = Evaluator(load_config(REPO / "configs/digits.yaml", ["perf.fold_batchnorm=true"]),
+                        CPU)
     _with_trained_batchnorm_statistics(model)
-    unfolded = loop.evaluate(reader.evaluation(stream.test_selection()))
-    folded = folding.evaluate(reader.evaluation(stream.test_selection()))
+    unfolded = plain.evaluate(model, lambda: reader.evaluation(stream.test_selection()))
+    folded = folding.evaluate(model, lambda: reader.evaluation(stream.test_selection()))
     assert (folded.correct, folded.count) == (unfolded.correct, unfolded.count)
     assert folded.loss == pytest.approx(unfolded.loss, rel=1e-5)
     assert len({(r.correct, r.count) for r in results}) == 1
@@ -461,6 +462,7 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
 
 # ---------------------------------------------------------------- whole runs
 
+@pytest.mark.slow
 def test_a_run_with_every_exact_switch_on_has_identical_metrics(digits_shards: Path,
                                                                tmp_path: Path) -> None:
     base = ["data.megabatches=2", "train.epochs=2", "data.num_workers=2",
@@ -477,6 +479,7 @@ def test_a_run_with_every_exact_switch_on_has_identical_metrics(digits_shards: P
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_with_cache_and_pool_match_the_plain_run(digits_shards: Path,
                                                           uninterrupted: Path,
                                                           tmp_path: Path) -> None:

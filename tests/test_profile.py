@@ -11,6 +11,8 @@ import pytest
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # `app-dist profile` trains a real megabatch
+
 PHASES = ["data", "forward", "backward", "optimizer", "mask ops", "pruning", "validation data",
           "validation compute", "test data", "test compute", "checkpoint", "other"]
 

@@ -8,16 +8,15 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from app_dist.data.manifest import file_sha256
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
+from app_dist.foundations.files import file_sha256
 from app_dist.training.checkpoint import Checkpointer, verify
 
 from .conftest import (
@@ -26,7 +25,7 @@ from .conftest import (
     copy_shards,
     digits_run_args,
     first_sample_key,
-    free_port,
+    launch_trainer,
     rank_processes,
     read_metrics,
     rewrite_shard,
@@ -39,6 +38,7 @@ CPU = Platform(0, 1, 0, torch.device("cpu"))
 # --- pre-emption (SIGTERM) ---------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_sigterm_checkpoints_mid_megabatch_exits_75_and_resumes_exactly(digits_shards,
                                                                          uninterrupted, tmp_path):
     """Rank 1 alone gets the notice; both ranks agree, finish the step, write a checkpoint."""
@@ -57,6 +57,7 @@ def test_sigterm_checkpoints_mid_megabatch_exits_75_and_resumes_exactly(digits_s
     assert not (run_dir / "checkpoints" / "preempted-0002").exists()  # superseded, removed
 
 
+@pytest.mark.slow
 def test_sigterm_exit_code_is_75_in_a_single_process(digits_shards, tmp_path):
     fault = {"APP_DIST_FAULT": "sigterm:rank=0,megabatch=1,epoch=0,step=1"}
     args = digits_run_args(digits_shards, tmp_path / "run", "data.megabatches=2")
@@ -67,6 +68,7 @@ def test_sigterm_exit_code_is_75_in_a_single_process(digits_shards, tmp_path):
 # --- damaged checkpoints ------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_corrupt_newest_checkpoint_is_reported_kept_and_skipped(digits_shards, uninterrupted,
                                                                 tmp_path):
     run_dir = tmp_path / "corrupt"
@@ -101,9 +103,9 @@ class FakeEngine:
 
 def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(tmp_path):
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
-    checkpointer.save(1, {"x": 1}, {}, FakeEngine())
+    checkpointer.write(1, {"x": 1}, {}, FakeEngine())
     with pytest.raises(CheckpointError, match="No space left on device.*intact"):
-        checkpointer.save(2, {"x": 2}, {}, FakeEngine(fail=True))
+        checkpointer.write(2, {"x": 2}, {}, FakeEngine(fail=True))
     assert verify(checkpointer.folder(1)) is None
     assert not checkpointer.folder(2).exists()
     assert not list((tmp_path / "checkpoints").glob(".*incomplete"))
@@ -112,11 +114,11 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(t
 
 def test_retention_never_deletes_the_only_valid_checkpoint(tmp_path):
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=1)
-    checkpointer.save(1, {}, {}, FakeEngine())
-    checkpointer.save(2, {}, {}, FakeEngine())
+    checkpointer.write(1, {}, {}, FakeEngine())
+    checkpointer.write(2, {}, {}, FakeEngine())
     assert not checkpointer.folder(1).exists()
     (checkpointer.folder(2) / "state.pt").write_bytes(b"garbage")  # newest now damaged
-    checkpointer.save(3, {}, {}, FakeEngine())
+    checkpointer.write(3, {}, {}, FakeEngine())
     assert verify(checkpointer.folder(3)) is None
     assert checkpointer.folder(2).exists()  # damaged: kept as evidence, not counted
     (checkpointer.folder(3) / "engine.pt").write_bytes(b"garbage")
@@ -129,7 +131,7 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
             return (os.system, ("echo pwned",))
 
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
-    checkpointer.save(1, {"x": 1}, {}, FakeEngine())
+    checkpointer.write(1, {"x": 1}, {}, FakeEngine())
     folder = checkpointer.folder(1)
     torch.save({"evil": Payload()}, folder / "state.pt")
     marker = json.loads((folder / "COMPLETE.json").read_text())
@@ -139,6 +141,7 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
         checkpointer.latest().load_state()
 
 
+@pytest.mark.slow
 def test_unwritable_run_directory_is_a_one_line_error(digits_shards, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -155,6 +158,7 @@ def test_unwritable_run_directory_is_a_one_line_error(digits_shards, tmp_path):
     (lambda s: {k: v for k, v in s.items() if k != "cls"}, "no label (.cls)"),
     (lambda s: {**s, "png": b"\x89PNG not really"}, "cannot decode image"),
 ])
+@pytest.mark.slow
 def test_bad_sample_stops_the_run_naming_shard_and_key(digits_shards, tmp_path, damage, message):
     shards = copy_shards(digits_shards, tmp_path / "shards")
     rewrite_shard(shards, "train-000000.tar", damage)
@@ -165,6 +169,7 @@ def test_bad_sample_stops_the_run_naming_shard_and_key(digits_shards, tmp_path, 
     assert key in result.stderr
 
 
+@pytest.mark.slow
 def test_shard_whose_checksum_differs_is_refused_before_training(digits_shards, tmp_path):
     shards = copy_shards(digits_shards, tmp_path / "shards")
     target = shards / "train-000003.tar"
@@ -174,6 +179,7 @@ def test_shard_whose_checksum_differs_is_refused_before_training(digits_shards, 
     assert "train-000003.tar" in result.stderr and "sha256" in result.stderr
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_caught_while_reading_even_without_checksums(digits_shards,
                                                                         tmp_path):
     shards = copy_shards(digits_shards, tmp_path / "shards")
@@ -193,6 +199,7 @@ def test_truncated_shard_is_caught_while_reading_even_without_checksums(digits_s
     (["train.batch_size=63"], "train.batch_size"),  # not divisible by 2 ranks
     (["data.megabatches=1000"], "data.megabatches=1000"),
 ])
+@pytest.mark.slow
 def test_bad_cli_input_is_one_line_before_any_process_group(digits_shards, tmp_path, extra,
                                                             culprit):
     result = run_trainer(digits_run_args(digits_shards, tmp_path / "run", *extra), nproc=1,
@@ -205,6 +212,7 @@ def test_bad_cli_input_is_one_line_before_any_process_group(digits_shards, tmp_p
 # --- the soak test ----------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
     """torchrun --max-restarts 3; a random rank is SIGKILLed at a random moment, three times;
     the final metrics equal the uninterrupted run's."""
@@ -219,12 +227,9 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "soak"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--max-restarts", "3", "--master_port", str(free_port()),
-               str(REPO / "app_dist/train.py"), *args, f"run.dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = launch_trainer([*args, f"run.dir={run_dir}"], nproc=2,
+                              launcher_args=["--max-restarts", "3"], stderr=subprocess.PIPE,
+                              text=True)
     chooser = random.Random(2024)
     kills = 0
     deadline = time.time() + 600
@@ -244,14 +249,14 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
 
 def test_a_digest_taken_while_writing_is_used_only_for_the_unchanged_file(tmp_path: Path) -> None:
     """Sealing trusts the sha256 computed as torch.save wrote the file, not a rewrite since."""
-    from app_dist.training.checkpoint import _sealed_sha256, atomic_torch_save
+    from app_dist.foundations.files import atomic_torch_save, sha256_of_written
 
     path = tmp_path / "engine.pt"
     atomic_torch_save({"weights": torch.arange(1000.0)}, path)
-    assert _sealed_sha256(path) == file_sha256(path)
+    assert sha256_of_written(path) == file_sha256(path)
     atomic_torch_save({"weights": torch.arange(1000.0)}, path)
     data = bytearray(path.read_bytes())
     data[-30] ^= 0xFF  # same size, new contents, a later mtime
     time.sleep(0.01)
     path.write_bytes(bytes(data))
-    assert _sealed_sha256(path) == file_sha256(path)
+    assert sha256_of_written(path) == file_sha256(path)

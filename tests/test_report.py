@@ -19,25 +19,21 @@ from app_dist.results.plots import layer_density_matrix
 from app_dist.results.report import CURVES, run_labels, write_report
 from app_dist.results.report import main as report_main
 from app_dist.results.runs import read_run
-from tests.conftest import REPO, run_trainer
+from tests.conftest import REPO, run_trainer, short_run_args
 
 CHROMIUM = shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
-def runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two real 1-process runs on the digits (T = 2, 1 epoch): APP and dense."""
-    root = tmp_path_factory.mktemp("report-runs")
-    made = {}
-    for method in ("app", "dense"):
-        run_dir = root / method
-        result = run_trainer(["--config", "configs/digits.yaml", f"data.shards={digits_shards}",
-                              f"run.dir={run_dir}", f"prune.method={method}",
-                              "data.megabatches=2", "train.epochs=1", "data.num_workers=0",
-                              "log.progress=false", "log.wandb.mode=disabled"], timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        made[method] = run_dir
-    return made
+def runs(digits_shards: Path, finished_run: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two real 1-process runs on the digits (T = 2, 1 epoch): APP (the suite's shared
+    finished_run) and dense, each in a folder named after its method. Read only."""
+    dense = tmp_path_factory.mktemp("report-runs") / "dense"
+    result = run_trainer(short_run_args(digits_shards, dense, "prune.method=dense"),
+                         timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"app": finished_run, "dense": dense}
 
 
 def _data_uri_images(page: str) -> list[bytes]:
@@ -45,6 +41,7 @@ def _data_uri_images(page: str) -> list[bytes]:
             for data in re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
 
 
+@pytest.mark.slow
 def test_report_overlays_runs_and_embeds_every_figure(runs: dict[str, Path],
                                                       tmp_path: Path) -> None:
     page, figures = write_report([runs["app"], runs["dense"]], tmp_path / "out")
@@ -66,14 +63,19 @@ def test_report_overlays_runs_and_embeds_every_figure(runs: dict[str, Path],
             assert f"<td>{record['cer']:.3f}</td>" in text
 
 
-def test_report_defaults_to_the_first_run_directory(runs: dict[str, Path]) -> None:
-    result = subprocess.run([sys.executable, "-m", "app_dist.cli", "report", str(runs["app"])],
+@pytest.mark.slow
+def test_report_defaults_to_the_first_run_directory(runs: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    app = tmp_path / "app"  # the report is written into the run directory: a copy
+    shutil.copytree(runs["app"], app)
+    result = subprocess.run([sys.executable, "-m", "app_dist.cli", "report", str(app)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (runs["app"] / "report" / "report.html").is_file()
+    assert (app / "report" / "report.html").is_file()
     assert "report.html (5 figures" in result.stdout
 
 
+@pytest.mark.slow
 def test_heat_map_matrix_is_layers_by_megabatches(runs: dict[str, Path]) -> None:
     records = read_run(runs["app"]).records
     layers, megabatches, matrix = layer_density_matrix(records)
@@ -85,6 +87,7 @@ def test_heat_map_matrix_is_layers_by_megabatches(runs: dict[str, Path]) -> None
     assert (matrix[:, 1] <= matrix[:, 0]).all()
 
 
+@pytest.mark.slow
 def test_labels_stay_unique_when_methods_repeat(runs: dict[str, Path]) -> None:
     app = read_run(runs["app"])
     assert run_labels([app, read_run(runs["dense"])]) == ["app", "dense"]

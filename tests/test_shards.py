@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_dist.data import shards as shards_mod
+from app_dist.data.image_headers import image_header
 from app_dist.data.manifest import (
     Manifest,
     ManifestError,
-    file_sha256,
     shard_path,
     verify_shard,
 )
+from app_dist.data.prepare import shards as shards_mod
 from app_dist.data.prepare.shards import main, write_shards
-from app_dist.data.prepare.sources import image_header
+from app_dist.foundations.files import file_sha256
 
 # The shared real-data folder sits next to the repository (never copied into it).
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from app_dist.config import DataSettings
-from app_dist.data.loader import training_plan
 from app_dist.data.manifest import Manifest
+from app_dist.data.plan import training_plan
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream, reservoir
 from app_dist.foundations.distributed import Platform

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from app_dist.sweep.results import TrialOutcome, format_table, trial_rows, write
 from app_dist.sweep.resume import restore_reported_checkpoint
 from app_dist.training.checkpoint import Checkpointer, verify
 
-from .conftest import REPO
+from .conftest import REPO, launch, wait_for
 
 
 def sweep_file(folder: Path, shards: Path, **changes) -> Path:
@@ -115,6 +114,21 @@ def test_bad_sweep_input_is_one_line_naming_the_key_and_exits_2(argument, named,
     assert error.startswith("error: ") and error.count("\n") == 1 and named in error
 
 
+def test_perf_keys_are_training_keys_of_every_trial_and_of_the_search_space(tmp_path,
+                                                                           digits_shards):
+    """Every section of the training schema is a training section, `perf` included: a sweep
+    can fix a speed switch for every trial and search over one."""
+    space = {"prune.method": {"grid": ["app"]}, "perf.cache_decoded": {"grid": [True, False]}}
+    path = sweep_file(tmp_path, digits_shards, search_space=space)
+    sweep = load_sweep(path, ["perf.persistent_workers=true"], root=REPO)
+    assert "perf.persistent_workers=true" in sweep.overrides
+    assert sorted(d.key for d in sweep.dimensions) == ["perf.cache_decoded", "prune.method"]
+    overrides = sweep.trial_overrides("t_00000", {"prune.method": "app",
+                                                  "perf.cache_decoded": True})
+    config = load_config(sweep.base_config, overrides)
+    assert config.perf.persistent_workers is True and config.perf.cache_decoded is True
+
+
 def test_sweep_subcommand_is_registered_with_the_cli():
     assert "sweep" in SUBCOMMANDS
     assert SUBCOMMANDS["sweep"][0](["--config", "/nonexistent.yaml"]) == 2
@@ -137,7 +151,7 @@ def write_checkpoints(run_dir: Path, megabatches: int, value: float = 1.0) -> Ch
     platform = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     checkpointer = Checkpointer(run_dir, platform, keep_last=10)
     for megabatch in range(1, megabatches + 1):
-        checkpointer.save(megabatch, {"run": {"completed": megabatch}}, {},
+        checkpointer.write(megabatch, {"run": {"completed": megabatch}}, {},
                           FileEngine(value * megabatch))
     return checkpointer
 
@@ -214,6 +228,7 @@ def test_result_rows_are_sorted_by_the_metric_with_status_and_written_as_csv_and
 # --- the cluster file --------------------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the_project():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -266,6 +281,8 @@ def reported_to_ray_train(experiment: Path, trial_id: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.distributed
 def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_finished_ones(
         ray_cluster, digits_shards, tmp_path):
     megabatches = 4
@@ -280,17 +297,20 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
                    "grace_period": 2, "reduction_factor": 2})
     experiment = tmp_path / "storage" / "digits-test"
     runs = experiment / "runs"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline"}
-    first = subprocess.Popen([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)],
-                             env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = launch([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)],
+                   env={"RAY_ADDRESS": ray_cluster}, cwd=tmp_path, stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT, text=True)
+
+    def trial_dirs() -> list[str]:
+        return sorted(d.name for d in runs.glob("*"))
+
+    def third_trial_halfway() -> bool:
+        trials = trial_dirs()
+        return len(trials) == 3 and reported_to_ray_train(experiment, trials[2]) in (2, 3)
+
     # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
-    deadline, trials = time.monotonic() + 300, []
-    while time.monotonic() < deadline and first.poll() is None:
-        trials = sorted(d.name for d in runs.glob("*"))
-        if len(trials) == 3 and reported_to_ray_train(experiment, trials[2]) in (2, 3):
-            break
-        time.sleep(0.2)
+    wait_for(third_trial_halfway, first, timeout=300, interval=0.2)
+    trials = trial_dirs()
     assert first.poll() is None, first.communicate()[0][-3000:]
     first.send_signal(signal.SIGINT)
     output = first.communicate(timeout=120)[0]
@@ -334,6 +354,8 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.distributed
 def test_trial_whose_worker_is_killed_resumes_from_its_last_reported_megabatch(
         ray_cluster, digits_shards, tmp_path):
     marker = tmp_path / "killed-once"

@@ -13,7 +13,6 @@ import pytest
 from app_dist.config import load_config
 from app_dist.foundations.errors import AppDistError
 from app_dist.training.metrics import WandbLog
-from tests.conftest import run_trainer
 
 _BLOCK = 32 * 1024  # wandb's record log is LevelDB's log format: 32 KiB blocks
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -173,15 +172,10 @@ def test_online_without_login_is_one_line_error_with_the_fix(
 
 @pytest.mark.slow
 def test_a_real_training_run_logs_every_megabatch_offline(
-        digits_shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_trainer(["--config", "configs/digits.yaml", f"data.shards={digits_shards}",
-                          f"run.dir={run_dir}", "data.megabatches=2", "train.epochs=1",
-                          "data.num_workers=0", "log.progress=false",
-                          "log.wandb.mode=offline", "log.wandb.group=test-sweep"],
-                         env={"WANDB_DIR": str(tmp_path)}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "wandb sync" in result.stdout  # the user is told how to upload the offline run
+        finished_run: Path, finished_run_stdout: str) -> None:
+    """The suite's shared finished run logs offline, in wandb group test-sweep."""
+    run_dir = finished_run
+    assert "wandb sync" in finished_run_stdout  # the user is told how to upload the offline run
     (run,) = _offline_runs(run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert run.run.run_group == "test-sweep" and run.run.job_type == "app"

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 
 from app_dist.data.augment import SampleTransform
-from app_dist.data.loader import (
+from app_dist.data.manifest import SplitInfo
+from app_dist.data.pipeline import (
     Batch,
-    ShardCounts,
     augment_generator,
     batched,
     reader_order,
     round_robin,
     without_skipped,
 )
-from app_dist.data.manifest import SplitInfo
+from app_dist.data.plan import ShardCounts
 from app_dist.data.stream import Selection
 from app_dist.foundations.errors import DataError
 

@@ -5,7 +5,7 @@ into image batches on the device. Decoding runs in a thread of its own, on a CUD
 its own, `AHEAD` batches ahead of the training step, so that it can overlap the step rather
 than add to it. On an H200 a batch of 256 full-size ImageNet photos decodes and crops in
 44 ms, about the time of a bf16 ResNet-50 step; the thread alone did not measurably speed up
-training there (the readers' hand-over was the bottleneck then: see loader.pack_encoded).
+training there (the readers' hand-over was the bottleneck then: see pipeline.pack_encoded).
 """
 
 from __future__ import annotations

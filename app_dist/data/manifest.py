@@ -8,7 +8,6 @@ first_index = i * samples_per_shard; `app_dist.data.prepare.shards` writes this 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app_dist.foundations.errors import DataError
+from app_dist.foundations.files import atomic_write_text, file_sha256
 
 FORMAT = "app-dist-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -81,11 +81,9 @@ class Manifest:
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write `directory/manifest.json` atomically (temp file + os.replace); return its path."""
+        """Write `directory/manifest.json` atomically; return its path."""
         path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -121,15 +119,6 @@ class Manifest:
 
 def shard_path(directory: str | os.PathLike[str], shard: ShardInfo) -> Path:
     return Path(directory) / shard.name
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks; hashlib.file_digest needs 3.11)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_shard(directory: str | os.PathLike[str], shard: ShardInfo) -> None:

@@ -16,18 +16,13 @@ from typing import Protocol
 
 from app_dist.config import DataSettings, PerfSettings
 from app_dist.data.augment import SampleTransform
+from app_dist.data.batches import decode_samples, make_batches
 from app_dist.data.cache import DecodedCache
 from app_dist.data.device_decode import decode_on_device
-from app_dist.data.loader import (
-    ReaderPool,
-    ShardCounts,
-    decode_samples,
-    evaluation_plan,
-    make_batches,
-    training_plan,
-)
 from app_dist.data.manifest import Manifest
+from app_dist.data.plan import ShardCounts, evaluation_plan, training_plan
 from app_dist.data.stream import MegabatchStream, Selection
+from app_dist.data.workers import ReaderPool
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.seeding import derived_seed

@@ -1,5 +1,6 @@
 """The ALMA megabatch stream as pure bookkeeping: which samples each megabatch trains and
-validates on. Nothing here reads images; `app_dist.data.loader` turns a Selection into batches.
+validates on. Nothing here reads images; `app_dist.data.plan` and `app_dist.data.batches`
+turn a Selection into batches.
 
 The training split (already permuted once by the shard writer) is cut into T megabatches of
 consecutive shards. Each megabatch's 90/10 train/validation split is drawn from the seed, and

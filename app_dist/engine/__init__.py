@@ -21,7 +21,7 @@ def build_engine(config: Config, model: nn.Module, masks: MaskSet, platform: Pla
     if config.engine.kind == "ddp":
         from app_dist.engine.ddp import DDPEngine
 
-        return DDPEngine(model, masks, platform, config.train, perf=config.perf)
+        return DDPEngine(model, masks, platform, config)
     if config.engine.kind == "deepspeed":
         from app_dist.engine.deepspeed_engine import DeepSpeedEngine
 

@@ -35,9 +35,10 @@ class Engine(Protocol):
     def end_epoch(self) -> None:
         """Advance the lr schedule and make the non-parameter state agree across ranks."""
 
-    def masks_changed(self) -> None:
-        """The mask buffers were just rewritten: zero the pruned positions everywhere the
-        engine keeps a copy (weights, master weights, optimizer state). All ranks call it."""
+    def apply_masks(self, new_masks: dict[str, torch.Tensor]) -> None:
+        """Install new masks (name -> 0/1 tensor, from pruning) and zero the pruned positions
+        everywhere the engine keeps a copy (weights, master weights, optimizer state). All
+        ranks call it, with the same masks."""
 
     def pruned_residue(self) -> dict[str, float]:
         """The largest |value| at pruned positions of every copy the engine keeps (weights,

@@ -9,33 +9,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import MultiStepLR
 
-from app_dist.config import PerfSettings, TrainSettings
+from app_dist.config import Config
 from app_dist.engine.acceleration import autocast, needs_loss_scaling
 from app_dist.engine.base import StepResult, module_state
 from app_dist.engine.batchnorm import average_batchnorm_statistics
+from app_dist.engine.optimization import restarted_schedule, sgd_optimizer
 from app_dist.foundations.distributed import Platform
-from app_dist.pruning.masks import MaskSet, zero_optimizer_state
-from app_dist.training.checkpoint import atomic_torch_save, load_verified_file
+from app_dist.foundations.files import atomic_torch_save, load_torch_file
+from app_dist.foundations.run_layout import CheckpointFiles
+from app_dist.pruning.masks import MaskSet
 
 
 class DDPEngine:
     def __init__(self, model: nn.Module, masks: MaskSet, platform: Platform,
-                 settings: TrainSettings, perf: PerfSettings | None = None) -> None:
+                 config: Config) -> None:
         self.platform = platform
-        self.settings = settings
-        self.perf = perf or PerfSettings()
+        self.settings = config.train
+        self.perf = config.perf
         self.module = model.to(platform.device)
         self.masks = masks
         # Masks are registered before wrapping; buffers are not broadcast every forward because
         # that would hide a mask divergence (masks are checked by checksum instead) and BN
         # statistics are averaged once per epoch in end_epoch.
         self.model: nn.Module = self._wrap(self.module) if platform.distributed else self.module
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.lr,
-                                         momentum=settings.momentum,
-                                         weight_decay=settings.weight_decay)
-        self.scheduler = self._new_scheduler()
+        self.optimizer = sgd_optimizer(self.module, self.settings)
+        self.scheduler = restarted_schedule(self.optimizer, self.settings)
         # perf.autocast=fp16: scaled losses keep small gradients from flushing to zero. A
         # skipped step (inf/nan gradients) leaves weights and masks as they were.
         self.scaler = torch.amp.GradScaler(platform.device.type,
@@ -52,15 +51,8 @@ class DDPEngine:
                                            device_ids=[self.platform.device.index]
                                            if self.platform.device.type == "cuda" else None)
 
-    def _new_scheduler(self) -> MultiStepLR:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr
-            group["initial_lr"] = self.settings.lr
-        return MultiStepLR(self.optimizer, milestones=list(self.settings.milestones),
-                           gamma=self.settings.gamma)
-
     def start_megabatch(self) -> None:
-        self.scheduler = self._new_scheduler()
+        self.scheduler = restarted_schedule(self.optimizer, self.settings)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         images = images.to(self.platform.device, non_blocking=True)
@@ -81,9 +73,8 @@ class DDPEngine:
         self.scheduler.step()
         average_batchnorm_statistics(self.module, self.platform)
 
-    def masks_changed(self) -> None:
-        self.masks.apply_to_weights()
-        zero_optimizer_state(self.optimizer, self.masks)
+    def apply_masks(self, new_masks: dict[str, torch.Tensor]) -> None:
+        self.masks.update(new_masks, self.optimizer)
 
     def pruned_residue(self) -> dict[str, float]:
         return self.masks.pruned_residue(self.optimizer)
@@ -91,7 +82,7 @@ class DDPEngine:
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
 
-    ENGINE_FILE = "engine.pt"
+    ENGINE_FILE = CheckpointFiles.ENGINE
 
     def engine_state_files(self) -> list[str]:
         return [self.ENGINE_FILE]
@@ -107,7 +98,7 @@ class DDPEngine:
             }, folder / self.ENGINE_FILE)
 
     def load(self, folder: Path) -> None:
-        state = load_verified_file(folder / self.ENGINE_FILE)
+        state = load_torch_file(folder / self.ENGINE_FILE)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

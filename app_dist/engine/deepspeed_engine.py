@@ -26,14 +26,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import MultiStepLR
 
 from app_dist.config import Config
 from app_dist.engine.base import StepResult
 from app_dist.engine.batchnorm import average_batchnorm_statistics
 from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, precision_of
+from app_dist.engine.optimization import restarted_schedule, sgd_optimizer
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
+from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
 log = logging.getLogger("app_dist")
@@ -53,7 +54,7 @@ def _join_single_process_group(device: torch.device) -> None:
 
 
 class DeepSpeedEngine:
-    CHECKPOINT_DIR = "deepspeed"  # inside the megabatch checkpoint folder
+    CHECKPOINT_DIR = CheckpointFiles.DEEPSPEED  # inside the megabatch checkpoint folder
     TAG = "engine"  # DeepSpeed's tag folder: CHECKPOINT_DIR/TAG/*.pt
 
     def __init__(self, model: nn.Module, masks: MaskSet, platform: Platform,
@@ -71,9 +72,7 @@ class DeepSpeedEngine:
         self.module = model.to(platform.device)
         # The client optimizer: ZeRO keeps it and steps it on its own fp32 partitions, so its
         # param_groups carry the lr our scheduler sets.
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=self.settings.lr,
-                                         momentum=self.settings.momentum,
-                                         weight_decay=self.settings.weight_decay)
+        self.optimizer = sgd_optimizer(self.module, self.settings)
         if not platform.distributed:
             _join_single_process_group(platform.device)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
@@ -82,7 +81,7 @@ class DeepSpeedEngine:
         self.precision = precision_of(self.ds_config)
         if self.precision != "fp32":
             self._compute_in_half(HALF_DTYPES[self.precision])
-        self.scheduler = self._new_scheduler()
+        self.scheduler = restarted_schedule(self.optimizer, self.settings)
 
     def _compute_in_half(self, dtype: torch.dtype) -> None:
         """DeepSpeed casts the model to half; the model's input normalisation returns fp32
@@ -94,17 +93,10 @@ class DeepSpeedEngine:
                              "(with its `normalize` input layer)")
         normalize.register_forward_hook(lambda _module, _inputs, output: output.to(dtype))
 
-    def _new_scheduler(self) -> MultiStepLR:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr
-            group["initial_lr"] = self.settings.lr
-        return MultiStepLR(self.optimizer, milestones=list(self.settings.milestones),
-                           gamma=self.settings.gamma)
-
     # ------------------------------------------------------------------ training
 
     def start_megabatch(self) -> None:
-        self.scheduler = self._new_scheduler()
+        self.scheduler = restarted_schedule(self.optimizer, self.settings)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         images = images.to(self.platform.device, non_blocking=True)
@@ -140,7 +132,7 @@ class DeepSpeedEngine:
         return sorted(keys)
 
     @torch.no_grad()
-    def masks_changed(self) -> None:
+    def apply_masks(self, new_masks: dict[str, torch.Tensor]) -> None:
         from deepspeed.utils import (
             safe_get_full_fp32_param,
             safe_get_full_optimizer_state,
@@ -148,6 +140,7 @@ class DeepSpeedEngine:
             safe_set_full_optimizer_state,
         )
 
+        self.masks.set(new_masks)
         self.masks.apply_to_weights()
         if not self._has_master():
             zero_optimizer_state(self.optimizer, self.masks)

@@ -110,7 +110,7 @@ class MaskSet:
     @torch.no_grad()
     def set(self, new_masks: dict[str, torch.Tensor]) -> None:
         """Install new masks in place: the buffers keep their identity for DDP and the hooks.
-        The engine then zeroes what it keeps at the pruned positions (`masks_changed`)."""
+        The engine then zeroes what it keeps at the pruned positions (`apply_masks`)."""
         for name, mask in self.masks.items():
             mask.copy_(new_masks[name].to(mask.device, mask.dtype))
 
@@ -123,14 +123,7 @@ class MaskSet:
             zero_optimizer_state(optimizer, self)
 
     def checksums(self) -> torch.Tensor:
-        """One int64 per layer, equal across ranks iff the masks are bit-identical (almost
-        surely): the first 8 bytes of the sha256 of the packed mask bits."""
-        values = []
-        for mask in self.masks.values():
-            bits = mask.detach().bool().cpu().flatten().numpy()
-            digest = hashlib.sha256(bits.tobytes()).digest()
-            values.append(int.from_bytes(digest[:8], "little", signed=True))
-        return torch.tensor(values, dtype=torch.int64)
+        return mask_checksums(self.masks)
 
     @torch.no_grad()
     def pruned_residue(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -155,6 +148,17 @@ class MaskSet:
         if missing:
             raise KeyError(f"mask names differ from the model's: {sorted(missing)[:3]}")
         self.update(saved, optimizer=None)
+
+
+def mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One int64 per layer, equal across ranks iff the masks are bit-identical (almost
+    surely): the first 8 bytes of the sha256 of the packed mask bits."""
+    values = []
+    for mask in masks.values():
+        bits = mask.detach().bool().cpu().flatten().numpy()
+        digest = hashlib.sha256(bits.tobytes()).digest()
+        values.append(int.from_bytes(digest[:8], "little", signed=True))
+    return torch.tensor(values, dtype=torch.int64)
 
 
 @torch.no_grad()

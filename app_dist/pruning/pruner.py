@@ -14,12 +14,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from app_dist.engine.acceleration import eager
-from app_dist.engine.base import Engine
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.seeding import derived_seed
 from app_dist.models import classifier_of
-from app_dist.pruning.masks import MaskSet
+from app_dist.pruning.masks import MaskSet, mask_checksums
 from app_dist.pruning.scores import (
     GRASP_SAMPLES_PER_CLASS,
     SYNFLOW_ITERATIONS,
@@ -110,12 +108,12 @@ def _synflow_scores(model: nn.Module, masks: MaskSet, platform: Platform,
     return {name: part.view_as(scores[name]) for name, part in zip(scores, parts)}
 
 
-def verify_identical_masks(masks: MaskSet, platform: Platform) -> None:
+def verify_identical_masks(masks: dict[str, torch.Tensor], platform: Platform) -> None:
     """Compare per-layer mask checksums across ranks; raise naming the first differing layer."""
     if not platform.distributed:
         return
-    gathered = platform.all_gather(masks.checksums())
-    names = list(masks.masks)
+    gathered = platform.all_gather(mask_checksums(masks))
+    names = list(masks)
     for rank, checksums in enumerate(gathered[1:], start=1):
         differing = (checksums != gathered[0]).nonzero().view(-1).tolist()
         if differing:
@@ -125,16 +123,18 @@ def verify_identical_masks(masks: MaskSet, platform: Platform) -> None:
             )
 
 
-def prune_step(*, density: float, criterion: str, scope: str, engine: Engine,
-               platform: Platform, scoring_batches: ScoringBatches, seed: int,
-               megabatch: int, synflow_iterations: int = SYNFLOW_ITERATIONS) -> None:
-    """Prune the engine's model to `density` (nested in the current mask) on every rank."""
-    masks = engine.masks
-    with eager():  # a compiled model (perf.compile) scores eagerly, in full precision
-        scores = compute_scores(criterion, engine.module, masks, platform, scoring_batches,
-                                seed, megabatch, density=density, scope=scope,
-                                synflow_iterations=synflow_iterations)
+def prune_step(module: nn.Module, masks: MaskSet, platform: Platform,
+               scoring_batches: ScoringBatches, *, density: float, criterion: str, scope: str,
+               seed: int, megabatch: int,
+               synflow_iterations: int = SYNFLOW_ITERATIONS) -> dict[str, torch.Tensor]:
+    """New masks at `density`, nested in `masks` (a pruned weight stays pruned), for the model
+    `module` (uncompiled, as scoring runs eagerly in full precision). Call on every rank: the
+    result is identical on all of them, which is verified before it is returned. Installing
+    the masks is the caller's job (the engine's `apply_masks`)."""
+    scores = compute_scores(criterion, module, masks, platform, scoring_batches, seed,
+                            megabatch, density=density, scope=scope,
+                            synflow_iterations=synflow_iterations)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
-    masks.set(masks_from_scores(scores, current, density, scope))
-    engine.masks_changed()
-    verify_identical_masks(masks, platform)
+    new_masks = masks_from_scores(scores, current, density, scope)
+    verify_identical_masks(new_masks, platform)
+    return new_masks

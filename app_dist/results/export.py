@@ -31,10 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
+from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError, CheckpointError
+from app_dist.foundations.files import atomic_torch_save, load_torch_file
+from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.models import build_model, classifier_of
-from app_dist.training.checkpoint import load_verified_file, verify
+from app_dist.training.checkpoint import Checkpoint, examine
 
 FORMAT = "app-dist-sparse/1"
 DEFAULT_NAME = "model-sparse.pt"
@@ -53,17 +55,17 @@ class Exported:
     density: float
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path:
-    """The newest megabatch-NNNN checkpoint folder that verifies (pre-emption checkpoints hold
-    a megabatch in the middle of training: not a final model). ExportError if none."""
-    root = run_dir / "checkpoints"
-    folders = sorted(root.glob("megabatch-[0-9][0-9][0-9][0-9]"), reverse=True)
+def last_complete_checkpoint(run_dir: Path) -> Checkpoint:
+    """The newest megabatch-NNNN checkpoint that verifies (pre-emption checkpoints hold a
+    megabatch in the middle of training: not a final model). ExportError if none."""
     problems = []
-    for folder in folders:
-        problem = verify(folder)
-        if problem is None:
-            return folder
-        problems.append(f"{folder.name}: {problem}")
+    for folder in reversed(RunLayout(run_dir).checkpoint_folders()):
+        if folder.partial:
+            continue
+        found = examine(folder)
+        if isinstance(found, Checkpoint):
+            return found
+        problems.append(f"{folder.path.name}: {found.reason}")
     detail = f" ({'; '.join(problems[:2])})" if problems else ""
     raise ExportError(f"{run_dir} holds no complete megabatch checkpoint{detail}; pass the "
                       "run.dir of a run that finished at least one megabatch")
@@ -71,11 +73,11 @@ def last_complete_checkpoint(run_dir: Path) -> Path:
 
 def _model_state(folder: Path) -> dict[str, torch.Tensor]:
     """The module state dict the engine saved: engine.pt's "model" (DDP engine)."""
-    engine_file = folder / "engine.pt"
+    engine_file = folder / CheckpointFiles.ENGINE
     if not engine_file.is_file():
-        raise ExportError(f"{folder} has no engine.pt: export reads checkpoints of the DDP "
-                          "engine (engine.kind=ddp)")
-    state = load_verified_file(engine_file)
+        raise ExportError(f"{folder} has no {CheckpointFiles.ENGINE}: export reads checkpoints "
+                          "of the DDP engine (engine.kind=ddp)")
+    state = load_torch_file(engine_file)
     if "model" not in state:
         raise ExportError(f"{engine_file} holds no 'model' state dict")
     return state["model"]
@@ -89,7 +91,7 @@ def _architecture(settings: dict[str, Any], weights: dict[str, torch.Tensor],
         name, stem = settings["model.name"], settings["model.stem"]
         mean, std = list(settings["model.mean"]), list(settings["model.std"])
     except KeyError as missing:
-        raise ExportError(f"{where}/state.pt: settings lack {missing}") from None
+        raise ExportError(f"{where / CheckpointFiles.STATE}: settings lack {missing}") from None
     first_conv = next((w for w in weights.values() if w.dim() == 4), None)
     if first_conv is None:
         raise ExportError(f"{where}: the model has no convolution")
@@ -166,10 +168,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Exported:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a directory; pass the run.dir of a run")
-    folder = last_complete_checkpoint(run_dir)
-    state = load_verified_file(folder / "state.pt")
+    checkpoint = last_complete_checkpoint(run_dir)
+    folder = checkpoint.path
+    state = checkpoint.load_state()
     if "masks" not in state or "settings" not in state:
-        raise CheckpointError(f"{folder}/state.pt lacks masks or settings")
+        raise CheckpointError(f"{folder / CheckpointFiles.STATE} lacks masks or settings")
     masks = state["masks"]
     model_state = _model_state(folder)
     dense, sparse = sparse_payload(model_state, masks)
@@ -182,14 +185,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Exported:
         "dense": dense,
         "sparse": sparse,
         "source": {"run_dir": str(run_dir), "checkpoint": folder.name,
-                   "megabatch": int(folder.name.split("-")[1]), "density": kept / prunable,
+                   "megabatch": checkpoint.megabatch, "density": kept / prunable,
                    "kept": kept, "prunable": prunable},
     }
     path = Path(out) if out is not None else run_dir / DEFAULT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(exported, temporary)
-    temporary.replace(path)
+    atomic_torch_save(exported, path)
     return Exported(path, path.stat().st_size, _saved_size(plain), kept / prunable)
 
 
@@ -219,15 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_or_exit_code(build_parser(), argv)
-        if isinstance(args, int):
-            return args
-        exported = export_run(args.run_dir, args.out)
-    except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    exported = export_run(args.run_dir, args.out)
     print(f"wrote {exported.path}: {exported.sparse_bytes:,} bytes at density "
           f"{exported.density:.3f} ({exported.sparse_bytes / exported.dense_bytes:.1%} of the "
           f"{exported.dense_bytes:,} bytes of the dense state dict)")

@@ -8,6 +8,7 @@ Reads files only; never modifies the run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,17 +16,12 @@ from typing import Any
 
 import torch
 
-from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
-from app_dist.foundations.distributed import Platform
+from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
+from app_dist.foundations.files import load_torch_file
+from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.results.runs import Run, describe_config, read_run
-from app_dist.training.checkpoint import (
-    MARKER,
-    Checkpoint,
-    Checkpointer,
-    load_verified_file,
-    verify,
-)
+from app_dist.training.checkpoint import MARKER, Checkpoint, scan_checkpoints, verify
 from app_dist.training.metrics import SUMMARY_COLUMNS, summary_table
 
 
@@ -47,16 +43,14 @@ def _mask_densities(masks: dict[str, torch.Tensor]) -> dict[str, dict[str, float
 
 def _checkpoint_entries(run_dir: Path) -> list[dict[str, Any]]:
     """Every checkpoint folder of the run, oldest first, verified as the trainer would."""
-    # A world-1 platform: the scan runs in this process only and needs no process group.
-    platform = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     entries = []
-    for item in Checkpointer(run_dir, platform, keep_last=1).scan():
+    for item in scan_checkpoints(run_dir):
         if isinstance(item, Checkpoint):
             entries.append({"path": str(item.path), "megabatch": item.megabatch,
                             "world_size": item.world_size,
                             "partial": item.partial, "problem": None})
         else:
-            entries.append({"path": str(item[0]), "problem": item[1]})
+            entries.append({"path": str(item.path), "problem": item.reason})
     return entries
 
 
@@ -110,6 +104,7 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     """What one checkpoint folder holds, as a JSON-ready dict."""
     problem = verify(folder)
     run_dir = folder.parent.parent
+    layout = RunLayout(run_dir)
     info: dict[str, Any] = {"kind": "checkpoint", "path": str(folder), "run_dir": str(run_dir),
                             "verifies": problem is None, "problem": problem,
                             "resumable": problem is None}
@@ -117,10 +112,10 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
         info["resume"] = f"no: {problem}; the trainer skips this folder"
         return info
     marker = json.loads((folder / MARKER).read_text())
-    state = load_verified_file(folder / "state.pt")
+    state = load_torch_file(folder / CheckpointFiles.STATE)
     run = Run(path=run_dir, config=_unflatten(state.get("settings", {})),
               records=list(state.get("run", {}).get("history", [])))
-    if (run_dir / "config.yaml").is_file():
+    if layout.config.is_file():
         run = Run(path=run_dir, config=read_run(run_dir).config, records=run.records)
     info.update({
         "config": describe_config(run), "megabatch": marker["megabatch"],
@@ -136,16 +131,14 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     return info
 
 
-def is_checkpoint_folder(path: Path) -> bool:
-    return (path / MARKER).is_file() or path.parent.name == "checkpoints"
-
-
 def inspect_path(path: str | Path) -> dict[str, Any]:
     """Dispatch on what `path` is; AppDistError with the fix when it is neither."""
     path = Path(path)
-    if path.is_dir() and is_checkpoint_folder(path):
+    layout = RunLayout(path)
+    if path.is_dir() and ((path / MARKER).is_file()
+                          or RunLayout(path.parent.parent).is_checkpoint_folder(path)):
         return inspect_checkpoint(path)
-    if path.is_dir() and not (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
+    if path.is_dir() and not layout.config.exists() and layout.checkpoints.is_dir():
         return inspect_run(Run(path=path, config=None, records=[]))
     try:
         return inspect_run(read_run(path))
@@ -206,15 +199,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_or_exit_code(build_parser(), argv)
-        if isinstance(args, int):
-            return args
-        info = inspect_path(args.path)
-    except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    info = inspect_path(args.path)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
     return 0
 

@@ -9,6 +9,7 @@ By default everything goes to FIRST_RUN_DIR/report/.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
+from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
 from app_dist.results.plots import plot_layer_density, plot_runs
 from app_dist.results.runs import Run, describe_config, final_density_of, read_run
@@ -221,15 +222,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_or_exit_code(build_parser(), argv)
-        if isinstance(args, int):
-            return args
-        page, figures = write_report(args.run_dirs, args.out)
-    except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    page, figures = write_report(args.run_dirs, args.out)
     print(f"wrote {page} ({len(figures)} figures: {', '.join(p.name for p in figures)})")
     return 0
 

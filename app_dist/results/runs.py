@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from app_dist.config import PruneSettings, final_density
 from app_dist.foundations.errors import AppDistError
+from app_dist.foundations.run_layout import RunLayout
 
 HINT = ("pass the folder `app-dist train` wrote (run.dir, by default runs/<run.name>-<hash>), "
         "which holds config.yaml and metrics.jsonl")
@@ -76,7 +77,7 @@ def read_run(path: str | Path) -> Run:
         raise AppDistError(f"{path} does not exist; {HINT}")
     if not path.is_dir():
         raise AppDistError(f"{path} is not a directory; {HINT}")
-    config_path, metrics_path = path / "config.yaml", path / "metrics.jsonl"
+    config_path, metrics_path = RunLayout(path).config, RunLayout(path).metrics
     if not config_path.is_file() and not metrics_path.is_file():
         raise AppDistError(f"{path} holds neither config.yaml nor metrics.jsonl; {HINT}")
     config = read_config(config_path) if config_path.is_file() else None

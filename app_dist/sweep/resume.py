@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app_dist.foundations.errors import CheckpointError
+from app_dist.foundations.run_layout import RunLayout
 from app_dist.training.checkpoint import MARKER, verify
 
 log = logging.getLogger("app_dist")
@@ -32,11 +33,6 @@ class Restored:
     set_aside: tuple[Path, ...]  # newer, unreported checkpoints moved out of the trainer's way
 
 
-def checkpoint_folder(run_dir: Path, megabatch: int) -> Path:
-    """The folder app_dist.training.checkpoint.Checkpointer writes for `megabatch`."""
-    return run_dir / "checkpoints" / f"megabatch-{megabatch:04d}"
-
-
 def restore_reported_checkpoint(reported: Path, run_dir: Path) -> Restored:
     """Make `run_dir` resume from the checkpoint folder `reported` (verified by the sha256 in
     its COMPLETE.json). Call on one process only; the others must wait for it."""
@@ -45,14 +41,14 @@ def restore_reported_checkpoint(reported: Path, run_dir: Path) -> Restored:
         raise CheckpointError(f"reported checkpoint {reported}: {problem}")
     marker = json.loads((reported / MARKER).read_text())
     megabatch = int(marker["megabatch"])
-    target = checkpoint_folder(run_dir, megabatch)
+    target = RunLayout(run_dir).checkpoint(megabatch)
     held = target.is_dir() and verify(target) is None and _same_marker(target, reported)
     # A pre-emption checkpoint inside the next megabatch continues the local lineage: keep it
     # only when the local checkpoint it grew from is the reported one.
     set_aside = set_aside_unreported(run_dir, after=megabatch, keep_next_partial=held)
     if held:
         return Restored(megabatch, copied=False, set_aside=set_aside)
-    staging = target.with_name(f".{target.name}.restoring")
+    staging = RunLayout.staging(target)
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(reported, staging)
@@ -60,7 +56,7 @@ def restore_reported_checkpoint(reported: Path, run_dir: Path) -> Restored:
     if problem:
         raise CheckpointError(f"copy of {reported} in {staging}: {problem}")
     if target.exists():
-        aside = target.with_name(f"{target.name}.replaced-{time.time_ns()}")
+        aside = RunLayout.set_aside(target, "replaced", time.time_ns())
         log.warning("keeping %s, which differs from the reported checkpoint, as %s",
                     target, aside)
         os.replace(target, aside)
@@ -84,16 +80,13 @@ def set_aside_unreported(run_dir: Path, after: int,
     NAME.unreported-<ns>, kept for inspection) and return their new paths: megabatch-NNNN for
     NNNN > after, and pre-emption checkpoints preempted-NNNN (inside megabatch NNNN) for
     NNNN > after + 1, or NNNN = after + 1 too unless `keep_next_partial`."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return ()
-    newer = [f for f in root.glob("megabatch-[0-9][0-9][0-9][0-9]")
-             if int(f.name.split("-")[1]) > after]
-    newer += [f for f in root.glob("preempted-[0-9][0-9][0-9][0-9]")
-              if int(f.name.split("-")[1]) > after + (1 if keep_next_partial else 0)]
+    # A pre-emption checkpoint inside megabatch after + 1 has `after` completed megabatches.
+    newer = [f.path for f in RunLayout(run_dir).checkpoint_folders()
+             if f.completed > after
+             or (f.partial and f.completed == after and not keep_next_partial)]
     moved = []
     for folder in sorted(newer):
-        aside = folder.with_name(f"{folder.name}.unreported-{time.time_ns()}")
+        aside = RunLayout.set_aside(folder, "unreported", time.time_ns())
         log.warning("setting aside %s: Tune has seen megabatches up to %d only, so the "
                     "trial trains on from there", folder, after)
         os.replace(folder, aside)

@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from app_dist.config import flatten
-from app_dist.foundations.errors import AppDistError, ConfigError
+from app_dist.foundations.commands import ArgumentParser, command
+from app_dist.foundations.errors import ConfigError
 from app_dist.sweep.results import (
     TrialOutcome,
     format_table,
@@ -196,8 +197,8 @@ def connect_ray(num_cpus: int | None) -> bool:
     return True
 
 
-def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="app-dist sweep",
         description="Ray Tune sweep over distributed app-dist trials (see configs/sweep_*.yaml).",
         epilog="Overrides: key=value; training keys (data.shards=..., train.epochs=1) go to "
@@ -209,29 +210,22 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="when restoring, also rerun trials that failed (from their last "
                              "megabatch)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
     """`app-dist sweep`: 0 when every trial completed or was stopped by the scheduler, 1 when
     some failed or are unfinished (run the same command again), 2 on bad input."""
-    args = parse_arguments(argv)
     root = project_root()
-    try:
-        sweep = load_sweep(find_sweep_file(args.config, root), args.overrides, root)
-        check_same_sweep(sweep)
-    except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    sweep = load_sweep(find_sweep_file(args.config, root), args.overrides, root)
+    check_same_sweep(sweep)
     logging.basicConfig(format="[app-dist] %(message)s", level=logging.INFO)
     import ray
 
     connected_here = connect_ray(args.num_cpus)
     try:
         rows = run_sweep(sweep, args.retry_errored)
-    except AppDistError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         if connected_here:
             ray.shutdown()

@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 import app_dist
 from app_dist.config import Config, load_config
 from app_dist.data.manifest import Manifest
+from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.errors import AppDistError, ConfigError
 
 # Top-level sections of the training config: `key=value` arguments under these go to every
 # trial; anything else on the sweep command line overrides the sweep file itself.
-TRAINING_SECTIONS = ("run", "data", "model", "train", "prune", "engine", "checkpoint", "log")
+TRAINING_SECTIONS = tuple(section.name for section in fields(Config))
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 # What each trial reports once per megabatch (besides bookkeeping), and which way is better.
@@ -175,20 +175,8 @@ def load_sweep(path: str | Path, arguments: list[str] | None = None,
                root: Path | None = None) -> Sweep:
     """Read, merge and validate a sweep file; raises ConfigError naming the bad key."""
     root = root or project_root()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {path} does not exist")
     sweep_overrides, training_overrides = split_arguments(arguments or [])
-    merged = OmegaConf.structured(SweepSettings)
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for override in sweep_overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        where = f"sweep key '{key}' in {path}" if key else f"sweep config {path}"
-        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from None
-    settings: SweepSettings = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    settings = load_structured(SweepSettings, path, sweep_overrides, family="sweep")
     settings.overrides = [*settings.overrides, *training_overrides]
     return validate_sweep(settings, root)
 
@@ -220,9 +208,7 @@ def validate_sweep(settings: SweepSettings, root: Path) -> Sweep:
                  max_megabatches=max(megabatches))
 
 
-def _require(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"sweep key '{key}' = {value!r}: {rule}")
+_require = key_rule_checker("sweep")
 
 
 def _check_scalars(settings: SweepSettings) -> None:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from app_dist.config import load_config, run_directory
-from app_dist.data.loader import stop_readers
+from app_dist.data.workers import stop_readers
 from app_dist.foundations.distributed import Platform, start_platform
 from app_dist.sweep.resume import restore_reported_checkpoint, set_aside_unreported
 from app_dist.sweep.settings import Sweep
 from app_dist.train import prepare, setup_logging, train
+from app_dist.training.events import Callback
 
 # The id of the placement group holding the trial's workers, reported with every megabatch so
 # the sweep can release it when Tune stops the trial (see runner.ReleaseTrainPlacementGroup).
@@ -106,9 +107,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         stop_readers()  # as app_dist/train.py: leftover reader processes would block the exit
 
 
-class MegabatchReporter:
-    """The loop's megabatch callback: one ray.train.report per megabatch, on every rank (it
-    is a barrier), with rank 0 attaching the megabatch's checkpoint folder."""
+class MegabatchReporter(Callback):
+    """One ray.train.report per megabatch, on every rank (it is a barrier), with rank 0
+    attaching the megabatch's checkpoint folder."""
 
     def __init__(self, platform: Platform, megabatches: int) -> None:
         from ray.util import get_current_placement_group
@@ -118,17 +119,17 @@ class MegabatchReporter:
         group = get_current_placement_group()
         self.placement_group = group.id.hex() if group is not None else ""
 
-    def __call__(self, record: dict[str, Any], checkpoint_folder: Path) -> None:
+    def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
         import ray.train
 
         _kill_if_asked(self.platform.rank, record["megabatch"])
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
         metrics.update(megabatches=self.megabatches,
                        **{PLACEMENT_GROUP_KEY: self.placement_group})
-        checkpoint = (ray.train.Checkpoint.from_directory(str(checkpoint_folder))
+        checkpoint = (ray.train.Checkpoint.from_directory(str(folder))
                       if self.platform.is_primary else None)
         ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=checkpoint_folder.name)
+                         checkpoint_dir_name=folder.name)
 
 
 def _kill_if_asked(rank: int, megabatch: int) -> None:

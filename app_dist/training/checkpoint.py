@@ -1,10 +1,8 @@
 """Megabatch checkpoints: written atomically, verified on load, never loaded half-written.
 
-Layout: RUN_DIR/checkpoints/megabatch-0003/
-    state.pt        rank 0: masks, run state (history, stream position), settings
-    engine.pt       the engine's files: model, optimizer, scheduler (DeepSpeed: its tag folder)
-    rank-00001.pt   every rank: its RNG states and its own masks (an audit)
-    COMPLETE.json   written last: megabatch, world size, sha256 of every file above
+The Checkpointer is the one place a checkpoint's payload is assembled (`save`) and taken apart
+(`restore`); folder and file names come from app_dist.foundations.run_layout, atomic writes
+and sha256 from app_dist.foundations.files.
 
 All files are written into a hidden temporary folder which is renamed into place only after
 COMPLETE.json is in it, so a folder named megabatch-NNNN is complete or absent. The run
@@ -13,7 +11,6 @@ directory must be shared by all ranks (as on any cluster file system).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,78 +24,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from app_dist.data.manifest import file_sha256
+from app_dist.config import Config, changed_settings, computation_settings
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
+from app_dist.foundations.files import (
+    atomic_torch_save,
+    atomic_write_json,
+    file_sha256,
+    fsync_directory,
+    load_torch_file,
+    sha256_of_written,
+)
+from app_dist.foundations.run_layout import CheckpointFiles, CheckpointFolder, RunLayout
+from app_dist.training.state import MegabatchProgress, RunState, rank_local_buffers
 
 log = logging.getLogger("app_dist")
 
-MARKER = "COMPLETE.json"
-STATE = "state.pt"
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
-
-
-# sha256 of the files this process wrote, computed as they were written: sealing a checkpoint
-# then needs no second read of them. {path: (size, mtime_ns, digest)}, trusted only while the
-# file's size and modification time are unchanged; verifying a checkpoint always reads.
-_HASHED_ON_WRITE: dict[Path, tuple[int, int, str]] = {}
-_HASHED_ON_WRITE_LIMIT = 256  # other ranks' sealed files are never popped here
-
-
-class _HashingWriter:
-    """What torch.save writes to: forwards every chunk to the file and into a sha256."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.digest = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-def _sealed_sha256(path: Path) -> str:
-    """sha256 of a file about to be sealed: from its write when unchanged since, else read."""
-    stat = path.stat()
-    known = _HASHED_ON_WRITE.pop(path, None)
-    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
-        return known[2]
-    return file_sha256(path)
+MARKER = CheckpointFiles.MARKER
+STATE = CheckpointFiles.STATE
 
 
 def _fingerprint(folder: Path) -> tuple:
     """(name, size, mtime) of every file in `folder`: changes when any file is rewritten."""
     return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
                         for p in folder.rglob("*") if p.is_file()))
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def atomic_torch_save(value: Any, path: Path) -> None:
-    """torch.save to a temporary name, fsync, then rename over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as handle:
-        writer = _HashingWriter(handle)
-        torch.save(value, writer)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    if len(_HASHED_ON_WRITE) >= _HASHED_ON_WRITE_LIMIT:
-        _HASHED_ON_WRITE.clear()
-    stat = path.stat()
-    _HASHED_ON_WRITE[path] = (stat.st_size, stat.st_mtime_ns, writer.digest.hexdigest())
 
 
 def rng_state() -> dict[str, Any]:
@@ -145,58 +94,147 @@ class Checkpoint:
         return (self.megabatch, 1 if self.partial else 0)
 
     def load_state(self) -> dict[str, Any]:
-        return _load(self.path / STATE)
+        return load_torch_file(self.path / STATE)
 
     def load_rank_state(self, rank: int) -> dict[str, Any]:
-        return _load(self.path / _rank_file(rank))
+        return load_torch_file(self.path / CheckpointFiles.rank(rank))
 
 
-def load_verified_file(path: Path) -> dict[str, Any]:
-    """torch.load with weights_only=True (no pickled code runs), errors as CheckpointError."""
-    return _load(path)
+@dataclass(frozen=True)
+class Unusable:
+    """A checkpoint-named folder that does not verify, and why."""
+
+    path: Path
+    reason: str
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
+def examine(folder: CheckpointFolder) -> Checkpoint | Unusable:
+    """Verify one checkpoint folder (reads and hashes every file)."""
+    problem = verify(folder.path)
+    if problem:
+        return Unusable(folder.path, problem)
+    marker = json.loads((folder.path / MARKER).read_text())
+    return Checkpoint(folder.path, marker["megabatch"], marker["world_size"], folder.partial)
+
+
+def scan_checkpoints(run_dir: Path | RunLayout) -> list[Checkpoint | Unusable]:
+    """Every checkpoint folder of a run directory, oldest first, verified. Needs no process
+    group: `app-dist inspect` and `export` read runs with it."""
+    layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
+    return [examine(folder) for folder in layout.checkpoint_folders()]
 
 
 class Checkpointer:
-    """Saves and finds the megabatch checkpoints of one run directory."""
+    """Saves and restores the megabatch checkpoints of one run directory.
 
-    def __init__(self, run_dir: Path, platform: Platform, keep_last: int) -> None:
-        self.root = run_dir / "checkpoints"
+    `save` and `restore` take the state from the objects that hold it (run state, progress,
+    the engine with its masks) and give it back to them; `write` is the file-level part: one
+    payload for rank 0, one per rank, and the engine's own files, sealed atomically."""
+
+    def __init__(self, run_dir: Path | RunLayout, platform: Platform, keep_last: int,
+                 config: Config | None = None) -> None:
+        self.layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
         self.platform = platform
         self.keep_last = keep_last
+        self.config = config
         # Folders this process sealed or verified, with the size and mtime of every file then:
         # retiring old checkpoints after every save re-hashes only folders whose files changed
         # since (a resume, in a new process, hashes what it loads).
         self._verified: dict[Path, tuple] = {}
 
+    @classmethod
+    def for_run(cls, config: Config, run_dir: Path, platform: Platform) -> Checkpointer:
+        return cls(run_dir, platform, config.checkpoint.keep_last, config)
+
     def folder(self, megabatch: int, partial: bool = False) -> Path:
         """megabatch-NNNN after megabatch NNNN; preempted-NNNN inside megabatch NNNN."""
-        if partial:
-            return self.root / f"preempted-{megabatch + 1:04d}"
-        return self.root / f"megabatch-{megabatch:04d}"
+        return self.layout.checkpoint(megabatch, partial)
 
-    def save(self, megabatch: int, state: dict[str, Any], rank_state: dict[str, Any],
-             engine: Any, partial: bool = False) -> Path:
+    # ------------------------------------------------------------------ run state
+
+    def save(self, run: RunState, engine: Any, progress: MegabatchProgress | None = None
+             ) -> Path:
+        """Checkpoint after megabatch run.completed (progress None) or inside the next one
+        (a pre-emption). All ranks call it."""
+        assert self.config is not None, "save() needs the run's config (Checkpointer.for_run)"
+        masks = engine.masks
+        return self.write(run.completed, {
+            "masks": masks.state_dict(),
+            "run": run.to_dict(),
+            "progress": None if progress is None else progress.shared_state(),
+            "settings": computation_settings(self.config),
+            "world_size": self.platform.world_size,
+        }, rank_state={
+            # Audit trail: every rank's own masks and residue, compared across ranks in tests.
+            "masks": masks.state_dict(),
+            "pruned_residue": engine.pruned_residue(),
+            "epoch_sums": None if progress is None else progress.epoch_sums,
+            # Mid-epoch each rank's BatchNorm statistics are its own (averaged at epoch end).
+            "buffers": None if progress is None else rank_local_buffers(engine.module),
+        }, engine=engine, partial=progress is not None)
+
+    def restore(self, engine: Any) -> tuple[RunState, MegabatchProgress | None]:
+        """The run state to continue from (the last valid checkpoint's, loaded into `engine`
+        and its masks, or a fresh one), and the progress inside a megabatch when that
+        checkpoint was written at a pre-emption. All ranks call it."""
+        config = self.config
+        assert config is not None, "restore() needs the run's config (Checkpointer.for_run)"
+        if not config.checkpoint.resume:
+            return RunState(), None
+        checkpoint = self.latest()
+        if checkpoint is None:
+            return RunState(), None
+        saved = checkpoint.load_state()
+        platform = self.platform
+        if (saved["world_size"] != platform.world_size
+                and not config.checkpoint.allow_world_size_change):
+            raise CheckpointError(
+                f"{checkpoint.path} was written by {saved['world_size']} ranks, this run has "
+                f"{platform.world_size}; set checkpoint.allow_world_size_change=true to "
+                "continue anyway")
+        changes = changed_settings(saved["settings"], config)
+        if changes and not config.checkpoint.allow_config_change:
+            raise CheckpointError(
+                f"{checkpoint.path} was made with other settings ({'; '.join(changes[:4])}); "
+                "set checkpoint.allow_config_change=true, or checkpoint.resume=false to start "
+                "over")
+        engine.masks.load_state_dict(saved["masks"])
+        engine.load(checkpoint.path)
+        rank_state = (checkpoint.load_rank_state(platform.rank)
+                      if platform.rank < checkpoint.world_size else None)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        run = RunState.from_dict(saved["run"])
+        if saved.get("progress") is None:
+            log.info("resuming after megabatch %d from %s", run.completed, checkpoint.path)
+            return run, None
+        if rank_state is None or checkpoint.world_size != platform.world_size:
+            raise CheckpointError(f"{checkpoint.path} was written mid-megabatch by "
+                                  f"{checkpoint.world_size} ranks: resume it with as many")
+        progress = MegabatchProgress(**saved["progress"], epoch_sums=rank_state["epoch_sums"])
+        engine.module.load_state_dict(rank_state["buffers"], strict=False)
+        log.info("resuming megabatch %d at epoch %d, step %d from %s", progress.megabatch,
+                 progress.epoch + 1, progress.steps_done, checkpoint.path)
+        return run, progress
+
+    # ------------------------------------------------------------------ files
+
+    def write(self, megabatch: int, state: dict[str, Any], rank_state: dict[str, Any],
+              engine: Any, partial: bool = False) -> Path:
         """Write checkpoint `megabatch`. Call on every rank: `state` is saved from rank 0,
         `rank_state` (plus the RNG states) from every rank into its own file, and the engine
         writes its own files (DeepSpeed's go into a subfolder, from every rank)."""
         final = self.folder(megabatch, partial)
-        staging = self.root / f".{final.name}.incomplete"
+        staging = self.layout.staging(final)
         if self.platform.is_primary:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
             if staging.exists():  # left by a crash during an earlier save: never valid
                 shutil.rmtree(staging)
             staging.mkdir()
         self.platform.barrier()
         try:
             atomic_torch_save({"rng": rng_state(), **rank_state},
-                              staging / _rank_file(self.platform.rank))
+                              staging / CheckpointFiles.rank(self.platform.rank))
             if self.platform.is_primary:
                 atomic_torch_save(state, staging / STATE)
             engine.save(staging)
@@ -218,25 +256,22 @@ class Checkpointer:
     def _seal(self, staging: Path, final: Path, megabatch: int, partial: bool) -> None:
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
                        if p.is_file() and not p.name.startswith("."))
-        marker = {
+        atomic_write_json(staging / MARKER, {
             "megabatch": megabatch,
             "partial": partial,
             "world_size": self.platform.world_size,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "sha256": {name: _sealed_sha256(staging / name) for name in files},
-        }
-        temporary = staging / f".{MARKER}.tmp"
-        temporary.write_text(json.dumps(marker, indent=1))
-        os.replace(temporary, staging / MARKER)
-        _fsync_dir(staging)
+            "sha256": {name: sha256_of_written(staging / name) for name in files},
+        })
+        fsync_directory(staging)
         if final.exists():
             # Only happens when a resume skipped a damaged newer checkpoint: keep it for
             # inspection rather than deleting it.
-            aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
+            aside = self.layout.set_aside(final, "replaced", int(time.time()))
             log.warning("keeping the unusable checkpoint %s as %s", final, aside)
             os.replace(final, aside)
         os.replace(staging, final)
-        _fsync_dir(self.root)
+        fsync_directory(self.layout.checkpoints)
         self._verified[final] = _fingerprint(final)
 
     def _retire_old(self) -> None:
@@ -252,31 +287,22 @@ class Checkpointer:
             shutil.rmtree(old.path)
             self._verified.pop(old.path, None)
 
-    def scan(self) -> list[Checkpoint | tuple[Path, str]]:
-        """Every checkpoint folder, oldest first: a Checkpoint, or (path, why it is unusable)."""
-        return [self._examine(folder, partial) for folder, partial in self._folders()]
+    def scan(self) -> list[Checkpoint | Unusable]:
+        """Every checkpoint folder, oldest first: a Checkpoint, or Unusable with the reason."""
+        return [self._examine(folder) for folder in self.layout.checkpoint_folders()]
 
-    def _folders(self) -> list[tuple[Path, bool]]:
-        """(folder, partial) of every checkpoint-named folder, oldest first, unverified."""
-        if not self.root.is_dir():
-            return []
-        found: list[tuple[tuple[int, int], Path, bool]] = []
-        for pattern, partial in (("megabatch-[0-9][0-9][0-9][0-9]", False),
-                                 ("preempted-[0-9][0-9][0-9][0-9]", True)):
-            for folder in self.root.glob(pattern):
-                number = int(folder.name.split("-")[1])
-                completed = number - 1 if partial else number
-                found.append(((completed, 1 if partial else 0), folder, partial))
-        return [(folder, partial) for _, folder, partial in sorted(found, key=lambda f: f[0])]
-
-    def _examine(self, folder: Path, partial: bool) -> Checkpoint | tuple[Path, str]:
-        fingerprint = _fingerprint(folder)
-        problem = None if self._verified.get(folder) == fingerprint else verify(folder)
-        if problem:
-            return folder, problem
-        self._verified[folder] = fingerprint
-        marker = json.loads((folder / MARKER).read_text())
-        return Checkpoint(folder, marker["megabatch"], marker["world_size"], partial)
+    def _examine(self, folder: CheckpointFolder) -> Checkpoint | Unusable:
+        """`examine`, skipping the hashing for folders unchanged since this process sealed or
+        verified them."""
+        fingerprint = _fingerprint(folder.path)
+        if self._verified.get(folder.path) != fingerprint:
+            found = examine(folder)
+            if isinstance(found, Unusable):
+                return found
+            self._verified[folder.path] = fingerprint
+            return found
+        marker = json.loads((folder.path / MARKER).read_text())
+        return Checkpoint(folder.path, marker["megabatch"], marker["world_size"], folder.partial)
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that verifies, chosen on rank 0 and agreed by all ranks.
@@ -284,11 +310,12 @@ class Checkpointer:
         choice = None
         if self.platform.is_primary:
             # Newest first, verifying (hashing) only until one verifies.
-            for item in (self._examine(*found) for found in reversed(self._folders())):
+            for folder in reversed(self.layout.checkpoint_folders()):
+                item = self._examine(folder)
                 if isinstance(item, Checkpoint):
                     choice = (str(item.path), item.megabatch, item.world_size, item.partial)
                     break
-                log.warning("skipping checkpoint %s: %s", item[0], item[1])
+                log.warning("skipping checkpoint %s: %s", item.path, item.reason)
         choice = self.platform.broadcast_object(choice)
         if choice is None:
             return None

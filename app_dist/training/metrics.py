@@ -1,15 +1,18 @@
-"""Per-megabatch metrics: CER, the metrics.jsonl record, wandb, and the summary table."""
+"""Per-megabatch metrics: CER, the metrics.jsonl file and wandb (event callbacks on rank 0),
+and the summary table."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from app_dist.config import Config, to_dict
 from app_dist.foundations.errors import AppDistError, one_line
+from app_dist.foundations.files import atomic_write_text
+from app_dist.foundations.run_layout import RunLayout
+from app_dist.training.events import Callback
 
 log = logging.getLogger("app_dist")
 
@@ -21,7 +24,7 @@ def cumulative_error(errors_per_megabatch: list[int], test_size: int) -> tuple[i
     return total, total / test_size
 
 
-class MetricsLog:
+class MetricsLog(Callback):
     """metrics.jsonl in the run directory, written by rank 0 only.
 
     On start the file is rewritten from the checkpoint's history, so a crash between the
@@ -29,17 +32,18 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, history: list[dict[str, Any]]) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in history))
-        os.replace(temporary, self.path)
+        self.path = RunLayout(run_dir).metrics
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in history))
+
+    def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
+        self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
-class WandbLog:
+class WandbLog(Callback):
     """The run as W&B users know it, written by rank 0 only.
 
     Offline by default (files under RUN_DIR/wandb, uploaded later with `wandb sync`);
@@ -83,6 +87,9 @@ class WandbLog:
     def _layer_rows(record: dict[str, Any]) -> list[list[Any]]:
         return [[record["megabatch"], name, density]
                 for name, density in (record.get("layer_density") or {}).items()]
+
+    def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
+        self.log(record)
 
     def log(self, record: dict[str, Any]) -> None:
         """One megabatch's record: its scalars, and the per-layer table so far."""

@@ -2,34 +2,39 @@
 
     app-dist profile --config configs/cifar10.yaml [--megabatches 1] [key=value ...]
 
-Runs the real trainer (one process) in a fresh temporary run directory and times its own
-objects by wrapping them for the duration of the run: the batches the training epoch waits
-for (data), the model's forward inside a training step, the optimizer step, the mask
-re-application after it (mask ops), the rest of the step (loss, backward with its gradient
-hooks and all-reduce: backward), pruning (scores, all-reduce, threshold, checksums), the
-validation and test passes (each split into reading and computing), and the checkpoint.
-"other" is what the megabatch spent outside all of these. On a GPU every boundary
+Runs the real trainer (one process) in a fresh temporary run directory with one more callback
+on the loop's events (app_dist.training.events), plus forward hooks on the model and step
+hooks on the optimizer: the batches the training epoch waits for (data, including building
+the pass), the model's forward inside a training step, the optimizer step, what follows it
+in the step (re-zeroing pruned weights: mask ops), the rest of the step (loss, backward with
+its gradient hooks and all-reduce: backward), pruning (scores, all-reduce, threshold,
+checksums), the validation and test passes (each split into reading and computing), and the
+checkpoint. "other" is what the megabatch spent outside all of these. On a GPU every boundary
 synchronises the device, so the phases are exact and the total is slightly slower.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from app_dist.foundations.commands import ArgumentParser, UsageError, command, missing_config
+from app_dist.pruning.masks import MaskSet
+from app_dist.training.events import TRAIN, Callback
 
 PHASES = [
     ("data", "training batches: waiting for the reader"),
     ("forward", "training forward"),
     ("backward", "loss, backward, gradient hooks and all-reduce"),
     ("optimizer", "optimizer step"),
-    ("mask ops", "re-zeroing pruned weights after each step"),
+    ("mask ops", "after the optimizer step: re-zeroing pruned weights"),
     ("pruning", "scores, all-reduce, threshold, mask checksums"),
     ("validation data", "validation batches: waiting for the reader"),
     ("validation compute", "validation forward passes"),
@@ -40,8 +45,8 @@ PHASES = [
 ]
 
 
-class MegabatchProfile:
-    """Seconds per phase per megabatch, filled while `instrumented()` is active."""
+class MegabatchProfile(Callback):
+    """Seconds per phase per megabatch, measured from the loop's events."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -49,9 +54,14 @@ class MegabatchProfile:
         self.walls: dict[int, float] = {}
         self.records: dict[int, dict[str, Any]] = {}
         self.megabatch = 0
-        self._started = 0.0
-        self._in_step = False
-        self._evaluating = "test"
+        self._megabatch_started = 0.0
+        self._mark = 0.0  # end of the last timed piece of the current pass
+        self._step_started = 0.0
+        self._step_inner = 0.0  # forward + optimizer + mask ops inside the current step
+        self._forward_started: float | None = None
+        self._optimizer_started: float | None = None
+        self._optimizer_ended: float | None = None
+        self._checkpoint_started = 0.0
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -61,162 +71,92 @@ class MegabatchProfile:
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[self.megabatch][phase] += seconds
 
-    def timed(self, phase: str, function: Callable) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = self.now()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.add(phase, self.now() - started)
-        return wrapper
+    # ------------------------------------------------------------------ engine hooks
 
-    def timed_batches(self, phase: str, batches: Iterable) -> Iterable:
-        profile = self
+    def run_start(self, engine: Any) -> None:
+        engine.module.register_forward_pre_hook(self._forward_pre)
+        engine.module.register_forward_hook(self._forward_post)
+        engine.optimizer.register_step_pre_hook(self._optimizer_pre)
+        engine.optimizer.register_step_post_hook(self._optimizer_post)
 
-        class Timed:
-            def __len__(self) -> int:
-                return len(batches)  # type: ignore[arg-type]
+    def _forward_pre(self, module: Any, inputs: Any) -> None:
+        if self._step_started:
+            self._forward_started = self.now()
 
-            @property
-            def skipped(self) -> int:
-                return batches.skipped
+    def _forward_post(self, module: Any, inputs: Any, output: Any) -> None:
+        if self._forward_started is not None:
+            spent = self.now() - self._forward_started
+            self.add("forward", spent)
+            self._step_inner += spent
+            self._forward_started = None
 
-            def __iter__(self) -> Iterator:
-                iterator = iter(batches)
-                while True:
-                    started = profile.now()
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        profile.add(phase, profile.now() - started)
-                        return
-                    profile.add(phase, profile.now() - started)
-                    yield batch
+    def _optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._optimizer_started = self.now()
 
-        return Timed()
+    def _optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._optimizer_started is not None:
+            self._optimizer_ended = self.now()
+            spent = self._optimizer_ended - self._optimizer_started
+            self.add("optimizer", spent)
+            self._step_inner += spent
+            self._optimizer_started = None
 
-    def start_megabatch(self, megabatch: int) -> None:
+    # ------------------------------------------------------------------ loop events
+
+    def megabatch_start(self, megabatch: int) -> None:
         self.megabatch = megabatch
-        self._started = self.now()
+        self._megabatch_started = self.now()
 
-    def end_megabatch(self, record: dict[str, Any], folder: Any) -> None:
-        self.walls[self.megabatch] = self.now() - self._started
+    def after_prune(self, megabatch: int, masks: MaskSet, pruned: bool) -> None:
+        self.add("pruning", self.now() - self._megabatch_started)
+
+    def epoch_start(self, megabatch: int, epoch: int) -> None:
+        self._mark = self.now()
+
+    def evaluation_start(self, phase: str) -> None:
+        self._mark = self.now()
+
+    def pass_ready(self, phase: str, steps: int | None, steps_done: int) -> None:
+        # Building a pass can read (the decoded-sample cache fills then): that is data.
+        self._data(phase)
+
+    def batch_start(self, phase: str) -> None:
+        self._data(phase)
+        if phase == TRAIN:
+            self._step_started = self._mark
+            self._step_inner = 0.0
+            self._optimizer_ended = None
+
+    def batch_end(self, phase: str, step: int) -> None:
+        now = self.now()
+        if phase == TRAIN:
+            if self._optimizer_ended is not None:
+                mask_ops = now - self._optimizer_ended
+                self.add("mask ops", mask_ops)
+                self._step_inner += mask_ops
+            self.add("backward", now - self._step_started - self._step_inner)
+            self._step_started = 0.0
+        else:
+            self.add(f"{phase} compute", now - self._mark)
+        self._mark = now
+
+    def evaluation_end(self, phase: str, result: Any) -> None:
+        self._data(phase)  # the wait for the end of the pass, and the sums' all-reduce
+
+    def _data(self, phase: str) -> None:
+        now = self.now()
+        self.add("data" if phase == TRAIN else f"{phase} data", now - self._mark)
+        self._mark = now
+
+    def checkpoint_start(self, partial: bool) -> None:
+        self._checkpoint_started = self.now()
+
+    def checkpoint_end(self, folder: Path, partial: bool) -> None:
+        self.add("checkpoint", self.now() - self._checkpoint_started)
+
+    def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
+        self.walls[self.megabatch] = self.now() - self._megabatch_started
         self.records[self.megabatch] = record
-
-    @contextlib.contextmanager
-    def instrumented(self) -> Iterator[None]:
-        """Wrap the loop, reader, engine and checkpointer classes the trainer builds."""
-        import app_dist.train as train_module
-        from app_dist.data.reader import StreamReader
-        from app_dist.training.checkpoint import Checkpointer
-        from app_dist.training.loop import MegabatchLoop
-
-        profile = self
-        originals = {
-            (MegabatchLoop, "_prune"): MegabatchLoop._prune,
-            (MegabatchLoop, "_train_megabatch"): MegabatchLoop._train_megabatch,
-            (MegabatchLoop, "evaluate"): MegabatchLoop.evaluate,
-            (StreamReader, "train_epoch"): StreamReader.train_epoch,
-            (StreamReader, "evaluation"): StreamReader.evaluation,
-            (Checkpointer, "save"): Checkpointer.save,
-            (train_module, "build_engine"): train_module.build_engine,
-        }
-
-        def prune(loop: Any, megabatch: int) -> None:
-            profile.start_megabatch(megabatch)
-            profile.timed("pruning", originals[(MegabatchLoop, "_prune")])(loop, megabatch)
-
-        def train_megabatch(loop: Any, *args: Any) -> Any:
-            profile._evaluating = "validation"
-            try:
-                return originals[(MegabatchLoop, "_train_megabatch")](loop, *args)
-            finally:
-                profile._evaluating = "test"
-
-        def evaluate(loop: Any, batches: Any) -> Any:
-            kind = profile._evaluating
-            started = profile.now()
-            before = profile.seconds[profile.megabatch][f"{kind} data"]
-            result = originals[(MegabatchLoop, "evaluate")](
-                loop, profile.timed_batches(f"{kind} data", batches))
-            waited = profile.seconds[profile.megabatch][f"{kind} data"] - before
-            profile.add(f"{kind} compute", profile.now() - started - waited)
-            return result
-
-        # Building a pass can read too (the decoded-sample cache fills then): that is data.
-        def train_epoch(reader: Any, megabatch: int, epoch: int) -> Iterable:
-            batches = profile.timed("data", originals[(StreamReader, "train_epoch")])(
-                reader, megabatch, epoch)
-            return profile.timed_batches("data", batches)
-
-        def evaluation(reader: Any, selection: Any) -> Iterable:
-            return profile.timed(f"{profile._evaluating} data",
-                                 originals[(StreamReader, "evaluation")])(reader, selection)
-
-        def build_engine(*args: Any, **kwargs: Any) -> Any:
-            engine = originals[(train_module, "build_engine")](*args, **kwargs)
-            profile._instrument_engine(engine)
-            return engine
-
-        replacements = {
-            (MegabatchLoop, "_prune"): prune,
-            (MegabatchLoop, "_train_megabatch"): train_megabatch,
-            (MegabatchLoop, "evaluate"): evaluate,
-            (StreamReader, "train_epoch"): train_epoch,
-            (StreamReader, "evaluation"): evaluation,
-            (Checkpointer, "save"): lambda *a, **k: profile.timed(
-                "checkpoint", originals[(Checkpointer, "save")])(*a, **k),
-            (train_module, "build_engine"): build_engine,
-        }
-        try:
-            for (owner, name), replacement in replacements.items():
-                setattr(owner, name, replacement)
-            yield
-        finally:
-            for (owner, name), original in originals.items():
-                setattr(owner, name, original)
-
-    def _instrument_engine(self, engine: Any) -> None:
-        """Time the phases of `train_step` from hooks on the engine's own objects; backward is
-        the step's remainder."""
-        marks: dict[str, float] = {}
-
-        def forward_started(module: Any, inputs: Any) -> None:
-            if self._in_step:
-                marks["forward"] = self.now()
-
-        def forward_ended(module: Any, inputs: Any, output: Any) -> None:
-            if self._in_step and "forward" in marks:
-                self.add("forward", self.now() - marks.pop("forward"))
-
-        def optimizer_started(optimizer: Any, args: Any, kwargs: Any) -> None:
-            marks["optimizer"] = self.now()
-
-        def optimizer_ended(optimizer: Any, args: Any, kwargs: Any) -> None:
-            if "optimizer" in marks:
-                self.add("optimizer", self.now() - marks.pop("optimizer"))
-
-        engine.module.register_forward_pre_hook(forward_started)
-        engine.module.register_forward_hook(forward_ended)
-        engine.optimizer.register_step_pre_hook(optimizer_started)
-        engine.optimizer.register_step_post_hook(optimizer_ended)
-        engine.masks.apply_to_weights = self.timed("mask ops", engine.masks.apply_to_weights)
-        step = engine.train_step
-
-        def train_step(images: torch.Tensor, labels: torch.Tensor) -> Any:
-            timed = self.seconds[self.megabatch]
-            inner = sum(timed[p] for p in ("forward", "optimizer", "mask ops"))
-            self._in_step = True
-            started = self.now()
-            try:
-                return step(images, labels)
-            finally:
-                self._in_step = False
-                spent = self.now() - started
-                inner = sum(timed[p] for p in ("forward", "optimizer", "mask ops")) - inner
-                self.add("backward", spent - inner)
-
-        engine.train_step = train_step
 
     def table(self, megabatch: int) -> str:
         """One megabatch's phases: seconds, share of the wall time, what each one covers."""
@@ -238,6 +178,15 @@ class _Enough(Exception):
     """The requested megabatches are profiled."""
 
 
+class _StopAfter(Callback):
+    def __init__(self, megabatches: int) -> None:
+        self.megabatches = megabatches
+
+    def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
+        if record["megabatch"] >= self.megabatches:
+            raise _Enough
+
+
 def profile_run(config_path: str | None, overrides: list[str], megabatches: int
                 ) -> MegabatchProfile:
     """Train `megabatches` megabatches in a fresh temporary run directory, profiled."""
@@ -254,44 +203,36 @@ def profile_run(config_path: str | None, overrides: list[str], megabatches: int
         setup_logging(platform)
         profile = MegabatchProfile(platform.device)
 
-        def stop_after(record: dict[str, Any], folder: Any) -> None:
-            profile.end_megabatch(record, folder)
-            if record["megabatch"] >= megabatches:
-                raise _Enough
-
         try:
-            with profile.instrumented():
-                train(config, manifest, stream, platform, callbacks=[stop_after])
+            train(config, manifest, stream, platform,
+                  callbacks=[profile, _StopAfter(megabatches)])
         except _Enough:
             pass
         finally:
-            from app_dist.data.loader import stop_readers
+            from app_dist.data.workers import stop_readers
 
             stop_readers()
             platform.shutdown()
     return profile
 
 
-def main(argv: list[str] | None = None) -> int:
-    from app_dist.foundations.arguments import ArgumentParser, parse_or_exit_code
-    from app_dist.foundations.errors import AppDistError, ConfigError, one_line
-
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="app-dist profile", description=__doc__.splitlines()[0],
                             epilog="Overrides: key=value pairs, e.g. perf.cache_decoded=true")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--megabatches", type=int, default=1,
                         help="profile megabatches 1..N (default 1)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    try:
-        args = parse_or_exit_code(parser, argv)
-        if isinstance(args, int):
-            return args
-        if args.megabatches < 1:
-            raise ConfigError("app-dist profile: --megabatches must be >= 1")
-        profile = profile_run(args.config, args.overrides, args.megabatches)
-    except AppDistError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
+    return parser
+
+
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    if args.config is None:
+        raise missing_config("app-dist profile")
+    if args.megabatches < 1:
+        raise UsageError("app-dist profile: --megabatches must be >= 1")
+    profile = profile_run(args.config, args.overrides, args.megabatches)
     for megabatch in sorted(profile.walls):
         print(profile.table(megabatch), end="\n\n", flush=True)
     return 0

@@ -23,13 +23,13 @@ from typing import BinaryIO
 
 import numpy as np
 
+from app_dist.data.image_headers import image_header
 from app_dist.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
     Manifest,
     ShardInfo,
     SplitInfo,
-    file_sha256,
 )
 from app_dist.data.prepare.imagenet import LABEL_MAPS
 from app_dist.data.prepare.sources import (
@@ -37,11 +37,12 @@ from app_dist.data.prepare.sources import (
     Record,
     SourceError,
     few_shot,
-    image_header,
     open_source,
     relabel,
 )
+from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
+from app_dist.foundations.files import file_sha256
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
 # A fixed mtime (2020-01-01) makes the same input give byte-identical shards and sha256s.
@@ -227,19 +228,9 @@ def write_shards(source_kind: str, source: str | None, out: str, samples_per_sha
     return manifest
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse would print the usage block and exit; the CLI contract is one `error:` line.
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="app-dist shards",
-                     description="Write WebDataset tar shards and a manifest.json.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="app-dist shards",
+                            description="Write WebDataset tar shards and a manifest.json.")
     parser.add_argument("kind", choices=SOURCE_KINDS, help="what SOURCE is")
     parser.add_argument("source", nargs="?", default=None,
                         help="image folder or CIFAR download directory (none for digits)")
@@ -266,15 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: 0 on success, 2 (after one `error: ...` line on stderr) on bad input."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+@command(build_parser)
+def main(args: argparse.Namespace) -> int:
+    """Write the shards the arguments describe and say what was written."""
     start = time.perf_counter()
     try:
         manifest = write_shards(
@@ -283,13 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers, overwrite=args.overwrite, label_map=args.label_map,
             shots_per_class=args.shots_per_class,
         )
-    except AppDistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
+    except OSError as exc:  # an unreadable source or unwritable --out is bad input too
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        raise AppDistError(f"{where}{exc.strerror or exc}") from None
     train, test = manifest.splits["train"], manifest.splits["test"]
     print(f"wrote {train.num_samples + test.num_samples} samples ({train.num_samples} train, "
           f"{test.num_samples} test) in {len(train.shards) + len(test.shards)} shards, "

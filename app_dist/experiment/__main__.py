@@ -1,0 +1,7 @@
+"""`python -m app_dist.experiment`: the same as `app-dist experiment`."""
+
+import sys
+
+from app_dist.experiment import main
+
+sys.exit(main())

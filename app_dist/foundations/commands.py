@@ -1,0 +1,82 @@
+"""The contract every `app-dist` command keeps with its user.
+
+    exit 0    done (and `--help`, which prints the usage and options)
+    exit 2    bad input: one line `error: <what is wrong, naming the file, key or flag>` on
+              stderr, no traceback (every AppDistError, and every usage error)
+
+A command is a parser and a body; `run_command` (or the `command` decorator) does the rest:
+
+    @command(build_parser)
+    def main(args: argparse.Namespace) -> int:
+        ...                       # raise AppDistError subclasses for bad input
+        return 0
+
+    main(["--flag", "x"])         # what `app-dist NAME --flag x` calls; main() reads sys.argv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from app_dist.foundations.errors import AppDistError, one_line
+
+BAD_INPUT = 2  # the documented exit code of bad input (README, docs/TROUBLESHOOTING.md)
+
+Body = Callable[[argparse.Namespace], int]
+Main = Callable[..., int]
+
+
+class UsageError(AppDistError):
+    """A command-line flag or argument is unknown, missing or malformed."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a usage error raises UsageError (the message plus where to find
+    help) instead of printing the whole usage block; `--help` still prints and exits 0."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def missing_config(prog: str) -> UsageError:
+    """The error of a training command run without --config (the schema defaults alone are no
+    run: they name no data and a model for another input)."""
+    return UsageError(f"{prog}: --config is missing; pass a training config, e.g. --config "
+                      f"configs/digits.yaml (see `{prog} --help`)")
+
+
+def report_bad_input(error: BaseException) -> int:
+    """Print `error: <one line>` on stderr; the exit code of bad input."""
+    print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+    return BAD_INPUT
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, body: Body) -> int:
+    """Parse `argv` (None: sys.argv) and return body(arguments): 0 after --help, and
+    BAD_INPUT after one `error:` line when parsing or the body raises AppDistError."""
+    try:
+        try:
+            arguments = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help printed the usage
+            return int(exit_.code or 0)
+        return body(arguments)
+    except AppDistError as error:
+        return report_bad_input(error)
+
+
+def command(build_parser: Callable[[], argparse.ArgumentParser]) -> Callable[[Body], Main]:
+    """Turn `body(arguments) -> exit code` into `main(argv=None) -> exit code` that keeps the
+    contract above (see run_command)."""
+
+    def decorate(body: Body) -> Main:
+        def main(argv: list[str] | None = None) -> int:
+            return run_command(build_parser(), argv, body)
+
+        main.__module__, main.__qualname__, main.__doc__ = (body.__module__, body.__qualname__,
+                                                            body.__doc__)
+        return main
+
+    return decorate

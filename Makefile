@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test lint bench clean-runs
+.PHONY: setup demo test test-fast lint bench clean-runs
 
 setup: $(VENV)/.installed
 
@@ -23,10 +23,16 @@ data/digits/manifest.json: | setup
 demo: setup data/digits/manifest.json
 	$(VENV)/bin/torchrun --nproc_per_node 2 app_dist/train.py --config configs/digits.yaml
 
+# The whole suite, slowest 25 tests listed at the end (CI runs this through .ci/run).
 test: setup
 	$(VENV)/bin/ruff check app_dist tests bench launch
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25
+
+# While editing: ruff and every test not marked slow (no trainer processes), under 2 minutes.
+test-fast: setup
+	$(VENV)/bin/ruff check app_dist tests bench launch
+	$(VENV)/bin/pytest -m "not slow"
 
 bench: setup
 	$(PYTHON) bench/masking_overhead.py

@@ -15,7 +15,7 @@ def _shards(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from app_dist.train import main
+    from app_dist.training.launcher import main
 
     return main(argv)
 
@@ -64,7 +64,7 @@ def _sweep(argv: list[str]) -> int:
 
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "shards": (_shards, "write WebDataset shards and their manifest"),
-    "train": (_train, "train one run (same as app_dist/train.py)"),
+    "train": (_train, "train one run (as app_dist/train.py); --nproc-per-node N launches ranks"),
     "report": (_report, "plot runs against megabatch and write an HTML report"),
     "inspect": (_inspect, "show a run or checkpoint: config, progress, densities, resumable?"),
     "demo": (_demo, "digits shards + a 2-rank APP run with torchrun (as `make demo`)"),

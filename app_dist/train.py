@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -36,11 +37,12 @@ from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
 from app_dist.data.workers import start_reader_server, stop_readers
 from app_dist.engine import build_engine
-from app_dist.foundations.commands import ArgumentParser, command, missing_config
+from app_dist.foundations.commands import BAD_INPUT, ArgumentParser, command, missing_config
 from app_dist.foundations.distributed import Platform, start_platform
-from app_dist.foundations.errors import ConfigError
-from app_dist.foundations.files import atomic_write_text
+from app_dist.foundations.errors import AppDistError, ConfigError, one_line
+from app_dist.foundations.files import atomic_write_json, atomic_write_text
 from app_dist.foundations.run_layout import RunLayout
+from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
@@ -68,9 +70,12 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def prepare(config: Config) -> tuple[Manifest, MegabatchStream]:
-    """Everything that can reject the input before a process group exists."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def prepare(config: Config, world_size: int | None = None
+            ) -> tuple[Manifest, MegabatchStream]:
+    """Everything that can reject the input before a process group exists. `world_size`:
+    the ranks the run will have (default: WORLD_SIZE, as the launcher sets it)."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if config.train.batch_size % world_size:
         raise ConfigError(f"config key 'train.batch_size' = {config.train.batch_size}: not "
                           f"divisible by the world size {world_size}")
@@ -113,20 +118,56 @@ def run_callbacks(config: Config, platform: Platform, run_dir: Path, state: RunS
 
 def train(config: Config, manifest: Manifest, stream: MegabatchStream, platform: Platform,
           callbacks: list[Callback] | None = None) -> RunState:
-    """Run (or resume) the megabatch loop on this rank; `callbacks` hear its events."""
+    """Run (or resume) the megabatch loop on this rank; `callbacks` hear its events. Rank 0
+    holds the run directory's lock from before its first write until the loop ends."""
     run_dir = run_directory(config)
+    lock = claim_run_directory(config, manifest, run_dir, platform)
+    try:
+        return _train(config, manifest, stream, platform, run_dir, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_run_directory(config: Config, manifest: Manifest, run_dir: Path,
+                        platform: Platform) -> RunLock | None:
+    """Rank 0 creates the run directory, takes its lock (one run per run directory, see
+    app_dist/foundations/run_lock.py) before writing anything there, writes config.yaml and
+    verifies the shards. Every rank learns how that went (a broadcast), so that all of them
+    stop with the same one-line error. Rank 0 gets the held lock, the others None."""
+    lock: RunLock | None = None
+    refusal: AppDistError | None = None
     if platform.is_primary:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(RunLayout(run_dir).config, to_yaml(config))
-        except OSError as error:
-            raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} "
-                              f"({error.strerror or error})") from None
-        if config.data.verify_checksums:
-            for split in manifest.splits.values():
-                for shard in split.shards:
-                    verify_shard(config.data.shards, shard)
-    platform.barrier()
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = RunLock.acquire(run_dir)
+                RunLayout(run_dir).outcome.unlink(missing_ok=True)  # the last launch's, not ours
+                atomic_write_text(RunLayout(run_dir).config, to_yaml(config))
+            except OSError as error:
+                raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} "
+                                  f"({error.strerror or error})") from None
+            if config.data.verify_checksums:
+                for split in manifest.splits.values():
+                    for shard in split.shards:
+                        verify_shard(config.data.shards, shard)
+        except AppDistError as error:
+            refusal = error
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if refusal is not None and lock is not None:
+            lock.release()
+            lock = None
+    refusal = platform.broadcast_object(refusal)
+    if refusal is not None:
+        raise refusal
+    return lock
+
+
+def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform: Platform,
+           run_dir: Path, callbacks: list[Callback] | None) -> RunState:
     seed_everything(config.run.seed)
 
     try:
@@ -175,15 +216,43 @@ def main(args: argparse.Namespace) -> int:
     start_reader_server(config.data.num_workers)
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
+    outcome = RunOutcome(run_directory(config), platform.is_primary)
     try:
         train(config, manifest, stream, platform)
     except Preempted as notice:
-        log.warning("%s; run the same command again to continue", notice)
-        return Preempted.exit_code
+        if platform.is_primary:
+            log.warning("%s; run the same command again to continue", notice)
+        return outcome.record("preempted", Preempted.exit_code, str(notice))
+    except RunDirectoryInUse:
+        raise  # the run directory, its outcome file included, belongs to another run
+    except AppDistError as error:
+        outcome.record("bad_input", BAD_INPUT, one_line(error))
+        raise
     finally:
         stop_readers()
         platform.shutdown()
-    return 0
+    return outcome.record("finished", 0, "")
+
+
+class RunOutcome:
+    """RUN_DIR/outcome.json, written by rank 0 as a launch ends: how it ended and its exit
+    code. Launchers (torchrun, deepspeed) turn every failing rank into their own exit code 1;
+    this file says whether that was a pre-emption to resume (75) or bad input (2), and
+    `app-dist train --nproc-per-node` exits with its code."""
+
+    def __init__(self, run_dir: Path, is_primary: bool) -> None:
+        self.path = RunLayout(run_dir).outcome
+        self.is_primary = is_primary
+
+    def record(self, status: str, exit_code: int, message: str) -> int:
+        if self.is_primary and self.path.parent.is_dir():
+            try:
+                atomic_write_json(self.path, {"status": status, "exit_code": exit_code,
+                                              "message": message,
+                                              "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            except OSError as error:  # a full disk must not hide the run's own outcome
+                log.warning("could not write %s: %s", self.path, error.strerror or error)
+        return exit_code
 
 
 if __name__ == "__main__":

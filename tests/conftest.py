@@ -55,13 +55,14 @@ def trainer_command(args: list[str], nproc: int = 1, launcher: str = "torchrun",
 
 
 def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
-                timeout: int = 300) -> subprocess.CompletedProcess[str]:
+                timeout: int = 300, launcher: str = "torchrun"
+                ) -> subprocess.CompletedProcess[str]:
     """Run app_dist/train.py for real (see trainer_command) and wait for it to end.
     wandb is off unless the test sets log.wandb.mode: its service process costs every run
     2-3 s, and only the tests that read what wandb wrote need it."""
     if not any(arg.startswith("log.wandb.mode=") for arg in args):
         args = [*args, "log.wandb.mode=disabled"]
-    return subprocess.run(trainer_command(args, nproc), cwd=REPO, env=trainer_env(env),
+    return subprocess.run(trainer_command(args, nproc, launcher), cwd=REPO, env=trainer_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -115,7 +115,7 @@ def test_inspect_reports_a_damaged_newest_checkpoint(
     assert info["layer_density_source"] == "masks in megabatch-0001"
 
     damaged = cli(capsys, "inspect", str(run / "checkpoints" / "megabatch-0002"))
-    assert damaged.returncode == 0
+    assert damaged.returncode == 3  # not resumable (docs/TROUBLESHOOTING.md)
     assert "no: state.pt does not match its sha256" in damaged.stdout
     good = json.loads(cli(capsys, "inspect", str(run / "checkpoints" / "megabatch-0001"),
                           "--json").stdout)

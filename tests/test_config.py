@@ -85,8 +85,8 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], *named: str)
         assert text in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
 def test_a_bad_config_file_is_one_line_naming_it_and_exit_2(name, tmp_path):
     text, said = BAD_CONFIG_FILES[name]
     path = tmp_path / f"{name}.yaml"

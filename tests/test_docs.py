@@ -69,6 +69,7 @@ def test_comments_and_rules_are_read_from_the_source() -> None:
                                         "s.second": ["one of `global`, `local`"]}
 
 
+@pytest.mark.slow
 def test_the_generator_script_writes_and_checks(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "app_dist.config_reference", "--check"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -103,6 +104,10 @@ QUOTED_MESSAGES = [
     "set checkpoint.allow_config_change=true, or checkpoint.resume=false to start over",
     "set checkpoint.allow_world_size_change=true to continue",
     "earlier checkpoints are intact",
+    "selected samples where the manifest promises",
+    "(truncated or not a tar file?)",
+    "refused: it holds pickled code or a type no checkpoint holds",
+    "the checkpoints hold every record: free space, then run the same command again",
     "write smaller shards (--samples-per-shard) or use fewer",
     "use a smaller train.batch_size, fewer data.num_workers or smaller shards",
     "no finished megabatch in",
@@ -114,6 +119,7 @@ QUOTED_MESSAGES = [
     "the top level is a list, but it must be a mapping of",
     "duplicate key",
     "--config is missing; pass a training config",
+    "wait for that run to end or stop it",
 ]
 
 

@@ -19,7 +19,8 @@ from .conftest import REPO
 
 PACKAGE = REPO / "app_dist"
 # File and folder names of a run directory: only app_dist/foundations/run_layout.py may spell them.
-LAYOUT_NAMES = re.compile(r"^(config\.yaml|metrics\.jsonl|state\.pt|engine\.pt|COMPLETE\.json)$"
+LAYOUT_NAMES = re.compile(r"^(config\.yaml|metrics\.jsonl|state\.pt|engine\.pt|COMPLETE\.json"
+                          r"|outcome\.json|run\.lock(\.takeover)?)$"
                           r"|(megabatch|preempted|rank)-(\{|\[|%)")
 
 

@@ -68,7 +68,11 @@ def _assert_same_batches(expected: list, got: list) -> None:
         assert torch.equal(want[-1][1], have[-1][1]), want[:-1]
 
 
-@pytest.mark.parametrize("workers,rank,world_size", [(0, 0, 1), (2, 0, 1), (3, 1, 2)])
+@pytest.mark.parametrize("workers,rank,world_size", [
+    (0, 0, 1),
+    pytest.param(2, 0, 1, marks=pytest.mark.slow),  # worker processes: 5-20 s
+    pytest.param(3, 1, 2, marks=pytest.mark.slow),
+])
 def test_cache_and_worker_pool_give_the_shard_readers_batches(digits_shards: Path, workers: int,
                                                               rank: int,
                                                               world_size: int) -> None:
@@ -116,6 +120,7 @@ def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: P
     assert sum("perf.cache_max_mb" in r.message for r in caplog.records) == 1
 
 
+@pytest.mark.slow
 def test_a_process_holding_a_worker_pool_exits_by_itself(digits_shards: Path) -> None:
     """Pool workers ignore SIGTERM (pre-emption is the trainer's to handle); the pool must
     still let its process exit when nobody closes it."""
@@ -272,6 +277,7 @@ def _assert_pruned_weights_zero(masks: MaskSet) -> None:
         assert not weight[~masks.masks[name].bool()].any(), name
 
 
+@pytest.mark.slow
 def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
     dense_layout, dense_masks = pruned_model()
     nhwc, nhwc_masks = pruned_model()
@@ -304,6 +310,7 @@ def test_masked_resnet_compiles_as_one_graph_without_breaks() -> None:
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_compiled_masked_model_matches_eager_and_sees_new_masks() -> None:
     """The traced graph reads weight * weight_mask from the live buffers: pruning in place
     changes the compiled model's output exactly as the eager one's. (The aot_eager backend
@@ -352,7 +359,7 @@ def test_accelerate_compiles_with_inductor_through_build_engine() -> None:
                                atol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_autocast_keeps_masks_exact(precision: str) -> None:
     """The DDP engine's mixed-precision step (CPU autocast stands in for the GPU here; the
     run-level switch refuses the CPU): the first loss (same weights) is close to fp32's,
@@ -384,9 +391,11 @@ def _with_trained_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Modul
     return model.eval()
 
 
-@pytest.mark.parametrize("name,stem,size", [("resnet20s", "cifar", 32),
-                                            ("resnet18", "imagenet", 64),
-                                            ("vgg16_bn", "cifar", 32)])
+@pytest.mark.parametrize("name,stem,size", [
+    ("resnet20s", "cifar", 32),
+    pytest.param("resnet18", "imagenet", 64, marks=pytest.mark.slow),  # 4 s of CPU each
+    pytest.param("vgg16_bn", "cifar", 32, marks=pytest.mark.slow),
+])
 def test_folded_batchnorm_evaluates_like_the_model_with_pruned_weights_still_zero(
         name: str, stem: str, size: int) -> None:
     from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy

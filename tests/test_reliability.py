@@ -153,12 +153,12 @@ def test_unwritable_run_directory_is_a_one_line_error(digits_shards, tmp_path):
 
 # --- bad data ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (lambda s: {**s, "cls": b"99"}, "label 99 outside 0..9"),
     (lambda s: {k: v for k, v in s.items() if k != "cls"}, "no label (.cls)"),
     (lambda s: {**s, "png": b"\x89PNG not really"}, "cannot decode image"),
 ])
-@pytest.mark.slow
 def test_bad_sample_stops_the_run_naming_shard_and_key(digits_shards, tmp_path, damage, message):
     shards = copy_shards(digits_shards, tmp_path / "shards")
     rewrite_shard(shards, "train-000000.tar", damage)
@@ -194,12 +194,12 @@ def test_truncated_shard_is_caught_while_reading_even_without_checksums(digits_s
 
 # --- bad config and CLI -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, culprit", [
     (["--nonsense"], "--nonsense"),
     (["train.batch_size=63"], "train.batch_size"),  # not divisible by 2 ranks
     (["data.megabatches=1000"], "data.megabatches=1000"),
 ])
-@pytest.mark.slow
 def test_bad_cli_input_is_one_line_before_any_process_group(digits_shards, tmp_path, extra,
                                                             culprit):
     result = run_trainer(digits_run_args(digits_shards, tmp_path / "run", *extra), nproc=1,

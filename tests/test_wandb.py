@@ -108,6 +108,7 @@ def wandb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
 
 
+@pytest.mark.slow
 def test_offline_run_holds_config_megabatch_axis_group_and_layer_table(
         tmp_path: Path, wandb_env: None) -> None:
     config = load_config(None, ["log.wandb.group=sweep-cifar10", "prune.method=osp",

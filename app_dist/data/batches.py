@@ -25,17 +25,19 @@ def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: S
                  num_workers: int, train: bool, seed: int, shuffle_buffer: int = 1,
                  count: int | None = None, pin_memory: bool = False,
                  pool: ReaderPool | None = None, encoded: bool = False,
-                 skip_bad: bool = False) -> Batches:
+                 skip_bad: bool = False, log_skips: bool = True) -> Batches:
     """A batch iterable over the reader plan. Training: shuffled, full batches only, exactly
     `count` of them. Evaluation: in order, partial last batches, every planned sample once.
     With a `pool`, its persistent workers read; `encoded` batches are left for
     `device_decode.decode_on_device`. `skip_bad`: bad samples are skipped and counted
-    instead of raising (training refills their slots, evaluation leaves them out)."""
+    instead of raising (training refills their slots, evaluation leaves them out), each with
+    a log line unless `log_skips` is False."""
     reader = ShardReader(directory, worker_shards, selection, transform, image_ext, num_classes,
                          batch_size, drop_last=train, shuffle_buffer=shuffle_buffer if train else 1,
-                         seed=seed, encoded=encoded, skip_bad=skip_bad)
+                         seed=seed, encoded=encoded, skip_bad=skip_bad, log_skips=log_skips)
     expected = None if train else sum(count for shards in worker_shards for _, count in shards)
-    return Batches(reader_loader(reader, num_workers, pin_memory, pool), count, expected)
+    return Batches(reader_loader(reader, num_workers, pin_memory, pool), count, expected,
+                   count_every_skip=skip_bad)
 
 
 def decode_samples(directory: Path, selection: Selection, *, channels: int, image_ext: str,
@@ -60,12 +62,18 @@ class Batches:
     """Exactly `count` batches from a DataLoader (or all of them when count is None).
 
     Readers send each batch with the number of bad samples they skipped before it; those
-    counts are summed into `skipped` and stripped, so consumers see (images, labels)."""
+    counts are summed into `skipped` and stripped, so consumers see (images, labels).
+    `count_every_skip` (data.bad_samples=skip): after the `count`-th batch the readers are
+    read to their end, their batches dropped, so that `skipped` counts every bad sample of
+    the plan once, also those in a batch past the agreed count or in a reader's dropped
+    remainder (else the count depends on where the shuffle put them)."""
 
-    def __init__(self, loader: Iterable, count: int | None, expected_samples: int | None) -> None:
+    def __init__(self, loader: Iterable, count: int | None, expected_samples: int | None,
+                 count_every_skip: bool = False) -> None:
         self.loader = loader
         self.count = count
         self.expected_samples = expected_samples
+        self.count_every_skip = count_every_skip
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -80,13 +88,15 @@ class Batches:
         try:
             for *batch, skipped in iterator:
                 self.skipped += int(skipped)
-                if len(batch[1]) == 0:
-                    continue  # a reader's closing report of skipped samples
+                if len(batch[1]) == 0 or produced == self.count:
+                    continue  # a reader's closing report of skipped samples, or a drained batch
                 seen += len(batch[1])
                 produced += 1
                 yield tuple(batch)
-                if produced == self.count:
+                if produced == self.count and not self.count_every_skip:
                     return
+            if produced == self.count:
+                return
         except Exception:
             # A reader's error keeps the iterator alive in its traceback, and with it worker
             # processes that ignore SIGTERM: stop them now, or the exit waits for them.

@@ -124,7 +124,9 @@ class CachedBatches:
         self.shuffle_buffer = shuffle_buffer
         self.count = count
         self.pin_memory = pin_memory
-        self.skipped = 0  # bad samples met in the last pass (data.bad_samples=skip)
+        # Bad samples in the last pass's plan (data.bad_samples=skip), counted whole, as the
+        # shard readers count them (`Batches.count_every_skip`), also past `count` batches.
+        self.skipped = 0
 
     def __len__(self) -> int:
         if self.count is not None:
@@ -142,7 +144,6 @@ class CachedBatches:
     def _item(self, cached: CachedSample | None,
               generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
         if cached is None:
-            self.skipped += 1
             return None
         return self.transform.augment_decoded(cached[0], generator), cached[1]
 
@@ -152,6 +153,7 @@ class CachedBatches:
         produced = 0
         for images, labels in batches:
             if self.count is not None and produced == self.count:
+                self.skipped = self._bad_in_plan()
                 return
             produced += 1
             yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images,
@@ -159,3 +161,8 @@ class CachedBatches:
         if self.count is not None and produced < self.count:
             raise DataError(f"the cached samples fill {produced} batches, fewer than the "
                             f"{self.count} the plan promises")
+        self.skipped = self._bad_in_plan()
+
+    def _bad_in_plan(self) -> int:
+        return sum(self.store[index] is None for indices in self.readers
+                   for index in indices.tolist())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -131,10 +132,13 @@ class ShardReader(IterableDataset):
     def __init__(self, directory: Path, worker_shards: list[ShardCounts], selection: Selection,
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
                  drop_last: bool, shuffle_buffer: int, seed: int, encoded: bool = False,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, log_skips: bool = True) -> None:
         super().__init__()
         self.urls = [[str(directory / shard.name) for shard, _ in shards]
                      for shards in worker_shards]
+        # How many selected samples each shard holds by the manifest: a shard that ends early
+        # (truncated, a broken tar header, an empty tar in its place) is named when it does.
+        self.promised = [[count for _, count in shards] for shards in worker_shards]
         self.membership = selection.membership
         self.transform = transform
         self.image_ext = image_ext
@@ -145,6 +149,7 @@ class ShardReader(IterableDataset):
         self.seed = seed
         self.encoded = encoded
         self.skip_bad = skip_bad
+        self.log_skips = log_skips
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
@@ -177,19 +182,33 @@ class ShardReader(IterableDataset):
     def _skip(self, error: DataError, tally: SkipTally) -> None:
         if not self.skip_bad:
             raise error
-        log.warning("skipped a bad sample (data.bad_samples=skip): %s", error)
+        if self.log_skips:
+            log.warning("skipped a bad sample (data.bad_samples=skip): %s", error)
         tally.count += 1
 
     def _samples(self, worker: int) -> Iterator[dict]:
         """The selected samples of the worker's shards, in shard order, with their labels."""
+        for path, promised in zip(self.urls[worker], self.promised[worker]):
+            yield from self._shard_samples(path, promised)
+
+    def _shard_samples(self, path: str, promised: int) -> Iterator[dict]:
+        """One shard's selected samples; DataError naming the shard when it cannot be read or
+        holds another number of them than the manifest promises. tarfile ends a stream
+        silently at a broken header after the first one, so counting is what catches it."""
+        handler = partial(_raise_naming_shard, path)
         pipeline = wds.DataPipeline(
-            lambda: _open_local_shards(self.urls[worker]),
-            lambda streams: wds.tariterators.tar_file_expander(streams,
-                                                               handler=_raise_naming_shard),
-            lambda files: wds.tariterators.group_by_keys(files, handler=_raise_naming_shard),
+            lambda: _open_local_shards([path]),
+            lambda streams: wds.tariterators.tar_file_expander(streams, handler=handler),
+            lambda files: wds.tariterators.group_by_keys(files, handler=handler),
             self._selected,
         )
-        return iter(pipeline)
+        found = 0
+        for sample in pipeline:
+            found += 1
+            yield sample
+        if found != promised:
+            raise DataError(f"shard {path}: read {found} selected samples where the manifest "
+                            f"promises {promised}: the shard is truncated or altered")
 
     def _encoded_batches(self, samples: Iterator[dict], generator: torch.Generator) -> Iterator:
         encoded: list[bytes] = []
@@ -315,12 +334,15 @@ def unpack(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
             for part, shape in zip(flat.split(sizes), shapes.tolist())]
 
 
-def _raise_naming_shard(error: Exception) -> bool:
-    """webdataset appends (stream, url) to a failed read's args: name the shard."""
-    url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")),
-               "a shard")
-    raise DataError(f"cannot read {url}: {error.args[0] if error.args else error} "
-                    "(truncated or not a tar file?)") from None
+def _raise_naming_shard(path: str, error: Exception) -> bool:
+    """webdataset's handler for a failed read of shard `path`: one DataError naming it.
+    webdataset hands the same error to the handlers of the stages it passes through (tar
+    member, then tar file) with text appended: an error already named passes unchanged."""
+    if isinstance(error, DataError):  # its args may have grown by webdataset's (stream, url)
+        raise DataError(error.args[0]) from None
+    reason = str(error.args[0]) if error.args else str(error)
+    reason = reason.split(" @ ")[0]  # webdataset appends " @ <the file object>"
+    raise DataError(f"cannot read {path}: {reason} (truncated or not a tar file?)") from None
 
 
 def _open_local_shards(paths: list[str]) -> Iterator[dict]:

@@ -94,18 +94,22 @@ class StreamReader:
 
     def scoring(self, megabatch: int, fraction: float) -> Pass:
         """This rank's share of the scoring sample: the first `fraction` x megabatch size
-        samples of the current training set, unaugmented, in training-sized batches."""
+        samples of the current training set, unaugmented, in training-sized batches. It skips
+        bad samples without a log line and is not counted in skipped_samples: every sample
+        it reads is read (logged, counted) again by each training epoch of the megabatch."""
         count = max(1, round(fraction * self.stream.megabatch_train_size(megabatch)))
         selection = self.stream.train_selection(megabatch).first(count)
         plan = evaluation_plan(selection, rank=self.platform.rank,
                                world_size=self.platform.world_size,
                                num_workers=self.settings.num_workers)
         return self._batches(plan, selection, transform=self.eval_transform,
-                             batch_size=self.batch_per_rank, train=False, seed=self.seed)
+                             batch_size=self.batch_per_rank, train=False, seed=self.seed,
+                             log_skips=False)
 
     def _batches(self, plan: list[ShardCounts], selection: Selection, *,
                  transform: SampleTransform, batch_size: int, train: bool, seed: int,
-                 shuffle_buffer: int = 1, count: int | None = None) -> Pass:
+                 shuffle_buffer: int = 1, count: int | None = None,
+                 log_skips: bool = True) -> Pass:
         options = {"transform": transform, "batch_size": batch_size, "train": train,
                    "seed": seed, "shuffle_buffer": shuffle_buffer, "count": count}
         if self.cache is not None and self.cache.ensure(plan, selection, self._decode):
@@ -116,7 +120,7 @@ class StreamReader:
                                num_workers=self.settings.num_workers,
                                pin_memory=self.pin_memory, pool=self.pool,
                                encoded=self.decode_device is not None,
-                               skip_bad=self.skip_bad, **options)
+                               skip_bad=self.skip_bad, log_skips=log_skips, **options)
         if self.decode_device is None:
             return batches
         return _OnDevice(batches, transform, self.decode_device)

@@ -37,7 +37,9 @@ def reader_context() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context()  # no fork server (Windows): spawn
     # app_dist.train too: every reader re-runs the main script (`app_dist/train.py`), and
     # with its imports already loaded that costs milliseconds instead of 0.2 s per reader.
-    multiprocessing.set_forkserver_preload(["app_dist.data.workers", "app_dist.train"])
+    # app_dist.data.fork_server first: it makes the server ignore SIGTERM (see its docstring).
+    multiprocessing.set_forkserver_preload(["app_dist.data.fork_server", "app_dist.data.workers",
+                                            "app_dist.train"])
     return multiprocessing.get_context("forkserver")
 
 

@@ -12,7 +12,10 @@ exact because
     writes into each rank's own partition).
 
 The data never passes through DeepSpeed (no `training_data`): the project's loader decides
-the order, so it is the same as under DDP.
+the order, so it is the same as under DDP. Nor do its checkpoint files pass through its own
+checkpoint engine, which loads them with torch.load(weights_only=False), i.e. runs whatever
+code a file pickles: `VerifiedCheckpointFiles` writes them atomically and reads them with
+weights_only=True (PITFALLS.md, "DeepSpeed").
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, precisi
 from app_dist.engine.optimization import restarted_schedule, sgd_optimizer
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
+from app_dist.foundations.files import atomic_torch_save, load_torch_file
 from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
@@ -51,6 +55,39 @@ def _join_single_process_group(device: torch.device) -> None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 store=dist.HashStore(), rank=0, world_size=1)
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed (0.19) pickles into its checkpoint files besides tensors,
+    containers and primitive values (torch.serialization.get_unsafe_globals_in_checkpoint on
+    its ZeRO files): the loss scaler (fp32 and bf16: static, fp16: dynamic), ZeRO's stage
+    enum and the addresses of parameter fragments in its flat partitions. Plain data classes;
+    unpickling them runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class VerifiedCheckpointFiles:
+    """DeepSpeed's checkpoint engine with the project's file handling in place of torch's:
+    every file is written atomically (a full disk raises OSError and leaves no partial file)
+    and read with weights_only=True and `deepspeed_safe_globals` (a file that pickles code
+    is refused with a CheckpointError naming it). Everything else (which rank writes, commit)
+    is DeepSpeed's own engine's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        atomic_torch_save(state_dict, Path(path))
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_torch_file(Path(path), map_location, deepspeed_safe_globals())
 
 
 class DeepSpeedEngine:
@@ -77,6 +114,7 @@ class DeepSpeedEngine:
             _join_single_process_group(platform.device)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
                                                     config=self.ds_config)
+        self.engine.checkpoint_engine = VerifiedCheckpointFiles(self.engine.checkpoint_engine)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.precision = precision_of(self.ds_config)
         if self.precision != "fp32":

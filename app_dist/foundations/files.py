@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,15 +77,21 @@ def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
 
 
 class _HashingWriter:
-    """What torch.save writes to: forwards every chunk to the file and into a sha256."""
+    """What torch.save writes to: forwards every chunk to the file and into a sha256, and
+    keeps the OSError of a failed write (torch's zip writer replaces it with its own)."""
 
     def __init__(self, handle: IO[bytes]) -> None:
         self.handle = handle
         self.digest = hashlib.sha256()
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
 
     def flush(self) -> None:
         self.handle.flush()
@@ -93,10 +99,18 @@ class _HashingWriter:
 
 def atomic_torch_save(value: Any, path: Path) -> None:
     """torch.save to a temporary name, fsync, then rename over `path`; the sha256 of the bytes
-    is remembered for `sha256_of_written`."""
+    is remembered for `sha256_of_written`. A failed write (a full disk) raises its OSError
+    and leaves `path` as it was, with no temporary file behind."""
     with atomic_file(path, "wb") as handle:
         writer = _HashingWriter(handle)
-        torch.save(value, writer)
+        try:
+            torch.save(value, writer)
+        except RuntimeError:
+            # torch's zip writer reports a failed write as "[enforce fail at
+            # inline_container.cc] ... unexpected pos": give the caller the real cause.
+            if writer.error is None:
+                raise
+            raise writer.error from None
     if len(_HASHED_ON_WRITE) >= _HASHED_ON_WRITE_LIMIT:
         _HASHED_ON_WRITE.clear()
     stat = path.stat()
@@ -112,10 +126,24 @@ def sha256_of_written(path: Path) -> str:
     return file_sha256(path)
 
 
-def load_torch_file(path: Path) -> Any:
-    """torch.load with weights_only=True (no pickled code runs); any failure is a
-    CheckpointError naming the file."""
+def load_torch_file(path: Path, map_location: Any = "cpu",
+                    safe_globals: Sequence[Any] = ()) -> Any:
+    """torch.load with weights_only=True: tensors, containers and primitive values only, plus
+    the classes in `safe_globals` (those a library's own files hold, e.g. DeepSpeed's), so no
+    pickled code runs. Any failure is a CheckpointError naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {path}: {_load_failure(error)}") from None
+
+
+def _load_failure(error: Exception) -> str:
+    """One line: why torch.load failed. Its refusal of a pickled global is a paragraph whose
+    first line says only that a weights-only load failed; the line naming the global is
+    the one that matters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = next((line for line in lines if "GLOBAL" in line), None)
+    if refused is not None:
+        return f"refused: it holds pickled code or a type no checkpoint holds ({refused})"
+    return lines[0] if lines else type(error).__name__

@@ -2,6 +2,10 @@
 
     RUN_DIR/config.yaml                      the resolved config of the run
     RUN_DIR/metrics.jsonl                    one JSON record per finished megabatch
+    RUN_DIR/outcome.json                     how the last launch ended: finished, preempted
+                                             (resumable) or bad_input, with its exit code
+    RUN_DIR/run.lock                         held by rank 0 of the run writing here (one run
+                                             per run directory; app_dist/foundations/run_lock.py)
     RUN_DIR/checkpoints/megabatch-0003/      after megabatch 3 completed
     RUN_DIR/checkpoints/preempted-0004/      inside megabatch 4, written at a pre-emption
         state.pt        rank 0: masks, run state (history, progress), settings
@@ -80,6 +84,19 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def outcome(self) -> Path:
+        return self.root / "outcome.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def lock_takeover(self) -> Path:
+        """Created while one launch takes over a stale lock (one launch at a time)."""
+        return self.root / "run.lock.takeover"
 
     @property
     def checkpoints(self) -> Path:

@@ -4,6 +4,9 @@ Config summary, the megabatch reached, density per layer, the metrics so far and
 run can be resumed, i.e. whether its newest checkpoint verifies (COMPLETE.json present and
 every file matching its sha256, exactly the test the trainer applies before resuming).
 Reads files only; never modifies the run.
+
+Exit codes: 0 resumable (the newest checkpoint verifies), 3 not resumable (no checkpoint yet,
+or the newest one is damaged; the report says what a rerun would do), 2 bad input.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.results.runs import Run, describe_config, read_run
 from app_dist.training.checkpoint import MARKER, Checkpoint, scan_checkpoints, verify
 from app_dist.training.metrics import SUMMARY_COLUMNS, summary_table
+
+NOT_RESUMABLE = 3  # the exit code when the report says "not resumable" (docs/TROUBLESHOOTING.md)
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +197,11 @@ def build_parser() -> ArgumentParser:
         prog="app-dist inspect",
         description="Show what a run directory or a checkpoint folder holds: config, "
                     "megabatch reached, density per layer, metrics so far, and whether the "
-                    "run can be resumed (its newest checkpoint verifies).")
+                    "run can be resumed (its newest checkpoint verifies).",
+        epilog=f"Exit codes: 0 resumable (the newest checkpoint verifies), {NOT_RESUMABLE} not "
+               "resumable (no checkpoint yet, or the newest one fails its sha256 check; the "
+               "report still prints and says what a rerun would do), 2 bad input (the path is "
+               "neither a run directory nor a checkpoint folder).")
     parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT_DIR",
                         help="a run directory or RUN_DIR/checkpoints/megabatch-NNNN")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -201,10 +210,11 @@ def build_parser() -> ArgumentParser:
 
 @command(build_parser)
 def main(args: argparse.Namespace) -> int:
+    """0 when the run (or checkpoint) is resumable, NOT_RESUMABLE when the report says it is
+    not, 2 on bad input."""
     info = inspect_path(args.path)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
-    return 0
-
+    return 0 if info["resumable"] else NOT_RESUMABLE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app_dist.foundations.files import atomic_file, atomic_write_text
+
 METRIC_COLUMNS = ("megabatch", "megabatches", "test_accuracy", "cer", "density",
                   "generalization_gap")
 
@@ -64,15 +66,11 @@ def write_results(rows: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0]) if rows else ["trial_id", "status"]
     csv_path, json_path = folder / "results.csv", folder / "results.json"
-    staging = csv_path.with_suffix(".csv.tmp")
-    with staging.open("w", newline="") as handle:
+    with atomic_file(csv_path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    staging.replace(csv_path)
-    staging = json_path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    staging.replace(json_path)
+    atomic_write_text(json_path, json.dumps(rows, indent=1, default=str) + "\n")
     return csv_path, json_path
 
 

@@ -227,10 +227,13 @@ class Checkpointer:
         final = self.folder(megabatch, partial)
         staging = self.layout.staging(final)
         if self.platform.is_primary:
-            self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
-            if staging.exists():  # left by a crash during an earlier save: never valid
-                shutil.rmtree(staging)
-            staging.mkdir()
+            try:
+                self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
+                if staging.exists():  # left by a crash during an earlier save: never valid
+                    shutil.rmtree(staging)
+                staging.mkdir()
+            except OSError as error:
+                raise _cannot_write(final, error) from None
         self.platform.barrier()
         try:
             atomic_torch_save({"rng": rng_state(), **rank_state},
@@ -242,12 +245,12 @@ class Checkpointer:
             if self.platform.is_primary:
                 self._seal(staging, final, megabatch, partial)
         except OSError as error:
-            # Disk full, quota, read-only mount: the earlier checkpoints are untouched because
-            # nothing is renamed into place before COMPLETE.json is written.
+            # Disk full, quota, read-only mount (torch's own writer reports it as OSError too,
+            # see atomic_torch_save): the earlier checkpoints are untouched because nothing is
+            # renamed into place before COMPLETE.json is written.
             if self.platform.is_primary:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}; "
-                                  "earlier checkpoints are intact") from None
+            raise _cannot_write(final, error) from None
         if self.platform.is_primary:
             self._retire_old()
         self.platform.barrier()
@@ -320,6 +323,11 @@ class Checkpointer:
         if choice is None:
             return None
         return Checkpoint(Path(choice[0]), choice[1], choice[2], choice[3])
+
+
+def _cannot_write(final: Path, error: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}; "
+                           "earlier checkpoints are intact")
 
 
 def verify(folder: Path) -> str | None:

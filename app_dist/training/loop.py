@@ -75,6 +75,9 @@ class MegabatchLoop:
             state.completed = megabatch
             folder = self._checkpoint(state)
             self.events.fire("megabatch_end", record=record, folder=folder)
+            if megabatch < len(self.schedule) and self.preemption.agreed_now(self.platform):
+                raise Preempted(f"pre-empted after megabatch {megabatch}; its checkpoint "
+                                f"{folder.name} is written")
         return state
 
     def _prune(self, megabatch: int) -> bool:
@@ -117,6 +120,10 @@ class MegabatchLoop:
             progress.epoch_sums = [0.0, 0.0, 0.0]
             if self._stop_early(progress):
                 break
+            if self.preemption.agreed_now(self.platform):
+                self._checkpoint(state, progress)
+                raise Preempted(f"pre-empted in megabatch {megabatch} after epoch "
+                                f"{progress.epoch}; checkpoint written")
         best = progress.best
         assert best is not None
         # Warm start: megabatch t+1 (and the test pass of t) uses the best-validation weights.

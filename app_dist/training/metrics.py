@@ -3,8 +3,10 @@ and the summary table."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,36 @@ class MetricsLog(Callback):
     """metrics.jsonl in the run directory, written by rank 0 only.
 
     On start the file is rewritten from the checkpoint's history, so a crash between the
-    checkpoint and the log line neither loses nor duplicates a megabatch.
+    checkpoint and the log line neither loses nor duplicates a megabatch. A write that fails
+    (a full disk) leaves the file as it was, without half a line, and raises AppDistError:
+    the checkpoint holds every record, and the same command rewrites the file from it.
     """
 
     def __init__(self, run_dir: Path, history: list[dict[str, Any]]) -> None:
         self.path = RunLayout(run_dir).metrics
-        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in history))
+        try:
+            atomic_write_text(self.path,
+                              "".join(json.dumps(record) + "\n" for record in history))
+        except OSError as error:
+            raise self._cannot_write(error) from None
 
     def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
         self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        size = self.path.stat().st_size
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no half-written line survives
+            raise self._cannot_write(error) from None
+
+    def _cannot_write(self, error: OSError) -> AppDistError:
+        return AppDistError(f"cannot write {self.path}: {error.strerror or error}; the "
+                            "checkpoints hold every record: free space, then run the same "
+                            "command again")
 
 
 class WandbLog(Callback):

@@ -1,5 +1,12 @@
-"""Pre-emption: SIGTERM becomes a flag that all ranks agree on between steps, so every rank
-stops after the same step, a checkpoint is written, and the run exits with code 75."""
+"""Pre-emption: SIGTERM becomes a flag that all ranks agree on at the same points (every few
+training steps, after each epoch's validation, after each megabatch's checkpoint), so every
+rank stops at the same point, a checkpoint is written, and the run exits with code 75.
+
+Whichever process of the tree receives the signal: a rank directly, every rank through its
+process group (torchrun forwards SIGTERM to each rank's group; `timeout`, SLURM and Kubernetes
+signal the whole tree), or one rank only: the flag of one rank is enough, the agreement is a
+sum over ranks. Reader processes and their fork server ignore SIGTERM (app_dist.data).
+"""
 
 from __future__ import annotations
 
@@ -35,8 +42,14 @@ class PreemptionNotice:
         self.requested = True
 
     def agreed(self, platform: Platform, step: int) -> bool:
+        """After training step `step`: every CHECK_EVERY steps, whether any rank was asked
+        to stop. All ranks call it after the same steps."""
         if step % self.CHECK_EVERY:
             return False
+        return self.agreed_now(platform)
+
+    def agreed_now(self, platform: Platform) -> bool:
+        """Whether any rank was asked to stop (one tiny all-reduce). All ranks call it."""
         flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
         return bool(platform.all_reduce_sum(flag).item() > 0)
 

@@ -14,7 +14,6 @@ the index-th sample of that permuted order and lives in shard index // S as
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from app_dist.data.prepare.sources import (
 )
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
-from app_dist.foundations.files import file_sha256
+from app_dist.foundations.files import atomic_file, file_sha256
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
 # A fixed mtime (2020-01-01) makes the same input give byte-identical shards and sha256s.
@@ -94,34 +93,28 @@ def _write_shard(out_dir: Path, name: str, first_index: int, records: list[Recor
     """Write one shard under a temporary name, rename it into place, and hash the result.
     Returns its ShardInfo and the image sizes and channel counts it saw."""
     final = out_dir / name
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     sizes: set[tuple[int, int]] = set()
     channels: set[int] = set()
-    try:
-        with open(tmp, "wb") as f:
-            tar = _TarOut(f)
-            for offset, record in enumerate(records):
-                data = record.encoded()
-                if not data.startswith(_MAGIC[image_format]):
-                    raise SourceError(f"{record.src}: bytes are not {image_format.upper()} "
-                                      "as the file name says")
-                try:
-                    height, width, channel_count = image_header(data)
-                except Exception as exc:  # PIL's many error types for a broken file
-                    raise SourceError(f"{record.src}: unreadable image ({exc})") from None
-                sizes.add((height, width))
-                channels.add(channel_count)
-                key = f"{first_index + offset:08d}"
-                # Members in sorted extension order, as webdataset's TarWriter writes them.
-                members = {image_format: data, "cls": str(record.label).encode("ascii"),
-                           "src": record.src.encode("utf-8")}
-                for ext in sorted(members):
-                    tar.add(f"{key}.{ext}", members[ext])
-            tar.close()
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(final, "wb") as f:
+        tar = _TarOut(f)
+        for offset, record in enumerate(records):
+            data = record.encoded()
+            if not data.startswith(_MAGIC[image_format]):
+                raise SourceError(f"{record.src}: bytes are not {image_format.upper()} "
+                                  "as the file name says")
+            try:
+                height, width, channel_count = image_header(data)
+            except Exception as exc:  # PIL's many error types for a broken file
+                raise SourceError(f"{record.src}: unreadable image ({exc})") from None
+            sizes.add((height, width))
+            channels.add(channel_count)
+            key = f"{first_index + offset:08d}"
+            # Members in sorted extension order, as webdataset's TarWriter writes them.
+            members = {image_format: data, "cls": str(record.label).encode("ascii"),
+                       "src": record.src.encode("utf-8")}
+            for ext in sorted(members):
+                tar.add(f"{key}.{ext}", members[ext])
+        tar.close()
     info = ShardInfo(name, first_index, len(records), file_sha256(final))
     return info, sizes, channels
 

@@ -1,4 +1,7 @@
-"""Shared fixtures: real digits shards, and a launcher for real multi-process runs."""
+"""Shared fixtures: real digits shards; the trainer started for real (run_trainer to wait for
+it, launch_trainer + wait_for to interrupt it); and the runs the suite trains once and shares
+(uninterrupted, finished_run). Markers (pyproject.toml): a test that starts a trainer, or uses
+a fixture that does, is `slow`; `make test-fast` runs the others."""
 
 from __future__ import annotations
 
@@ -170,7 +173,7 @@ def short_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     1 epoch each, APP to density 0.366 (0.8 after megabatch 1), both checkpoints kept."""
     return ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",
             f"run.dir={run_dir}", "data.megabatches=2", "train.epochs=1",
-            "data.num_workers=0", "log.progress=false", *extra]
+            "data.num_workers=0", "log.progress=false", "checkpoint.keep_last=2", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -59,10 +59,11 @@ def _join_single_process_group(device: torch.device) -> None:
 
 def deepspeed_safe_globals() -> list[Any]:
     """The classes DeepSpeed (0.19) pickles into its checkpoint files besides tensors,
-    containers and primitive values (torch.serialization.get_unsafe_globals_in_checkpoint on
-    its ZeRO files): the loss scaler (fp32 and bf16: static, fp16: dynamic), ZeRO's stage
-    enum and the addresses of parameter fragments in its flat partitions. Plain data classes;
-    unpickling them runs no code of the file's choosing."""
+    containers and primitive values: ZeRO's optimizer state holds its loss scaler, its stage
+    enum and the addresses of parameter fragments in its flat partitions
+    (torch.serialization.get_unsafe_globals_in_checkpoint on fp32 ZeRO-1/2 files; the dynamic
+    scaler of fp16 runs is read from DeepSpeed's code, not from a GPU run). Plain data
+    classes: unpickling them runs no code of the file's choosing."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

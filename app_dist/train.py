@@ -11,6 +11,8 @@ Running the same command again resumes from the run directory's last valid check
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import random
@@ -37,9 +39,10 @@ from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
 from app_dist.data.workers import start_reader_server, stop_readers
 from app_dist.engine import build_engine
+from app_dist.engine.acceleration import describe_perf, resolve_perf
 from app_dist.foundations.commands import BAD_INPUT, ArgumentParser, command, missing_config
 from app_dist.foundations.distributed import Platform, start_platform
-from app_dist.foundations.errors import AppDistError, ConfigError, one_line
+from app_dist.foundations.errors import AppDistError, ConfigError, ReportedElsewhere, one_line
 from app_dist.foundations.files import atomic_write_json, atomic_write_text
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
@@ -134,7 +137,8 @@ def claim_run_directory(config: Config, manifest: Manifest, run_dir: Path,
     """Rank 0 creates the run directory, takes its lock (one run per run directory, see
     app_dist/foundations/run_lock.py) before writing anything there, writes config.yaml and
     verifies the shards. Every rank learns how that went (a broadcast), so that all of them
-    stop with the same one-line error. Rank 0 gets the held lock, the others None."""
+    stop with the bad-input code, rank 0 printing the one-line error. Rank 0 gets the held
+    lock, the others None."""
     lock: RunLock | None = None
     refusal: AppDistError | None = None
     if platform.is_primary:
@@ -162,12 +166,19 @@ def claim_run_directory(config: Config, manifest: Manifest, run_dir: Path,
             lock = None
     refusal = platform.broadcast_object(refusal)
     if refusal is not None:
-        raise refusal
+        raise refusal if platform.is_primary else ReportedElsewhere(str(refusal))
     return lock
 
 
 def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform: Platform,
            run_dir: Path, callbacks: list[Callback] | None) -> RunState:
+    # From here on the perf switches are what auto chose for this device and engine: the
+    # engine, reader and evaluator act on them, and checkpoints record them, so a resume
+    # where auto decides otherwise (another device) is refused as a changed setting.
+    # config.yaml and the run directory's name keep the words (auto).
+    configured = config.perf
+    config = dataclasses.replace(config, perf=resolve_perf(configured, platform.device,
+                                                           config.engine.kind, manifest))
     seed_everything(config.run.seed)
 
     try:
@@ -192,6 +203,7 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
              platform.world_size, platform.device, config.data.megabatches,
              schedule[-1] if config.prune.method != "dense" else 1.0)
+    log.info("speed switches: %s", describe_perf(configured, config.perf))
     loop = MegabatchLoop(config, platform, stream, reader, engine, schedule, checkpointer,
                          Events(listeners))
     try:
@@ -209,10 +221,17 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
 def main(args: argparse.Namespace) -> int:
     """0 when the run finished, 2 on bad input (one `error:` line, from any rank), 75 when
     pre-empted after writing a checkpoint (the same command continues)."""
-    if args.config is None:
-        raise missing_config("app-dist train")
-    config = load_config(args.config, args.overrides)
-    manifest, stream = prepare(config)
+    try:
+        if args.config is None:
+            raise missing_config("app-dist train")
+        config = load_config(args.config, args.overrides)
+        manifest, stream = prepare(config)
+    except AppDistError as error:
+        # Before the process group exists every rank of a node reads the same files and finds
+        # the same error: the node's first rank says it (under torchrun, once, not per rank).
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            raise ReportedElsewhere(str(error)) from None
+        raise
     start_reader_server(config.data.num_workers)
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
@@ -223,10 +242,16 @@ def main(args: argparse.Namespace) -> int:
         if platform.is_primary:
             log.warning("%s; run the same command again to continue", notice)
         return outcome.record("preempted", Preempted.exit_code, str(notice))
-    except RunDirectoryInUse:
-        raise  # the run directory, its outcome file included, belongs to another run
+    except (RunDirectoryInUse, ReportedElsewhere):
+        raise  # another run's directory (outcome file included), or another rank's error
     except AppDistError as error:
-        outcome.record("bad_input", BAD_INPUT, one_line(error))
+        # Whichever rank found it records it, before its exit breaks the other ranks'
+        # connections: they read the file and stop without a second message.
+        outcome.record("bad_input", BAD_INPUT, one_line(error), any_rank=True)
+        raise
+    except Exception:
+        if platform.distributed and outcome.bad_input_recorded():
+            raise ReportedElsewhere("a peer rank stopped on bad input") from None
         raise
     finally:
         stop_readers()
@@ -244,8 +269,10 @@ class RunOutcome:
         self.path = RunLayout(run_dir).outcome
         self.is_primary = is_primary
 
-    def record(self, status: str, exit_code: int, message: str) -> int:
-        if self.is_primary and self.path.parent.is_dir():
+    def record(self, status: str, exit_code: int, message: str, any_rank: bool = False) -> int:
+        """Write the outcome (on rank 0, or on any rank with `any_rank`: bad input found by
+        one rank only) and return `exit_code`."""
+        if (self.is_primary or any_rank) and self.path.parent.is_dir():
             try:
                 atomic_write_json(self.path, {"status": status, "exit_code": exit_code,
                                               "message": message,
@@ -253,6 +280,14 @@ class RunOutcome:
             except OSError as error:  # a full disk must not hide the run's own outcome
                 log.warning("could not write %s: %s", self.path, error.strerror or error)
         return exit_code
+
+    def bad_input_recorded(self) -> bool:
+        """Whether a rank of this launch recorded bad input (rank 0 removed the previous
+        launch's file before training began)."""
+        try:
+            return json.loads(self.path.read_text())["status"] == "bad_input"
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
 
 if __name__ == "__main__":

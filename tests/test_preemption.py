@@ -165,3 +165,61 @@ def test_sigterm_from_outside_leaves_a_resumable_checkpoint_and_resumes_exactly(
     want_masks, want_weights = final_state(reference, engine)
     assert all(torch.equal(masks[name], want_masks[name]) for name in want_masks)
     assert all(torch.equal(weights[name], want_weights[name]) for name in want_weights)
+
+
+GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
+GRACE_CASES = {
+    # (where rank 0 pauses, how long, the checkpoint the resume must start from)
+    # The pre-emption checkpoint fits in the grace period: the run ends by itself, "preempted".
+    "checkpoint-in-time": ("megabatch=2,epoch=0,step=2,at=step", 3, "preempted-0002"),
+    # The pause holds the end-of-megabatch checkpoint past the grace period: SIGKILL arrives
+    # before it is written, and the previous checkpoint must be intact and used.
+    "grace-exceeded": ("megabatch=2,at=checkpoint", 120, "megabatch-0001"),
+}
+
+
+@pytest.mark.parametrize("case", GRACE_CASES)
+def test_kubernetes_grace_period_sigterm_then_sigkill(case: str, digits_shards: Path,
+                                                      tmp_path: Path, references) -> None:
+    """What the kubelet does to a pod: SIGTERM to the container's main process (here the
+    launcher), then SIGKILL to every process left GRACE_SECONDS later. Either the pre-emption
+    checkpoint completes inside the grace period, or the previous one is intact and the same
+    command resumes from it; both end with the uninterrupted run's metrics, masks and weights."""
+    where, pause_seconds, resume_from = GRACE_CASES[case]
+    run_dir = tmp_path / "run"
+    announce = tmp_path / "paused"
+    fault = f"pause:rank=0,seconds={pause_seconds},announce={announce},{where}"
+    launcher = launch_trainer(run_args(digits_shards, run_dir, "ddp"), nproc=2,
+                              env={"APP_DIST_FAULT": fault})
+    try:
+        assert wait_for(announce, launcher, timeout=300), "the run never reached the moment"
+        tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(
+            recursive=True)]
+        launcher.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=GRACE_SECONDS)
+        killed = bool(alive)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait()
+    assert killed == (case == "grace-exceeded"), "the grace period ended differently"
+    layout = RunLayout(run_dir)
+    if case == "checkpoint-in-time":
+        assert json.loads(layout.outcome.read_text())["status"] == "preempted"
+    latest = Checkpointer(run_dir, Platform(0, 1, 0, torch.device("cpu")), 10).latest()
+    assert latest is not None and latest.path.name == resume_from
+
+    resumed = run_trainer(run_args(digits_shards, run_dir, "ddp"), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = references("ddp")
+    assert read_metrics(run_dir) == read_metrics(reference)
+    masks, weights = final_state(run_dir, "ddp")
+    want_masks, want_weights = final_state(reference, "ddp")
+    assert all(torch.equal(masks[name], want_masks[name]) for name in want_masks)
+    assert all(torch.equal(weights[name], want_weights[name]) for name in want_weights)

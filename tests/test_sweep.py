@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -353,21 +355,53 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
         assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+# (signal, where rank 1 pauses for the test to signal it, checkpoints set aside on restart)
+WORKER_FAULTS = {
+    # Mid-megabatch 2: the restart continues from megabatch 1's reported checkpoint.
+    "SIGKILL-mid-megabatch": (signal.SIGKILL, "megabatch=2,epoch=0,step=1,at=step", 0),
+    # Megabatch 2 checkpointed but not yet reported: Ray Train restarts from megabatch 1 and
+    # the unreported checkpoint is set aside and trained again.
+    "SIGTERM-before-report": (signal.SIGTERM, "megabatch=2,at=checkpointed", 1),
+}
+
+
+def signal_when_announced(announce: Path, signum: int, deadline: float) -> threading.Thread:
+    """A thread that sends `signum` to the process whose pid appears in `announce` (the
+    paused Ray Train worker) as soon as the file exists: the fault comes from outside."""
+    def watch() -> None:
+        while time.monotonic() < deadline:
+            if announce.is_file() and (pid := announce.read_text().strip()):
+                os.kill(int(pid), signum)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.distributed
-def test_trial_whose_worker_is_killed_resumes_from_its_last_reported_megabatch(
-        ray_cluster, digits_shards, tmp_path):
-    marker = tmp_path / "killed-once"
+@pytest.mark.parametrize("fault", WORKER_FAULTS)
+def test_trial_whose_worker_is_signalled_resumes_from_its_last_reported_megabatch(
+        fault, ray_cluster, digits_shards, tmp_path):
+    """SIGKILL or SIGTERM from outside to a Ray Train worker process of a sweep trial: Ray
+    Train restarts the worker group from the last reported megabatch checkpoint, the trial
+    finishes and the sweep ends with its result."""
+    signum, where, set_aside = WORKER_FAULTS[fault]
+    announce = tmp_path / "paused"
     path = sweep_file(
         tmp_path, digits_shards, name="digits-kill",
         overrides=[f"data.shards={digits_shards}", "data.megabatches=3", "train.epochs=1",
                    "train.milestones=[1]", "log.progress=false", "log.wandb.mode=disabled"],
         search_space={"prune.method": {"grid": ["app"]}}, max_failures=1,
-        # Rank 1 SIGKILLs itself after checkpointing megabatch 2, before reporting it.
-        worker_env={"APP_DIST_TEST_KILL_AT": f"1:2:{marker}"})
+        # Only times the fault: rank 1 writes its pid to `announce` and sleeps there.
+        worker_env={"APP_DIST_FAULT": f"pause:rank=1,seconds=5,announce={announce},{where}"})
+    watcher = signal_when_announced(announce, signum, time.monotonic() + 600)
     assert main(["--config", str(path)]) == 0
-    assert marker.is_file()  # the worker really died once
+    watcher.join(timeout=1)
+    assert not watcher.is_alive(), "the worker never reached the moment"
 
     experiment = tmp_path / "storage" / "digits-kill"
     (row,) = json.loads((experiment / "results.json").read_text())
@@ -376,9 +410,8 @@ def test_trial_whose_worker_is_killed_resumes_from_its_last_reported_megabatch(
     # Restarting from scratch would have reported megabatch 1 twice.
     assert [r["megabatch"] for r in reports] == [1, 2, 3]
     run_dir = experiment / "runs" / row["trial_id"]
-    # The restarted workers took megabatch 1's reported checkpoint; the checkpoint of
-    # megabatch 2 written before the kill (never reported) was set aside and trained again.
-    assert len(list((run_dir / "checkpoints").glob("megabatch-0002.unreported-*"))) == 1
+    unreported = list((run_dir / "checkpoints").glob("megabatch-0002.unreported-*"))
+    assert len(unreported) == set_aside
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["megabatch"] for r in logged] == [1, 2, 3]
     assert logged[0]["seconds"] == reports[0]["seconds"]  # megabatch 1 was not recomputed

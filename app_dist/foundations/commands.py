@@ -2,7 +2,8 @@
 
     exit 0    done (and `--help`, which prints the usage and options)
     exit 2    bad input: one line `error: <what is wrong, naming the file, key or flag>` on
-              stderr, no traceback (every AppDistError, and every usage error)
+              stderr, no traceback (every AppDistError, and every usage error); silent for
+              ReportedElsewhere, whose line another process of the launch prints
 
 A command is a parser and a body; `run_command` (or the `command` decorator) does the rest:
 
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from app_dist.foundations.errors import AppDistError, one_line
+from app_dist.foundations.errors import AppDistError, ReportedElsewhere, one_line
 
 BAD_INPUT = 2  # the documented exit code of bad input (README, docs/TROUBLESHOOTING.md)
 
@@ -63,6 +64,8 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, body: B
         except SystemExit as exit_:  # --help printed the usage
             return int(exit_.code or 0)
         return body(arguments)
+    except ReportedElsewhere:
+        return BAD_INPUT
     except AppDistError as error:
         return report_bad_input(error)
 

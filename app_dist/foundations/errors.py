@@ -17,6 +17,13 @@ class CheckpointError(AppDistError):
     """A checkpoint is missing, corrupt or does not match the run."""
 
 
+class ReportedElsewhere(AppDistError):
+    """Bad input that another process of the same launch reports: this process exits with
+    the bad-input code without printing, so that the user reads the culprit once (under
+    torchrun every rank finds the same config error; after a broadcast every rank holds the
+    same refusal; a rank whose peer stopped on bad input sees only the broken connection)."""
+
+
 def one_line(error: BaseException) -> str:
     """The message of `error` as one line. An error raised in a DataLoader worker arrives
     re-wrapped as "Caught X in DataLoader worker process N.\\nOriginal Traceback ...": the

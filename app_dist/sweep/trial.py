@@ -13,8 +13,6 @@ the last reported megabatch: `train_worker` puts that checkpoint into the run di
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,6 @@ from app_dist.training.events import Callback
 # The id of the placement group holding the trial's workers, reported with every megabatch so
 # the sweep can release it when Tune stops the trial (see runner.ReleaseTrainPlacementGroup).
 PLACEMENT_GROUP_KEY = "ray_placement_group"
-# Test-only fault injection, "RANK:MEGABATCH:MARKER_FILE": that rank SIGKILLs itself once,
-# after checkpointing MEGABATCH and before reporting it (the marker file makes it once).
-TEST_KILL_ENV = "APP_DIST_TEST_KILL_AT"
-
 
 def make_trainable(sweep: Sweep) -> Any:
     """The Tune trainable of `sweep`: a function trainable with the driver's resources."""
@@ -122,7 +116,6 @@ class MegabatchReporter(Callback):
     def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
         import ray.train
 
-        _kill_if_asked(self.platform.rank, record["megabatch"])
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
         metrics.update(megabatches=self.megabatches,
                        **{PLACEMENT_GROUP_KEY: self.placement_group})
@@ -131,16 +124,3 @@ class MegabatchReporter(Callback):
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=folder.name)
 
-
-def _kill_if_asked(rank: int, megabatch: int) -> None:
-    spec = os.environ.get(TEST_KILL_ENV)
-    if not spec:
-        return
-    kill_rank, kill_megabatch, marker = spec.split(":", 2)
-    if (int(kill_rank), int(kill_megabatch)) != (rank, megabatch):
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -8,9 +8,12 @@ ACTION is sigkill or sigterm (this process signals itself) or pause (this proces
 then sleeps N seconds: the test waits for PATH and sends its signal to the launcher, a process
 group or a rank while the rank is inside MOMENT). MOMENT is `step` (after step S of epoch E of
 megabatch M; the default), `validation` (as the validation pass after epoch E starts),
-`test` (as megabatch M's test pass starts) or `checkpoint` (as megabatch M's checkpoint
-starts). Only on rank R and launcher attempt A (TORCHELASTIC_RESTART_COUNT, default 0), so a
-restarted job does not fault again. Unset in normal use: the trainer then registers nothing.
+`test` (as megabatch M's test pass starts), `checkpoint` (as megabatch M's checkpoint
+starts) or `checkpointed` (once it is written, before the megabatch's end is announced: a Ray
+sweep trial has not yet reported it). Only on rank R and launcher attempt A
+(TORCHELASTIC_RESTART_COUNT, default 0), so a job restarted by torchrun does not fault again
+(workers Ray Train restarts do: a pause repeats, which costs only its seconds). Unset in
+normal use: the trainer then registers nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from app_dist.training.events import TEST, TRAIN, VALIDATION, Callback
 
 ACTIONS = ("sigkill", "sigterm", "pause")
-MOMENTS = ("step", VALIDATION, TEST, "checkpoint")
+MOMENTS = ("step", VALIDATION, TEST, "checkpoint", "checkpointed")
 FAULT_ENV = "APP_DIST_FAULT"
 
 
@@ -67,6 +70,10 @@ class FaultInjector(Callback):
     def checkpoint_start(self, partial: bool) -> None:
         if not partial:
             self._fire("checkpoint", with_epoch=False)
+
+    def checkpoint_end(self, folder: Path, partial: bool) -> None:
+        if not partial:
+            self._fire("checkpointed", with_epoch=False)
 
     def _fire(self, moment: str, with_epoch: bool) -> None:
         megabatch, epoch = self.position

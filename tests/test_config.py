@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from app_dist.config import config_hash, load_config, run_directory
+from app_dist.config import config_hash, load_config, run_directory, sparsity_level
 from app_dist.foundations.errors import ConfigError
+from app_dist.pruning.schedule import density_schedule
 from app_dist.train import main
 
 from .conftest import REPO
@@ -27,6 +28,8 @@ def test_shipped_configs_load(name):
     (["train.epochs=three"], "train.epochs"),  # wrong type
     (["prune.target_density=1.5"], "prune.target_density"),
     (["prune.target_density=0"], "prune.target_density"),
+    # APP starts at 0.8: a higher target would make its schedule rise and skip every prune.
+    (["prune.method=app", "prune.target_density=0.9"], "prune.method=osp"),
     (["data.megabatches=0"], "data.megabatches"),
     (["data.replay=sometimes"], "data.replay"),
     (["prune.criterion=hessian"], "prune.criterion"),
@@ -123,3 +126,9 @@ def test_a_target_that_keeps_no_weight_is_refused(override, bound):
         load_config(REPO / "configs/digits.yaml", [override])
     assert bound in str(error.value)
     load_config(REPO / "configs/digits.yaml", ["prune.sparsity_level=61.9"])
+
+
+def test_a_target_density_above_apps_first_step_is_fine_for_osp():
+    config = load_config(REPO / "configs/digits.yaml",
+                         ["prune.method=osp", "prune.target_density=0.9"])
+    assert density_schedule("osp", 4, sparsity_level(config.prune)) == pytest.approx([0.9] * 4)

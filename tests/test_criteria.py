@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import ConfigError
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.pruner import compute_scores
 from app_dist.pruning.schedule import density_schedule
@@ -138,6 +139,27 @@ def test_grasp_through_compute_scores_uses_class_balanced_batches_and_restores_t
     product = grasp_hessian_gradient_product(model, masks.weights, second, gradient, CPU)
     expected = grasp_scores_from_products(masks.weights, product)
     assert torch.equal(scores["conv.weight"], expected["conv.weight"])
+
+
+def test_grasp_draws_its_batches_from_the_class_source_and_refuses_short_ones():
+    """Issue 14: a scoring sample too small for 2 x 10 samples per class made GraSP score on
+    short (or empty) batches without a word. The batches now come from the class source (the
+    megabatch's training part, read as far as needed); if even that is short, one line."""
+    torch.manual_seed(0)
+    model, masks = two_channel()
+    images, labels = torch.randn(40, 1, 2, 2), torch.tensor([0, 1] * 20)
+    batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 40, 8)]
+    small_sample = batches[:1]  # 4 samples per class: both GraSP batches would be short
+    scores = compute_scores("grasp", model, masks, SINGLE, lambda: iter(small_sample), seed=1,
+                            megabatch=1, class_source=lambda: iter(batches))
+    first, second = class_balanced_batches(batches, 2, 10)
+    expected = grasp_scores_from_products(masks.weights, grasp_hessian_gradient_product(
+        model, masks.weights, second, grasp_gradient(model, masks.weights, first, CPU), CPU))
+    assert torch.equal(scores["conv.weight"], expected["conv.weight"])
+    with pytest.raises(ConfigError, match=r"megabatch 3's training part is 32 short \(class 0: "
+                                          r"16 missing\).*data.megabatches"):
+        compute_scores("grasp", model, masks, SINGLE, lambda: iter(small_sample), seed=1,
+                       megabatch=3)
 
 
 def test_class_balanced_batches_take_per_class_samples_in_stream_order():

@@ -53,12 +53,28 @@ def test_snip_accumulates_gradients_over_batches_and_restores_batchnorm():
         assert torch.equal(value, before[key]), key
     expected = {name: torch.zeros_like(w) for name, w in masks.weights.items()}
     for images, labels in batches:
-        loss = F.cross_entropy(model(images), labels)
+        loss = F.cross_entropy(model(images), labels, reduction="sum")
         for name, grad in zip(expected, torch.autograd.grad(loss, list(masks.weights.values()))):
             expected[name] += grad
         model.load_state_dict(before)
     for name in expected:
         torch.testing.assert_close(sums[name], expected[name])
+
+
+def test_snip_weighs_every_sample_the_same_whatever_its_batch():
+    """Issue 14: with per-batch means, the 2 samples of a short last batch weighed 4 times
+    as much as the 8 of a full one. Without BatchNorm samples are independent, so 8 + 2 must
+    score exactly as one batch of 10."""
+    torch.manual_seed(0)
+    model = Tiny()
+    masks = MaskSet(model, attach_masks(model))
+    images, labels = torch.randn(10, 1, 2, 2), torch.randint(0, 2, (10,))
+    whole = snip_gradient_sums(model, masks.weights, [(images, labels)], torch.device("cpu"))
+    split = snip_gradient_sums(model, masks.weights, [(images[:8], labels[:8]),
+                                                      (images[8:], labels[8:])],
+                               torch.device("cpu"))
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name])
 
 
 def test_magnitude_and_random_scores():

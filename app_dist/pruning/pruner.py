@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import ConfigError, ReportedElsewhere
 from app_dist.foundations.seeding import derived_seed
 from app_dist.models import classifier_of
 from app_dist.pruning.masks import MaskSet, mask_checksums
@@ -53,11 +54,15 @@ def _all_reduce_dict(values: dict[str, torch.Tensor],
 def compute_scores(criterion: str, model: nn.Module, masks: MaskSet, platform: Platform,
                    scoring_batches: ScoringBatches, seed: int, megabatch: int, *,
                    density: float = 1.0, scope: str = "global",
-                   synflow_iterations: int = SYNFLOW_ITERATIONS) -> dict[str, torch.Tensor]:
+                   synflow_iterations: int = SYNFLOW_ITERATIONS,
+                   class_source: ScoringBatches | None = None) -> dict[str, torch.Tensor]:
     """Scores of every prunable weight, identical on every rank (CPU tensors).
 
     `density` and `scope` are the step's target: iterative SynFlow prunes towards it in
     rounds and returns scores whose top `density` of the survivors is its last round's mask.
+    `class_source` (default: the scoring batches) is where GraSP draws its class-balanced
+    batches from: the whole training part of the megabatch, read only as far as needed, so
+    that a small scoring sample cannot leave them short.
     """
     if criterion == "magnitude":
         return magnitude_scores(masks.weights)
@@ -67,7 +72,7 @@ def compute_scores(criterion: str, model: nn.Module, masks: MaskSet, platform: P
         sums = snip_gradient_sums(model, masks.weights, scoring_batches(), platform.device)
         return snip_scores_from_gradients(masks.weights, _all_reduce_dict(sums, platform))
     if criterion == "grasp":
-        return _grasp_scores(model, masks, platform, scoring_batches)
+        return _grasp_scores(model, masks, platform, class_source or scoring_batches, megabatch)
     if criterion == "synflow":
         return _synflow_scores(model, masks, platform, scoring_batches, density, scope,
                                synflow_iterations)
@@ -75,18 +80,40 @@ def compute_scores(criterion: str, model: nn.Module, masks: MaskSet, platform: P
 
 
 def _grasp_scores(model: nn.Module, masks: MaskSet, platform: Platform,
-                  scoring_batches: ScoringBatches) -> dict[str, torch.Tensor]:
+                  class_source: ScoringBatches, megabatch: int) -> dict[str, torch.Tensor]:
     """GraSP over all ranks: g from the first class-balanced batch of every rank (summed),
     then H g from the second (summed). Each rank takes its share of the 10 samples per class
     of each batch from its own share of the scoring sample."""
     per_rank = -(-GRASP_SAMPLES_PER_CLASS // platform.world_size)
     num_classes = classifier_of(model).out_features
-    first, second = class_balanced_batches(scoring_batches(), num_classes, per_rank, count=2)
+    first, second = class_balanced_batches(class_source(), num_classes, per_rank, count=2)
+    _require_full_batches([first, second], num_classes, per_rank, platform, megabatch)
     gradient = grasp_gradient(model, masks.weights, first, platform.device)
     gradient = _all_reduce_dict(gradient, platform)
     product = grasp_hessian_gradient_product(model, masks.weights, second, gradient,
                                              platform.device)
     return grasp_scores_from_products(masks.weights, _all_reduce_dict(product, platform))
+
+
+def _require_full_batches(batches: list, num_classes: int, per_class: int,
+                          platform: Platform, megabatch: int) -> None:
+    """Stop (on every rank, agreed) when a class-balanced batch of any rank lacks samples of a
+    class: GraSP on short or empty batches degrades silently (all-zero scores prune by index)."""
+    missing = torch.zeros(num_classes, dtype=torch.float64)
+    for _, labels in batches:
+        found = torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
+        missing += (per_class - found).clamp(min=0).double()
+    missing = platform.all_reduce_sum(missing) if platform.distributed else missing
+    if missing.sum() == 0:
+        return
+    worst = int(missing.argmax())
+    error = ConfigError(
+        f"config key 'prune.criterion' = 'grasp': its 2 class-balanced batches need "
+        f"{GRASP_SAMPLES_PER_CLASS} samples of each class each, and megabatch {megabatch}'s "
+        f"training part is {int(missing.sum())} short (class {worst}: {int(missing[worst])} "
+        f"missing{', over ' + str(platform.world_size) + ' ranks' if platform.distributed else ''}"
+        f"); use fewer, larger megabatches (data.megabatches) or another prune.criterion")
+    raise error if platform.is_primary else ReportedElsewhere(str(error))
 
 
 def _synflow_scores(model: nn.Module, masks: MaskSet, platform: Platform,
@@ -125,15 +152,16 @@ def verify_identical_masks(masks: dict[str, torch.Tensor], platform: Platform) -
 
 def prune_step(module: nn.Module, masks: MaskSet, platform: Platform,
                scoring_batches: ScoringBatches, *, density: float, criterion: str, scope: str,
-               seed: int, megabatch: int,
-               synflow_iterations: int = SYNFLOW_ITERATIONS) -> dict[str, torch.Tensor]:
+               seed: int, megabatch: int, synflow_iterations: int = SYNFLOW_ITERATIONS,
+               class_source: ScoringBatches | None = None) -> dict[str, torch.Tensor]:
     """New masks at `density`, nested in `masks` (a pruned weight stays pruned), for the model
     `module` (uncompiled, as scoring runs eagerly in full precision). Call on every rank: the
     result is identical on all of them, which is verified before it is returned. Installing
-    the masks is the caller's job (the engine's `apply_masks`)."""
+    the masks is the caller's job (the engine's `apply_masks`). `class_source`: see
+    compute_scores."""
     scores = compute_scores(criterion, module, masks, platform, scoring_batches, seed,
                             megabatch, density=density, scope=scope,
-                            synflow_iterations=synflow_iterations)
+                            synflow_iterations=synflow_iterations, class_source=class_source)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
     new_masks = masks_from_scores(scores, current, density, scope)
     verify_identical_masks(new_masks, platform)

@@ -58,16 +58,20 @@ def train_mode_restoring_buffers(model: nn.Module) -> Iterator[None]:
 
 def snip_gradient_sums(model: nn.Module, weights: Weights, batches: Iterable[Batch],
                        device: torch.device) -> dict[str, torch.Tensor]:
-    """Gradients of the mean cross-entropy accumulated over this rank's scoring batches.
+    """Gradients of the cross-entropy summed over this rank's scoring samples.
 
-    Runs in train mode, as the method prescribes, but restores every buffer (BatchNorm running
-    statistics) afterwards so that scoring leaves the model exactly as it found it.
+    Summed, not averaged per batch: every sample weighs the same, so a short last batch (64 +
+    3 samples) does not give its 3 samples 21 times the weight of the others, and the sums add
+    up over ranks whatever their batch sizes. (A constant factor changes no mask: with equal
+    batches this ranks weights as the per-batch mean does.) Runs in train mode, as the method
+    prescribes, but restores every buffer (BatchNorm running statistics) afterwards so that
+    scoring leaves the model exactly as it found it.
     """
     sums = {name: torch.zeros(w.shape, dtype=torch.float32) for name, w in weights.items()}
     with train_mode_restoring_buffers(model):
         for images, labels in batches:
             model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device), reduction="sum")
             grads = torch.autograd.grad(loss, list(weights.values()))
             for name, grad in zip(weights, grads):
                 sums[name] += grad.detach().float().cpu()

@@ -93,7 +93,8 @@ class MegabatchLoop:
                 lambda: self.reader.scoring(megabatch, settings.snip_fraction),
                 density=density, criterion=settings.criterion, scope=settings.scope,
                 seed=self.config.run.seed, megabatch=megabatch,
-                synflow_iterations=settings.synflow_iterations)
+                synflow_iterations=settings.synflow_iterations,
+                class_source=lambda: self.reader.scoring(megabatch, 1.0))
         self.engine.apply_masks(new_masks)
         return True
 

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,6 +30,11 @@ DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_MODES = ("off", "bf16", "fp16")
+LOADERS = ("torch", "dali")
+# A speed switch's values: auto (decided per device and engine when the run starts, see
+# app_dist.engine.acceleration.resolve_perf), or on/off as the user says.
+AUTO = "auto"
+SWITCH_VALUES = (AUTO, "true", "false")
 # The smallest final density a run may ask for: 1e-6 keeps 25 weights of ResNet-50 and 0 of
 # most smaller networks, so anything below is a typo (sparsity_level=200: density 4e-20).
 MIN_DENSITY = 1e-6
@@ -97,7 +102,7 @@ class PruneSettings:
     scope: str = "global"  # global: one threshold over all layers; local: each layer to d_t
     sparsity_level: float = 4.5  # tau: final density 0.8 ** tau
     target_density: Optional[float] = None  # when set, replaces sparsity_level
-    snip_fraction: float = 0.2  # of a megabatch, scored by data-driven criteria
+    snip_fraction: float = 0.2  # of a megabatch's training part, scored by SNIP/GraSP
     include_linear: bool = False  # also prune Linear layers (never the classifier)
     synflow_iterations: int = 100  # re-scoring rounds of each SynFlow prune step (paper: 100)
 
@@ -135,31 +140,45 @@ class LogSettings:
     wandb: WandbSettings = field(default_factory=WandbSettings)
 
 
-# Speed switches. None changes results beyond float rounding except autocast (half precision
-# arithmetic); docs/PERFORMANCE.md says what each one buys and costs.
+# Speed switches. The switches that are `auto | true | false` default to auto: on where they
+# are faster, decided when the run starts from its device and engine (the run's log says what
+# auto chose). The cache and worker switches give bit-identical results; channels_last,
+# fold_batchnorm, compile and cudnn_benchmark change float rounding (each is deterministic,
+# but a run with one on ends at other metrics than a run with it off); autocast computes in
+# half precision. docs/PERFORMANCE.md says what each one buys and costs.
 @dataclass
 class PerfSettings:
     # Keep every decoded sample (uint8) in memory per rank once read, augment from there:
-    # each image is decoded once per run instead of once per pass. For small datasets.
-    cache_decoded: bool = False
+    # each image is decoded once per run instead of once per pass. auto: on when the
+    # manifest's images share one size and the whole dataset decoded fits in cache_max_mb.
+    cache_decoded: Union[bool, str] = AUTO
     cache_max_mb: int = 4096  # per rank; past it samples are read from the shards again
-    # DataLoader worker processes live for the whole run instead of one pass each.
-    persistent_workers: bool = False
+    # DataLoader worker processes live for the whole run instead of one pass each. auto: on.
+    persistent_workers: Union[bool, str] = AUTO
     # At a megabatch's first epoch, ask the OS to read the next megabatch's new shards ahead.
     prefetch_shards: bool = True
     pin_memory: bool = True  # page-locked batches and non-blocking copies (GPU only)
-    channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
+    # NHWC weights and activations (faster convolutions on GPUs and with mkldnn on CPUs).
+    # auto: on with engine.kind=ddp, off with deepspeed (which cannot broadcast NHWC weights).
+    channels_last: Union[bool, str] = AUTO
     autocast: str = "off"  # off | bf16 | fp16: mixed-precision forward (GPU, engine ddp)
-    compile: bool = False  # torch.compile the model (training and evaluation forward)
+    # torch.compile the model (training and evaluation forward). auto: on on a GPU with
+    # engine.kind=ddp; off on the CPU, where compiling takes minutes.
+    compile: Union[bool, str] = AUTO
     # Decode JPEG batches on the GPU (torchvision.io.decode_jpeg), for 224x224-class images.
     gpu_decode: bool = False
+    # Who decodes and augments the readers' batches: torch (the readers themselves, or
+    # gpu_decode) or dali (an NVIDIA DALI pipeline: nvJPEG on a GPU, its CPU operators on a
+    # CPU-only machine; JPEG shards only). Same samples, order and draws either way.
+    loader: str = "torch"
     # cuDNN times its convolution algorithms on the first batch of each shape and keeps the
     # fastest: faster on fixed-size GPU inputs, but the choice (and the float rounding) may
-    # differ between runs, so metrics are reproducible only to float tolerance.
-    cudnn_benchmark: bool = False
+    # differ between runs, so metrics are reproducible only to float tolerance. auto: on on
+    # a GPU; the CPU has no cuDNN.
+    cudnn_benchmark: Union[bool, str] = AUTO
     # Evaluate a copy of the model with each BatchNorm folded into the convolution before
-    # it: one pass over the activations fewer; metrics equal to float rounding.
-    fold_batchnorm: bool = False
+    # it: one pass over the activations fewer; metrics equal to float rounding. auto: on.
+    fold_batchnorm: Union[bool, str] = AUTO
 
 
 @dataclass
@@ -182,6 +201,33 @@ RESUME_NEUTRAL_PREFIXES = ("checkpoint.", "log.", "run.dir", "data.verify_checks
                            "data.bad_samples",
                            "perf.cache_decoded", "perf.cache_max_mb", "perf.persistent_workers",
                            "perf.prefetch_shards", "perf.pin_memory")
+
+
+# The perf switches whose default is auto.
+AUTO_SWITCHES = ("cache_decoded", "persistent_workers", "channels_last", "fold_batchnorm",
+                 "compile", "cudnn_benchmark")
+
+
+def switch_text(value: bool | str) -> str:
+    """A switch's value as a config file spells it: auto, true or false."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def plain_perf(**switches: bool) -> PerfSettings:
+    """Every auto switch off, then `switches` on or off: the settings of a run with no
+    speed-up beyond the ones that are plainly on (pin_memory, prefetch_shards), which the
+    exact switches are tested against and readers built outside a run use."""
+    return PerfSettings(**{**{name: False for name in AUTO_SWITCHES}, **switches})
+
+
+def require_resolved(perf: PerfSettings) -> None:
+    """Code that acts on the switches gets them resolved (resolve_perf): a truthy "auto"
+    must never pass for an explicit true."""
+    unresolved = [name for name in AUTO_SWITCHES if not isinstance(getattr(perf, name), bool)]
+    if unresolved:
+        raise ValueError(f"perf.{unresolved[0]} is {getattr(perf, unresolved[0])!r}: resolve "
+                         "auto for the run's device first "
+                         "(app_dist.engine.acceleration.resolve_perf)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -235,6 +281,11 @@ def validate(config: Config) -> None:
         _require(prune.target_density >= MIN_DENSITY, "prune.target_density",
                  prune.target_density, "must be >= 1e-6 (a smaller density keeps no weight of "
                  "a real network)")
+        # APP's first step is density 0.8 (level 1); a target above it would make the
+        # schedule rise and every later prune a no-op while reports print the target.
+        _require(prune.method != "app" or prune.target_density <= 0.8, "prune.target_density",
+                 prune.target_density, "must be <= 0.8 with prune.method=app (its first step "
+                 "prunes to 0.8); for a single prune to a higher density use prune.method=osp")
     else:
         _require(prune.sparsity_level >= 1, "prune.sparsity_level", prune.sparsity_level,
                  "must be >= 1 (final density 0.8 ** sparsity_level <= 0.8)")
@@ -289,6 +340,13 @@ def _validate_engine(config: Config) -> None:
 
 def _validate_perf(config: Config) -> None:
     perf = config.perf
+    # Each switch spelled out: docs/CONFIG.md lists the rules of the literal keys.
+    _one_of("perf.cache_decoded", switch_text(perf.cache_decoded), SWITCH_VALUES)
+    _one_of("perf.persistent_workers", switch_text(perf.persistent_workers), SWITCH_VALUES)
+    _one_of("perf.channels_last", switch_text(perf.channels_last), SWITCH_VALUES)
+    _one_of("perf.compile", switch_text(perf.compile), SWITCH_VALUES)
+    _one_of("perf.cudnn_benchmark", switch_text(perf.cudnn_benchmark), SWITCH_VALUES)
+    _one_of("perf.fold_batchnorm", switch_text(perf.fold_batchnorm), SWITCH_VALUES)
     _require(perf.cache_max_mb >= 1, "perf.cache_max_mb", perf.cache_max_mb, "must be >= 1")
     _one_of("perf.autocast", perf.autocast, AUTOCAST_MODES)
     on_cpu = config.run.device == "cpu"
@@ -296,16 +354,27 @@ def _validate_perf(config: Config) -> None:
              "mixed precision is for GPUs (run.device is cpu); use off")
     _require(perf.autocast == "off" or config.engine.kind == "ddp", "perf.autocast",
              perf.autocast, "engine.kind=deepspeed sets its precision with engine.precision")
-    _require(not perf.channels_last or config.engine.kind == "ddp", "perf.channels_last",
+    _require(perf.channels_last is not True or config.engine.kind == "ddp", "perf.channels_last",
              perf.channels_last, "engine.kind=deepspeed broadcasts parameters as flat bytes, "
              "which channels_last weights are not; use engine.kind=ddp or channels_last=false")
     _require(not perf.gpu_decode or not on_cpu, "perf.gpu_decode", perf.gpu_decode,
              "decoding on the GPU needs a GPU (run.device is cpu)")
-    _require(not (perf.gpu_decode and perf.cache_decoded), "perf.gpu_decode", perf.gpu_decode,
+    _require(not (perf.gpu_decode and perf.cache_decoded is True), "perf.gpu_decode",
+             perf.gpu_decode,
              "cannot be combined with perf.cache_decoded (the cache holds CPU-decoded images)")
     _require(not (perf.gpu_decode and config.data.bad_samples == "skip"), "perf.gpu_decode",
              perf.gpu_decode, "cannot be combined with data.bad_samples=skip (an image that "
              "fails on the GPU is found after its batch was formed)")
+    _one_of("perf.loader", perf.loader, LOADERS)
+    dali = perf.loader == "dali"
+    _require(not (dali and perf.gpu_decode), "perf.loader", perf.loader,
+             "cannot be combined with perf.gpu_decode (both decode the readers' JPEG "
+             "batches: choose one)")
+    _require(not (dali and perf.cache_decoded is True), "perf.loader", perf.loader,
+             "cannot be combined with perf.cache_decoded (the cache holds torch-decoded images)")
+    _require(not (dali and config.data.bad_samples == "skip"), "perf.loader", perf.loader,
+             "cannot be combined with data.bad_samples=skip (DALI decodes a whole batch at "
+             "once: a bad image is found after its batch was formed)")
 
 
 def final_density(prune: PruneSettings) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import statistics
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from app_dist.config import load_config  # noqa: E402
 from app_dist.engine import build_engine  # noqa: E402
+from app_dist.engine.acceleration import resolve_perf  # noqa: E402
 from app_dist.foundations.distributed import start_platform  # noqa: E402
 from app_dist.models import build_model  # noqa: E402
 from app_dist.pruning.masks import MaskSet, attach_masks  # noqa: E402
@@ -45,8 +47,12 @@ def build_engines(args: argparse.Namespace, platform_):
     template = build_model(args.model, 10, mean=[0.5] * 3, std=[0.25] * 3)
     engines = {}
     for name, overrides in ENGINES.items():
+        # Contiguous weights for both: auto turns channels_last on for DDP only, which would
+        # time the memory layout, not the engines.
         config = load_config(None, [f"train.batch_size={args.batch}", "run.device=cpu",
-                                    *overrides])
+                                    "perf.channels_last=false", *overrides])
+        config = dataclasses.replace(config, perf=resolve_perf(config.perf, platform_.device,
+                                                               config.engine.kind))
         model = copy.deepcopy(template)
         masks = MaskSet(model, attach_masks(model))
         engine = build_engine(config, model, masks, platform_)

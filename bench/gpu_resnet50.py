@@ -2,7 +2,7 @@
 compute limit, and the fraction of the GPU's measured matrix throughput that each reaches.
 
     python bench/gpu_resnet50.py [--copies 80] [--batch 256] [--steps 60] [--workers 12]
-                                 [--ours cpu-decode,gpu-decode,gpu-decode-compiled]
+                                 [--ours auto,cpu-decode,gpu-decode,dali,gpu-decode-compiled]
                                  [--compiled] [--no-write]
 
 Data: the 203 full-size ImageNet JPEGs of the restricted sample, each linked `--copies`
@@ -15,10 +15,14 @@ In one run, on the same GPU, all with bf16 autocast and channels_last, SGD, batc
 - bare loop: torchvision ImageFolder + DataLoader (`--workers` processes, PIL decode,
   RandomResizedCrop + flip, pinned memory), the loop most people write;
 - ours: `app_dist/train.py` on the shards (configs/imagenet.yaml with the DDP engine, APP
-  with SNIP, 2 megabatches of 2 epochs), with CPU decoding in reader processes, with
-  `perf.gpu_decode` (nvJPEG), and with gpu_decode and `perf.compile`, each with
-  `perf.cudnn_benchmark`; the figure is megabatch 2's (warm: workers started, cuDNN tuned,
-  graphs compiled). `--compiled` adds the in-memory limit under torch.compile.
+  with SNIP, 2 megabatches of 2 epochs): `auto`, the defaults (CPU decoding in reader
+  processes, compiled, as `perf.compile=auto` chooses on a GPU); then eagerly: with CPU
+  decoding in reader processes, with
+  `perf.gpu_decode` (nvJPEG), with `perf.loader=dali` (DALI's nvJPEG / hardware JPEG
+  decoder; bench/dali_throughput.py times the data paths alone), and with gpu_decode and
+  `perf.compile`, each with `perf.cudnn_benchmark`; the figure is megabatch 2's (warm:
+  workers started, cuDNN tuned, graphs compiled). `--compiled` adds the in-memory limit
+  under torch.compile.
 Training FLOPs per image are counted by torch.utils.flop_counter on one forward + backward,
 so "fraction of the matrix ceiling" = img/s x FLOPs per image / measured matrix FLOP/s.
 """
@@ -183,11 +187,14 @@ def ours(shards: Path, batch: int, workers: int, perf: list[str]) -> dict:
                      "checkpoint.resume=false", *perf])
         records = metrics(Path(run_dir))
     return {"images_per_second": [r["train_images_per_second"] for r in records],
-            "seconds": [r["seconds"] for r in records]}
+            "seconds": [r["seconds"] for r in records],
+            "train_seconds": [r["train_seconds"] for r in records]}
 
 
-OURS = {"cpu-decode": ["perf.gpu_decode=false"],
-        "gpu-decode": ["perf.gpu_decode=true"],
+OURS = {"auto": [],  # every switch at its default: auto compiles on a GPU (eager before)
+        "cpu-decode": ["perf.gpu_decode=false", "perf.compile=false"],
+        "gpu-decode": ["perf.gpu_decode=true", "perf.compile=false"],
+        "dali": ["perf.loader=dali", "perf.compile=false"],
         "gpu-decode-compiled": ["perf.gpu_decode=true", "perf.compile=true"]}
 
 
@@ -223,9 +230,11 @@ def main() -> None:
     print(", ".join(f"{name} {rate:.0f} img/s" for name, rate in rates.items()), flush=True)
     for name in variants:
         run = ours(shards, args.batch, args.workers, OURS[name])
+        # The rest of a megabatch's wall time: pruning, validation, the test pass, checkpoint.
         print(f"ours {name}: per megabatch "
-              + ", ".join(f"{r:.0f} img/s in {s:.1f} s" for r, s in
-                          zip(run["images_per_second"], run["seconds"])), flush=True)
+              + ", ".join(f"{r:.0f} img/s, {s:.1f} s of which training {t / s:.0%}"
+                          for r, s, t in zip(run["images_per_second"], run["seconds"],
+                                             run["train_seconds"])), flush=True)
         rates[f"ours {name}"] = run["images_per_second"][-1]  # megabatch 2: warm
 
     def fraction(rate: float) -> float:

@@ -220,3 +220,63 @@ def pruned_model(seed: int = 0, name: str = "resnet20s", stem: str = "cifar"
     current = {key: m.clone() for key, m in masks.masks.items()}
     masks.update(masks_from_scores(scores, current, 0.4, "global"), optimizer=None)
     return model, masks
+
+
+class EvaluationBatches(list):
+    """A pass for Evaluator.evaluate: (images, labels) batches with no bad samples."""
+
+    skipped = 0
+
+
+def compiled_megabatches_do_not_recompile(config: Any, platform: Any, model: Any, masks: Any,
+                                          images: Any, labels: Any, batch: int,
+                                          loss_tolerance: float = 1e-3) -> None:
+    """perf.compile as a run uses it: build_engine compiles `model`, the Evaluator (with
+    `config`'s fold_batchnorm) evaluates it. One megabatch (2 training steps, then a pass
+    over `images` in batches of `batch`, the last one smaller) compiles every graph; two
+    more, each after pruning in place to a lower density, must compile nothing (dynamo's
+    error_on_recompile raises otherwise), keep pruned weights exactly zero after the steps,
+    and evaluate the new weights and masks (the loss an eager forward of the training model
+    gives, within `loss_tolerance`, relative). `config.perf` resolved; tensors on the CPU
+    (moved to the platform's device)."""
+    import torch
+    import torch.nn.functional as F
+
+    from app_dist.engine import build_engine
+    from app_dist.engine.acceleration import eager
+    from app_dist.pruning.threshold import masks_from_scores
+    from app_dist.training.evaluation import Evaluator
+
+    torch._dynamo.reset()
+    engine = build_engine(config, model, masks, platform)
+    evaluator = Evaluator(config, platform)
+    device = platform.device
+    passes = EvaluationBatches((images[start:start + batch], labels[start:start + batch])
+                               for start in range(0, len(labels), batch))
+    assert len(passes[-1][1]) < batch
+
+    def megabatch() -> float:
+        model.train()
+        for _ in range(2):
+            engine.train_step(images[:batch], labels[:batch])
+        for key, weight in masks.weights.items():
+            assert not weight[~masks.masks[key].bool()].any(), key
+        return evaluator.evaluate(model, lambda: passes).loss
+
+    def eager_loss() -> float:
+        with torch.inference_mode(), eager():
+            logits = model.eval()(images.to(device)).float()
+        return float(F.cross_entropy(logits, labels.to(device)))
+
+    megabatch()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # training, and evaluation (the folded copy or eval mode)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for density in (0.7, 0.4):
+            scores = {key: torch.rand(w.shape, generator=torch.Generator().manual_seed(7))
+                      .to(w.device) for key, w in masks.weights.items()}
+            current = {key: m.clone() for key, m in masks.masks.items()}
+            engine.apply_masks(masks_from_scores(scores, current, density, "global"))
+            loss = megabatch()
+            assert abs(loss - eager_loss()) <= loss_tolerance * max(1.0, abs(loss)), density
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

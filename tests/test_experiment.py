@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from app_dist.cli import main as cli_main
-from app_dist.experiment.report import BEGIN, END, write_report
-from app_dist.experiment.runner import is_finished
-from app_dist.experiment.spec import load_experiment, plan_runs
+from app_dist.experiment.report import BEGIN, END, comparisons, write_report
+from app_dist.experiment.runner import RunResult, is_finished
+from app_dist.experiment.spec import PlannedRun, SettingSpec, load_experiment, plan_runs
 
 from .conftest import REPO
 
@@ -113,3 +113,21 @@ def test_experiment_trains_reports_and_skips_finished_runs(digits_shards, tmp_pa
 
     assert cli_main(["experiment", str(path)]) == 0
     assert capsys.readouterr().out.count("finished already") == 2
+
+
+def _result(method: str, seed: int, gap: float) -> RunResult:
+    record = {"test_accuracy": 0.5, "cer": 1.0, "generalization_gap": gap}
+    run = PlannedRun(SettingSpec(name="s"), method, seed, Path("."), [], None)  # type: ignore[arg-type]
+    return RunResult(run, [record], sparse_bytes=1, dense_bytes=1)
+
+
+def test_gap_comparisons_count_distance_from_zero_not_the_signed_difference():
+    """Gaps are often negative (validation above train accuracy): APP at -0.5 against OSP at
+    -3.0 has the higher signed gap but the smaller one, and the sentence must say so."""
+    results = [_result("app", 1, -0.5), _result("osp", 1, -3.0),
+               _result("app", 2, 2.0), _result("osp", 2, -1.0), _result("dense", 1, -0.25)]
+    osp, dense = comparisons(results)
+    assert ("generalisation gap at T (train - validation accuracy) APP +0.75 vs OSP -2.00 "
+            "points (APP's closer to zero in 1 of 2)") in osp
+    assert "APP -0.50 vs dense -0.25 points (APP's closer to zero in 0 of 1)" in dense
+    assert "better" not in osp.split("generalisation gap")[1]

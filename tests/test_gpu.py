@@ -1,27 +1,34 @@
 """The GPU-only switches on a real GPU: mixed precision with masks, channels_last, nvJPEG
-decoding, inductor compilation, and a whole run with all of them. Skipped without CUDA (the
+decoding, inductor compilation (training and the folded evaluation copy, with no
+recompilation when masks change), and a whole run with all of them. Skipped without CUDA (the
 CPU stand-ins of these paths are in test_perf_switches.py); run on a GPU machine with
 `python -m pytest tests/test_gpu.py`."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from app_dist.config import Config, PerfSettings, TrainSettings
+from app_dist.config import Config, TrainSettings, load_config, plain_perf
 from app_dist.data.augment import SampleTransform
 from app_dist.data.device_decode import decode_batch
 from app_dist.data.pipeline import pack_encoded
 from app_dist.data.prepare.shards import write_shards
-from app_dist.engine.acceleration import accelerate
+from app_dist.engine.acceleration import accelerate, resolve_perf
 from app_dist.engine.ddp import DDPEngine
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.files import load_torch_file
 from app_dist.pruning.masks import MaskSet
-from tests.conftest import pruned_model, read_metrics, run_trainer
+from tests.conftest import (
+    compiled_megabatches_do_not_recompile,
+    pruned_model,
+    read_metrics,
+    run_trainer,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,7 +60,7 @@ def test_mixed_precision_with_channels_last_keeps_masks_exact(precision: str) ->
     want = _losses(DDPEngine(reference, reference_masks, GPU,
                              Config(train=TrainSettings(lr=0.01))), 1)
     model, masks = pruned_model()
-    perf = PerfSettings(autocast=precision, channels_last=True, cudnn_benchmark=True)
+    perf = plain_perf(autocast=precision, channels_last=True, cudnn_benchmark=True)
     accelerate(model, perf, GPU.device)
     assert torch.backends.cudnn.benchmark
     engine = DDPEngine(model, masks, GPU, Config(train=TrainSettings(lr=0.01), perf=perf))
@@ -76,6 +83,23 @@ def test_inductor_compiled_model_matches_eager_and_sees_new_masks() -> None:
     for masks in (eager_masks, compiled_masks):
         masks.set({key: torch.zeros_like(mask) for key, mask in masks.masks.items()})
     torch.testing.assert_close(compiled(images), eager(images), rtol=1e-3, atol=1e-3)
+
+
+def test_auto_compiled_training_and_evaluation_do_not_recompile_when_masks_change() -> None:
+    """What auto turns on for a DDP run on CUDA (compile, channels_last, fold_batchnorm,
+    cudnn_benchmark), on ResNet-20: after the first megabatch compiled the training step and
+    the folded evaluation copy, pruning in place recompiles nothing, pruned weights stay
+    exactly zero, and evaluation sees the new weights (TF32 convolutions: 1% tolerance)."""
+    config = load_config(None, ["run.device=cuda"])
+    config = dataclasses.replace(config, perf=resolve_perf(config.perf, GPU.device, "ddp"))
+    perf = config.perf
+    assert perf.compile and perf.channels_last and perf.fold_batchnorm and perf.cudnn_benchmark
+    model, masks = pruned_model()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (200,), generator=generator)
+    compiled_megabatches_do_not_recompile(config, GPU, model, masks, images, labels, batch=64,
+                                          loss_tolerance=1e-2)
 
 
 def test_nvjpeg_decoding_matches_cpu_decoding_within_decoder_rounding() -> None:
@@ -122,7 +146,7 @@ def test_a_gpu_run_with_every_gpu_switch_trains_and_keeps_masks_exact(tmp_path: 
                           "train.milestones=[]", "perf.autocast=bf16",
                           "perf.channels_last=true", "perf.gpu_decode=true",
                           "perf.cudnn_benchmark=true", "perf.persistent_workers=true",
-                          "log.wandb.mode=disabled"])
+                          "log.wandb.mode=disabled"], timeout=600)  # compile and fold: auto
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["megabatch"] for r in records] == [1, 2]

@@ -1,11 +1,15 @@
 """The perf.* switches: each one is either exact (the same batches, the same metrics) or
-within float tolerance, and the GPU-only ones are refused on the CPU with one clear line."""
+within float tolerance, the GPU-only ones are refused on the CPU with one clear line, and
+`auto` (the default of most) resolves per device and engine, as the run's log says."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
+import operator
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_dist.config import Config, DataSettings, PerfSettings, TrainSettings, load_config
+from app_dist.config import (
+    AUTO_SWITCHES,
+    Config,
+    DataSettings,
+    PerfSettings,
+    TrainSettings,
+    changed_settings,
+    computation_settings,
+    config_hash,
+    load_config,
+    plain_perf,
+)
 from app_dist.data.augment import SampleTransform
 from app_dist.data.batches import make_batches
 from app_dist.data.device_decode import decode_on_device
@@ -25,13 +40,26 @@ from app_dist.data.prepare.shards import write_shards
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
 from app_dist.engine import build_engine
-from app_dist.engine.acceleration import accelerate, check_device
+from app_dist.engine.acceleration import (
+    accelerate,
+    check_device,
+    describe_perf,
+    resolve_perf,
+)
 from app_dist.engine.ddp import DDPEngine
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, DataError
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
-from tests.conftest import REPO, digits_run_args, pruned_model, read_metrics, run_trainer
+from tests.conftest import (
+    REPO,
+    compiled_megabatches_do_not_recompile,
+    digits_run_args,
+    pruned_model,
+    read_metrics,
+    run_trainer,
+    short_run_args,
+)
 
 CPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample-restricted")
@@ -78,12 +106,12 @@ def test_cache_and_worker_pool_give_the_shard_readers_batches(digits_shards: Pat
                                                               world_size: int) -> None:
     """Same images (augmentation included), labels and order, pass by pass, whether the
     samples come from the shards, the decoded cache or a persistent worker pool."""
-    expected = _every_pass(digits_shards, PerfSettings(), workers, rank, world_size)
+    expected = _every_pass(digits_shards, plain_perf(), workers, rank, world_size)
     assert len(expected) > 50
-    variants = [PerfSettings(cache_decoded=True)]
+    variants = [plain_perf(cache_decoded=True)]
     if workers:  # a pool needs worker processes; its cache fills through them
-        variants += [PerfSettings(persistent_workers=True),
-                     PerfSettings(cache_decoded=True, persistent_workers=True)]
+        variants += [plain_perf(persistent_workers=True),
+                     plain_perf(cache_decoded=True, persistent_workers=True)]
     for perf in variants:
         _assert_same_batches(expected, _every_pass(digits_shards, perf, workers, rank,
                                                    world_size))
@@ -95,7 +123,7 @@ def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: P
     stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
     settings = DataSettings(shards=str(digits_shards), augment="cifar", num_workers=0)
     reader = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1,
-                          perf=PerfSettings(cache_decoded=True))
+                          perf=plain_perf(cache_decoded=True))
     decoded = []
     real_decode = reader._decode
     reader._decode = lambda selection: (decoded.append(len(selection))
@@ -108,7 +136,7 @@ def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: P
     # warning, and those passes read the shards (still the same batches).
     reference = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1)
     small = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1,
-                         perf=PerfSettings(cache_decoded=True))
+                         perf=plain_perf(cache_decoded=True))
     small.cache.max_bytes = len(stream.train_selection(1)) * 64 + 100  # 8x8x1 uint8 each
     with caplog.at_level(logging.WARNING, logger="app_dist"):
         for megabatch in (1, 2, 3):
@@ -127,7 +155,7 @@ def test_a_process_holding_a_worker_pool_exits_by_itself(digits_shards: Path) ->
     script = f"""
 import torch
 from pathlib import Path
-from app_dist.config import DataSettings, PerfSettings
+from app_dist.config import DataSettings, plain_perf
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
@@ -137,7 +165,7 @@ manifest = Manifest.load(str(shards))
 stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, 1)
 reader = StreamReader(shards, manifest, stream, DataSettings(num_workers=2), 16,
                       Platform(0, 1, 0, torch.device("cpu")), 1,
-                      perf=PerfSettings(persistent_workers=True))
+                      perf=plain_perf(persistent_workers=True))
 print(sum(len(labels) for _, labels in reader.train_epoch(1, 0)))
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -222,6 +250,158 @@ def test_device_decoding_runs_ahead_in_order_and_stops_with_its_consumer() -> No
     assert not [t for t in threading.enumerate() if t.name == "gpu-decode"]
 
 
+# ---------------------------------------------------------------- auto
+
+CUDA = torch.device("cuda", 0)  # a device object only: nothing here runs on a GPU
+
+
+def test_auto_resolves_per_device_and_engine(digits_shards: Path) -> None:
+    manifest = Manifest.load(str(digits_shards))
+    auto = load_config(REPO / "configs/digits.yaml").perf
+    assert all(getattr(auto, name) == "auto" for name in AUTO_SWITCHES)
+    switches = operator.attrgetter(*AUTO_SWITCHES)  # cache, workers, NHWC, fold, compile, cuDNN
+    assert switches(resolve_perf(auto, CPU.device, "ddp", manifest)) == (
+        True, True, True, True, False, False)
+    assert switches(resolve_perf(auto, CPU.device, "deepspeed", manifest)) == (
+        True, True, False, True, False, False)
+    assert switches(resolve_perf(auto, CUDA, "ddp", manifest)) == (
+        True, True, True, True, True, True)
+    assert switches(resolve_perf(auto, CUDA, "deepspeed", manifest)) == (
+        True, True, False, True, False, True)
+    assert resolve_perf(auto, CPU.device, "ddp").cache_decoded is False  # no dataset known
+
+
+def test_explicit_switches_are_kept_as_set(digits_shards: Path) -> None:
+    manifest = Manifest.load(str(digits_shards))
+    config = load_config(REPO / "configs/digits.yaml",
+                         ["perf.channels_last=false", "perf.fold_batchnorm=false",
+                          "perf.cache_decoded=false", "perf.compile=true"])
+    resolved = resolve_perf(config.perf, CPU.device, "ddp", manifest)
+    assert (resolved.channels_last, resolved.fold_batchnorm, resolved.cache_decoded,
+            resolved.compile, resolved.persistent_workers) == (False, False, False, True, True)
+    assert resolve_perf(resolved, CUDA, "deepspeed", manifest) == resolved  # nothing left
+
+
+def test_auto_caches_only_a_dataset_of_one_image_size_that_fits(digits_shards: Path) -> None:
+    """digits: 1,797 images of 8x8x1 bytes. The whole dataset decoded is the bound."""
+    manifest = Manifest.load(str(digits_shards))
+    auto = PerfSettings()
+    assert resolve_perf(auto, CPU.device, "ddp", manifest).cache_decoded
+    varying = dataclasses.replace(manifest, image_size=None)  # ImageNet: sizes vary
+    assert not resolve_perf(auto, CPU.device, "ddp", varying).cache_decoded
+    large = dataclasses.replace(manifest, image_size=(2048, 2048))  # 7,188 MB decoded
+    assert not resolve_perf(auto, CPU.device, "ddp", large).cache_decoded  # 4,096 MB
+    roomy = PerfSettings(cache_max_mb=8192)
+    assert resolve_perf(roomy, CPU.device, "ddp", large).cache_decoded
+    on_gpu_decoder = PerfSettings(gpu_decode=True)  # the cache holds CPU-decoded images
+    assert not resolve_perf(on_gpu_decoder, CUDA, "ddp", manifest).cache_decoded
+
+
+def test_switches_read_auto_true_and_false_from_files_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("perf:\n  compile: true\n  channels_last: false\n  fold_batchnorm: auto\n")
+    perf = load_config(path, ["perf.cudnn_benchmark=false", "perf.cache_decoded=true"]).perf
+    assert (perf.compile, perf.channels_last, perf.fold_batchnorm, perf.cudnn_benchmark,
+            perf.cache_decoded, perf.persistent_workers) == (True, False, "auto", False, True,
+                                                             "auto")
+    assert load_config(path, ["perf.compile=auto"]).perf.compile == "auto"
+    for bad in ("perf.compile=maybe", "perf.compile=1", "perf.fold_batchnorm=on-gpu"):
+        with pytest.raises(ConfigError, match="'perf.(compile|fold_batchnorm)'"):
+            load_config(path, [bad])
+    # auto is what these combinations need: it resolves to off where an explicit true is
+    # refused (channels_last under DeepSpeed, the cache with GPU decoding).
+    load_config(REPO / "configs/digits.yaml", ["engine.kind=deepspeed"])
+    load_config(REPO / "configs/digits.yaml", ["perf.gpu_decode=true", "run.device=cuda"])
+
+
+# A run directory's config.yaml from before auto: every switch written out as false.
+SAVED_BEFORE_AUTO = """perf:
+  cache_decoded: false
+  cache_max_mb: 4096
+  persistent_workers: false
+  prefetch_shards: true
+  pin_memory: true
+  channels_last: false
+  autocast: 'off'
+  compile: false
+  gpu_decode: false
+  cudnn_benchmark: false
+  fold_batchnorm: false
+"""
+
+
+def test_a_config_saved_before_auto_loads_and_resumes_as_it_ran(tmp_path: Path) -> None:
+    """Its explicit false values stay booleans: the same settings hash, and the same
+    computation settings its checkpoints recorded, so it resumes exactly; the defaults now
+    resolve to other switches, which a resume with them lists as changed."""
+    path = tmp_path / "config.yaml"
+    path.write_text((REPO / "configs/digits.yaml").read_text() + SAVED_BEFORE_AUTO)
+    saved = load_config(path)
+    assert all(getattr(saved.perf, name) is False for name in AUTO_SWITCHES)
+    explicit = load_config(REPO / "configs/digits.yaml",
+                           [f"perf.{name}=false" for name in AUTO_SWITCHES])
+    assert config_hash(saved) == config_hash(explicit) != config_hash(load_config(
+        REPO / "configs/digits.yaml"))
+    recorded = computation_settings(saved)  # what its checkpoints hold: switches as booleans
+    assert changed_settings(recorded, _resolved(saved)) == []
+    assert changed_settings(recorded, _resolved(load_config(REPO / "configs/digits.yaml"))) == [
+        "perf.channels_last: False -> True", "perf.fold_batchnorm: False -> True"]
+
+
+def test_resume_compares_the_switches_as_resolved() -> None:
+    """A checkpoint records the switches a run computed with. The same command on the same
+    device resumes; writing the resolved value explicitly resumes too (same computation);
+    another device where auto decides otherwise is a changed setting, listed."""
+    auto = load_config(REPO / "configs/digits.yaml")
+    recorded = computation_settings(_resolved(auto))
+    assert changed_settings(recorded, _resolved(auto)) == []
+    assert changed_settings(recorded, _resolved(load_config(
+        REPO / "configs/digits.yaml", ["perf.channels_last=true", "perf.compile=false"]))) == []
+    assert changed_settings(computation_settings(_resolved(auto, CUDA)), _resolved(auto)) == [
+        "perf.compile: True -> False", "perf.cudnn_benchmark: True -> False"]
+
+
+def test_the_resolved_switches_read_as_one_line() -> None:
+    configured = PerfSettings(channels_last=False)
+    line = describe_perf(configured, resolve_perf(configured, CPU.device, "ddp"))
+    assert line == ("cache_decoded=false (auto), persistent_workers=true (auto), "
+                    "channels_last=false, fold_batchnorm=true (auto), compile=false (auto), "
+                    "cudnn_benchmark=false (auto)")
+
+
+def test_acting_on_an_unresolved_switch_is_refused(digits_shards: Path) -> None:
+    """auto is a truthy string: code that acts on the switches takes them resolved."""
+    model, _ = pruned_model(name="digits_cnn")
+    with pytest.raises(ValueError, match="perf.cache_decoded is 'auto'"):
+        accelerate(model, PerfSettings(), CPU.device)
+    manifest = Manifest.load(str(digits_shards))
+    with pytest.raises(ValueError, match="resolve_perf"):
+        StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
+                                                              1),
+                     DataSettings(), 16, CPU, 1, perf=PerfSettings())
+
+
+@pytest.mark.slow
+def test_a_run_logs_the_resolved_switches_and_resumes_only_as_resolved(
+        finished_run: Path, finished_run_stdout: str, digits_shards: Path,
+        tmp_path: Path) -> None:
+    assert finished_run_stdout.count("speed switches: ") == 1
+    assert ("speed switches: cache_decoded=true (auto), persistent_workers=true (auto), "
+            "channels_last=true (auto), fold_batchnorm=true (auto), compile=false (auto), "
+            "cudnn_benchmark=false (auto)") in finished_run_stdout
+    assert "  channels_last: auto\n" in (finished_run / "config.yaml").read_text()
+    run_dir = tmp_path / "app"
+    shutil.copytree(finished_run, run_dir)
+    same = run_trainer(short_run_args(digits_shards, run_dir, "perf.channels_last=true"))
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "resuming after megabatch 2" in same.stdout
+    assert "channels_last=true, " in same.stdout  # written explicitly: no (auto)
+    changed = run_trainer(short_run_args(digits_shards, run_dir, "perf.channels_last=false"))
+    assert changed.returncode == 2
+    assert "perf.channels_last: True -> False" in changed.stderr
+    assert "compared as resolved" in changed.stderr
+
+
 # ---------------------------------------------------------------- GPU-only switches
 
 @pytest.mark.parametrize("overrides,key", [
@@ -248,10 +428,10 @@ def test_gpu_only_switches_are_refused_when_auto_picks_the_cpu(digits_shards: Pa
     with pytest.raises(ConfigError, match="perf.gpu_decode"):
         StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
                                                               1),
-                     DataSettings(), 16, CPU, 1, perf=PerfSettings(gpu_decode=True))
+                     DataSettings(), 16, CPU, 1, perf=plain_perf(gpu_decode=True))
     reader = StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2,
                                                                    10, 1),
-                          DataSettings(), 16, CPU, 1, perf=PerfSettings(pin_memory=True))
+                          DataSettings(), 16, CPU, 1, perf=plain_perf(pin_memory=True))
     assert reader.pin_memory is False  # page-locked memory is for host-to-GPU copies only
 
 
@@ -261,7 +441,7 @@ def _train_steps(model: torch.nn.Module, masks: MaskSet, steps: int = 3,
                  perf: PerfSettings | None = None) -> list[float]:
     # A small learning rate: rounding differences are not amplified into chaos in 3 steps.
     engine = DDPEngine(model, masks, CPU,
-                       Config(train=TrainSettings(lr=0.01), perf=perf or PerfSettings()))
+                       Config(train=TrainSettings(lr=0.01), perf=perf or plain_perf()))
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
@@ -281,7 +461,7 @@ def _assert_pruned_weights_zero(masks: MaskSet) -> None:
 def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
     dense_layout, dense_masks = pruned_model()
     nhwc, nhwc_masks = pruned_model()
-    accelerate(nhwc, PerfSettings(channels_last=True), torch.device("cpu"))
+    accelerate(nhwc, plain_perf(channels_last=True), torch.device("cpu"))
     weight = nhwc_masks.weights["net.conv1.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert weight is dict(nhwc.named_parameters())["net.conv1.weight"]  # identity kept
@@ -299,7 +479,7 @@ def test_channels_last_trains_like_contiguous_within_float_tolerance() -> None:
 
 def test_cudnn_benchmark_is_a_gpu_setting_only() -> None:
     model, _ = pruned_model(name="digits_cnn")
-    accelerate(model, PerfSettings(cudnn_benchmark=True), torch.device("cpu"))
+    accelerate(model, plain_perf(cudnn_benchmark=True), torch.device("cpu"))
     assert not torch.backends.cudnn.benchmark
 
 
@@ -338,11 +518,32 @@ def _digits_model() -> tuple[torch.nn.Module, MaskSet]:
     return model, MaskSet(model, attach_masks(model))
 
 
+def _resolved(config: Config, device: torch.device = CPU.device) -> Config:
+    """`config` with its perf switches resolved as a run on `device` resolves them."""
+    return dataclasses.replace(config, perf=resolve_perf(config.perf, device,
+                                                         config.engine.kind))
+
+
+@pytest.mark.slow
+def test_compiled_training_and_evaluation_do_not_recompile_when_masks_change() -> None:
+    """perf.compile with the other defaults (channels_last, fold_batchnorm) on the CPU, with
+    inductor: masks changed in place between megabatches cost no recompilation, in training
+    or in the folded evaluation copy (compiled once, refolded in place), and pruned weights
+    stay exactly zero. tests/test_gpu.py runs the same on CUDA. About 30 s of compiling."""
+    config = _resolved(load_config(REPO / "configs/digits.yaml", ["perf.compile=true"]))
+    assert config.perf.fold_batchnorm and config.perf.channels_last
+    model, masks = _digits_model()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (40,), generator=generator)
+    compiled_megabatches_do_not_recompile(config, CPU, model, masks, images, labels, batch=16)
+
+
 @pytest.mark.slow
 def test_accelerate_compiles_with_inductor_through_build_engine() -> None:
     torch._dynamo.reset()
-    config = load_config(REPO / "configs/digits.yaml",
-                         ["perf.compile=true", "perf.channels_last=true"])
+    config = _resolved(load_config(REPO / "configs/digits.yaml",
+                                   ["perf.compile=true", "perf.channels_last=true"]))
     model, masks = _digits_model()
     engine = build_engine(config, model, masks, CPU)
     assert model._compiled_call_impl is not None
@@ -448,7 +649,7 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
     model = build_model("digits_cnn", manifest.num_classes, in_channels=1, mean=[0.3],
                         std=[0.4])
     attach_masks(model)
-    plain = Evaluator(load_config(REPO / "configs/digits.yaml"), CPU)
+    plain = Evaluator(Config(perf=plain_perf()), CPU)
     results = []
     for size in (7, 64, 1000):
         reader = StreamReader(digits_shards, manifest, stream,
@@ -456,8 +657,7 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
                                            eval_batch_size=size), 16, CPU, 1)
         test_pass = functools.partial(reader.evaluation, stream.test_selection())
         results.append(plain.evaluate(model, test_pass))
-    folding = Evaluator(load_config(REPO / "configs/digits.yaml", ["perf.fold_batchnorm=true"]),
-                        CPU)
+    folding = Evaluator(Config(perf=plain_perf(fold_batchnorm=True)), CPU)
     _with_trained_batchnorm_statistics(model)
     unfolded = plain.evaluate(model, lambda: reader.evaluation(stream.test_selection()))
     folded = folding.evaluate(model, lambda: reader.evaluation(stream.test_selection()))
@@ -477,7 +677,9 @@ def test_a_run_with_every_exact_switch_on_has_identical_metrics(digits_shards: P
     base = ["data.megabatches=2", "train.epochs=2", "data.num_workers=2",
             "data.augment=cifar", "log.wandb.mode=disabled"]  # augmentation draws count too
     plain = run_trainer(digits_run_args(digits_shards, tmp_path / "plain", *base,
-                                        "perf.prefetch_shards=false"))
+                                        "perf.prefetch_shards=false",
+                                        "perf.cache_decoded=false",
+                                        "perf.persistent_workers=false"))
     assert plain.returncode == 0, plain.stderr[-3000:]
     fast = run_trainer(digits_run_args(digits_shards, tmp_path / "fast", *base,
                                        "perf.cache_decoded=true",
@@ -489,10 +691,12 @@ def test_a_run_with_every_exact_switch_on_has_identical_metrics(digits_shards: P
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_with_cache_and_pool_match_the_plain_run(digits_shards: Path,
-                                                          uninterrupted: Path,
-                                                          tmp_path: Path) -> None:
-    result = run_trainer(digits_run_args(digits_shards, tmp_path, "perf.cache_decoded=true",
-                                         "perf.persistent_workers=true"), nproc=2)
+def test_two_ranks_without_cache_and_pool_match_the_default_run(digits_shards: Path,
+                                                                uninterrupted: Path,
+                                                                tmp_path: Path) -> None:
+    """The default run (uninterrupted) has both on by auto; reading the shards every pass
+    with fresh reader processes gives the same metrics."""
+    result = run_trainer(digits_run_args(digits_shards, tmp_path, "perf.cache_decoded=false",
+                                         "perf.persistent_workers=false"), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(tmp_path) == read_metrics(uninterrupted)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -36,12 +36,12 @@ def decode_batch(encoded: tuple[torch.Tensor, torch.Tensor], labels: torch.Tenso
     return images, labels.to(device, non_blocking=True)
 
 
-def decode_on_device(batches: Iterable, transform: SampleTransform,
-                     device: torch.device) -> Iterator[Batch]:
+def decode_on_device(batches: Iterable, transform: SampleTransform, device: torch.device,
+                     decode: Callable[..., Batch] = decode_batch) -> Iterator[Batch]:
     """Yields (images, labels) on `device` for each (encoded, labels, draws) of `batches`,
     in order, decoded by a background thread up to AHEAD batches early. A reader error
     reaches the caller at the batch where it happened; closing the iterator early stops the
-    thread."""
+    thread. `decode` has decode_batch's signature (perf.loader=dali passes its DaliDecoder)."""
     ready: queue.Queue = queue.Queue(maxsize=AHEAD)
     stop = threading.Event()
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -57,7 +57,7 @@ def decode_on_device(batches: Iterable, transform: SampleTransform,
         try:
             with torch.cuda.stream(side_stream) if side_stream else contextlib.nullcontext():
                 for encoded, labels, draws in batches:
-                    batch = decode_batch(encoded, labels, draws, transform, device)
+                    batch = decode(encoded, labels, draws, transform, device)
                     done = side_stream.record_event() if side_stream else None
                     if not put((batch, done)):
                         return

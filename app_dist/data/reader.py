@@ -1,24 +1,26 @@
 """Batches of one megabatch stream for this rank: training epochs, evaluation, scoring.
 
 Every pass goes through `_batches`, which picks how the plan's samples are read: from the
-decoded-sample cache (perf.cache_decoded), left encoded for GPU decoding (perf.gpu_decode),
-or decoded by reader processes (started per pass, or kept in a pool with
-perf.persistent_workers). All ways give the same batches in the same order.
+decoded-sample cache (perf.cache_decoded), left encoded for GPU decoding (perf.gpu_decode)
+or for a DALI pipeline (perf.loader=dali), or decoded by reader processes (started per
+pass, or kept in a pool with perf.persistent_workers). All ways give the same batches in the
+same order (DALI and GPU decoding: the same samples and draws, pixels to decoder rounding).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from app_dist.config import DataSettings, PerfSettings
+from app_dist.config import DataSettings, PerfSettings, plain_perf, require_resolved
 from app_dist.data.augment import SampleTransform
 from app_dist.data.batches import decode_samples, make_batches
 from app_dist.data.cache import DecodedCache
-from app_dist.data.device_decode import decode_on_device
+from app_dist.data.dali_decode import DaliDecoder
+from app_dist.data.device_decode import Batch, decode_batch, decode_on_device
 from app_dist.data.manifest import Manifest
 from app_dist.data.plan import ShardCounts, evaluation_plan, training_plan
 from app_dist.data.stream import MegabatchStream, Selection
@@ -50,7 +52,8 @@ class StreamReader:
         self.batch_per_rank = batch_per_rank
         self.platform = platform
         self.seed = seed
-        self.perf = perf or PerfSettings()
+        self.perf = perf or plain_perf()
+        require_resolved(self.perf)
         channels, augment, size = manifest.channels, settings.augment, settings.image_size
         self.train_transform = SampleTransform(channels, augment, size, train=True)
         self.eval_transform = SampleTransform(channels, augment, size, train=False)
@@ -65,6 +68,13 @@ class StreamReader:
             raise ConfigError(
                 "config key 'perf.gpu_decode' = True: needs JPEG shards and a GPU (shards are "
                 f"{manifest.image_format}, the device is {platform.device.type})")
+        # perf.loader=dali: the same readers send encoded batches, DALI decodes them (on this
+        # device: nvJPEG on a GPU, DALI's CPU operators on a CPU-only machine).
+        self.dali = (DaliDecoder(platform.device, settings.num_workers)
+                     if self.perf.loader == "dali" else None)
+        if self.dali is not None and manifest.image_format != "jpg":
+            raise ConfigError("config key 'perf.loader' = 'dali': needs JPEG shards (shards "
+                              f"are {manifest.image_format}); use perf.loader=torch")
         self.skip_bad = settings.bad_samples == "skip"
         self.eval_batch_size = settings.eval_batch_size or (512 if on_gpu else batch_per_rank)
         self.prefetched: list[str] = []  # shard files handed to the OS to read ahead
@@ -119,8 +129,10 @@ class StreamReader:
                                num_classes=self.manifest.num_classes,
                                num_workers=self.settings.num_workers,
                                pin_memory=self.pin_memory, pool=self.pool,
-                               encoded=self.decode_device is not None,
+                               encoded=self.decode_device is not None or self.dali is not None,
                                skip_bad=self.skip_bad, log_skips=log_skips, **options)
+        if self.dali is not None:
+            return _OnDevice(batches, transform, self.platform.device, self.dali)
         if self.decode_device is None:
             return batches
         return _OnDevice(batches, transform, self.decode_device)
@@ -159,12 +171,15 @@ def _read_ahead(paths: list[str]) -> None:
 
 
 class _OnDevice:
-    """Encoded batches decoded on the device (perf.gpu_decode)."""
+    """Encoded batches decoded on the device (perf.gpu_decode), or by DALI (perf.loader=dali,
+    `decode` its DaliDecoder)."""
 
-    def __init__(self, batches: Iterable, transform: SampleTransform, device) -> None:
+    def __init__(self, batches: Iterable, transform: SampleTransform, device,
+                 decode: Callable[..., Batch] = decode_batch) -> None:
         self.batches = batches
         self.transform = transform
         self.device = device
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
@@ -174,4 +189,4 @@ class _OnDevice:
         return self.batches.skipped  # type: ignore[attr-defined]
 
     def __iter__(self):
-        return decode_on_device(self.batches, self.transform, self.device)
+        return decode_on_device(self.batches, self.transform, self.device, self.decode)

@@ -7,11 +7,16 @@ every activation map fewer (on 2 CPU cores, resnet20s evaluates about a third fa
 its BatchNorms). The copy's weights are the masked weights, scaled: a pruned weight is still
 exactly zero, and outputs match the unfolded model up to float rounding. The training model
 is not touched.
+
+The copy is made once per run and refreshed in place before every pass (`refold`): no model
+is copied per pass, and a compiled copy (perf.compile) sees the new weights as graph inputs,
+the way a compiled training model sees new masks, instead of compiling a fresh copy per pass.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import torch
@@ -57,45 +62,83 @@ def _foldable_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
 
 
-@torch.no_grad()
 def folded_copy(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """An evaluation-mode copy of `model` with each pair's BatchNorm folded into its
     convolution (which becomes a plain Conv2d computing the masked, scaled weight)."""
     folded = copy.deepcopy(model).eval()
     for conv_name, norm_name in pairs:
-        conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
-        weight = conv.weight.float()
-        mask = getattr(conv, "weight_mask", None)
-        if mask is not None:
-            weight = weight * mask.float()
-        scale = norm.running_var.float().add(norm.eps).rsqrt()
-        shift = -norm.running_mean.float() * scale
-        if norm.weight is not None:
-            scale, shift = scale * norm.weight.float(), shift * norm.weight.float()
-        if norm.bias is not None:
-            shift = shift + norm.bias.float()
-        bias = shift if conv.bias is None else conv.bias.float() * scale + shift
-        dtype = conv.weight.dtype
-        conv.weight.copy_((weight * scale.reshape(-1, 1, 1, 1)).to(dtype))
-        conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        conv = folded.get_submodule(conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
         conv.__class__ = nn.Conv2d  # the mask is in the weight now
+        if hasattr(conv, "weight_mask"):
+            del conv.weight_mask
         parent_name, _, attribute = norm_name.rpartition(".")
         setattr(folded.get_submodule(parent_name), attribute, nn.Identity())
+    for tensor in folded.parameters():
+        tensor.requires_grad_(False)
+    refold(folded, model, pairs)
     return folded
 
 
-class EvaluationModel:
-    """The model evaluation runs: the training module itself, or with perf.fold_batchnorm a
-    folded copy made afresh for every pass, because the weights change between passes. The
-    pairs are found once."""
+@torch.no_grad()
+def refold(folded: nn.Module, model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Write `model`'s current weights and statistics into `folded` (its `folded_copy` with
+    the same `pairs`) in place: folded convolutions get the masked, scaled weight and the
+    BatchNorm's shift; every other parameter and buffer is copied as it is."""
+    folded_modules = {name for pair in pairs for name in pair}
+    targets = dict(itertools.chain(folded.named_parameters(), folded.named_buffers()))
+    for name, value in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name.rpartition(".")[0] not in folded_modules and name in targets:
+            targets[name].copy_(value)
+    for conv_name, norm_name in pairs:
+        weight, bias = _folded_weight_and_bias(model.get_submodule(conv_name),
+                                               model.get_submodule(norm_name))
+        conv = folded.get_submodule(conv_name)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
 
-    def __init__(self, fold_batchnorm: bool) -> None:
+
+def _folded_weight_and_bias(conv: nn.Module, norm: nn.Module
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv -> norm in evaluation as one convolution: (masked weight x scale, shift), in
+    fp32 (the caller's copy_ casts to the model's dtype)."""
+    weight = conv.weight.float()
+    mask = getattr(conv, "weight_mask", None)
+    if mask is not None:
+        weight = weight * mask.float()
+    scale = norm.running_var.float().add(norm.eps).rsqrt()
+    shift = -norm.running_mean.float() * scale
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight.float(), shift * norm.weight.float()
+    if norm.bias is not None:
+        shift = shift + norm.bias.float()
+    bias = shift if conv.bias is None else conv.bias.float() * scale + shift
+    return weight * scale.reshape(-1, 1, 1, 1), bias
+
+
+class EvaluationModel:
+    """The model evaluation runs: the training module itself, or with perf.fold_batchnorm
+    its folded copy. The copy (and its pairs) is made at the first pass, compiled then with
+    perf.compile, and refolded in place at every later pass, because the weights change
+    between passes; a different module gets a copy of its own."""
+
+    def __init__(self, fold_batchnorm: bool, compile: bool = False) -> None:
         self.fold_batchnorm = fold_batchnorm
-        self._pairs: list[tuple[str, str]] | None = None
+        self.compile = compile
+        self._source: nn.Module | None = None
+        self._pairs: list[tuple[str, str]] = []
+        self._folded: nn.Module | None = None
 
     def __call__(self, module: nn.Module) -> nn.Module:
         if not self.fold_batchnorm:
             return module
-        if self._pairs is None:
+        if module is not self._source:
+            self._source = module
             self._pairs = conv_batchnorm_pairs(module)
-        return folded_copy(module, self._pairs) if self._pairs else module
+            self._folded = folded_copy(module, self._pairs) if self._pairs else None
+            if self._folded is not None and self.compile:
+                self._folded.compile()  # once: later passes refold its weights in place
+        elif self._folded is not None:
+            refold(self._folded, module, self._pairs)
+        return self._folded if self._folded is not None else module

@@ -90,14 +90,20 @@ def comparisons(results: list[RunResult]) -> list[str]:
             continue
         accuracy = [100 * (a.last["test_accuracy"] - o.last["test_accuracy"]) for a, o in pairs]
         cer = [a.last["cer"] - o.last["cer"] for a, o in pairs]
-        gap = [a.last["generalization_gap"] - o.last["generalization_gap"] for a, o in pairs]
+        # A gap can be negative (validation above train accuracy), so a lower signed gap is
+        # not a smaller one: state both signed means and count distance from zero.
+        app_gap = [a.last["generalization_gap"] for a, _ in pairs]
+        other_gap = [o.last["generalization_gap"] for _, o in pairs]
+        closer = sum(abs(a) < abs(o) for a, o in zip(app_gap, other_gap, strict=True))
         wins = sum(d > 0 for d in accuracy)
+        name = other.upper() if other == "osp" else other
         lines.append(
-            f"APP - {other.upper() if other == 'osp' else other}, same seed: final test "
+            f"APP - {name}, same seed: final test "
             f"accuracy {statistics.fmean(accuracy):+.2f} points (higher in {wins} of "
             f"{len(pairs)} seeds); CER {statistics.fmean(cer):+.3f} (lower is better; lower "
-            f"in {sum(d < 0 for d in cer)} of {len(pairs)}); generalisation gap at T "
-            f"{statistics.fmean(gap):+.2f} points (lower in {sum(d < 0 for d in gap)} of "
+            f"in {sum(d < 0 for d in cer)} of {len(pairs)}); generalisation gap at T (train - "
+            f"validation accuracy) APP {statistics.fmean(app_gap):+.2f} vs {name} "
+            f"{statistics.fmean(other_gap):+.2f} points (APP's closer to zero in {closer} of "
             f"{len(pairs)}).")
     return lines
 

@@ -192,12 +192,18 @@ class Checkpointer:
                 f"{checkpoint.path} was written by {saved['world_size']} ranks, this run has "
                 f"{platform.world_size}; set checkpoint.allow_world_size_change=true to "
                 "continue anyway")
+        # The perf switches compare as resolved (config.perf is resolved by now): what the
+        # run computed with, whether the user wrote auto or true.
         changes = changed_settings(saved["settings"], config)
         if changes and not config.checkpoint.allow_config_change:
+            switches = ("; perf switches are compared as resolved on this device and engine "
+                        "(auto may choose otherwise elsewhere): set one to its saved value to "
+                        "continue with it" if any(c.startswith("perf.") for c in changes[:4])
+                        else "")
             raise CheckpointError(
-                f"{checkpoint.path} was made with other settings ({'; '.join(changes[:4])}); "
-                "set checkpoint.allow_config_change=true, or checkpoint.resume=false to start "
-                "over")
+                f"{checkpoint.path} was made with other settings ({'; '.join(changes[:4])}"
+                f"{switches}); set checkpoint.allow_config_change=true, or "
+                "checkpoint.resume=false to start over")
         engine.masks.load_state_dict(saved["masks"])
         engine.load(checkpoint.path)
         rank_state = (checkpoint.load_rank_state(platform.rank)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app_dist.config import Config
+from app_dist.config import Config, require_resolved
 from app_dist.engine.acceleration import autocast
 from app_dist.engine.folding import EvaluationModel
 from app_dist.foundations.distributed import Platform
@@ -36,7 +36,10 @@ class Evaluator:
         self.config = config
         self.platform = platform
         self.events = events or Events()
-        self.evaluation_model = EvaluationModel(config.perf.fold_batchnorm)
+        require_resolved(config.perf)
+        # Compiled with the training model (perf.compile): the folded copy is compiled too,
+        # once, so evaluation runs compiled whether it folds or not.
+        self.evaluation_model = EvaluationModel(config.perf.fold_batchnorm, config.perf.compile)
 
     def evaluate(self, module: nn.Module, read: Callable[[], Iterable],
                  phase: str = "test") -> Evaluation:

@@ -16,6 +16,7 @@ synchronises the device, so the phases are exact and the total is slightly slowe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -190,7 +191,7 @@ class _StopAfter(Callback):
 def profile_run(config_path: str | None, overrides: list[str], megabatches: int
                 ) -> MegabatchProfile:
     """Train `megabatches` megabatches in a fresh temporary run directory, profiled."""
-    from app_dist.config import load_config
+    from app_dist.config import AUTO, load_config
     from app_dist.foundations.distributed import start_platform
     from app_dist.train import prepare, setup_logging, train
 
@@ -198,6 +199,10 @@ def profile_run(config_path: str | None, overrides: list[str], megabatches: int
         config = load_config(config_path, ["log.wandb.mode=disabled", "log.progress=false",
                                            *overrides, f"run.dir={run_dir}",
                                            "checkpoint.resume=false"])
+        if config.perf.compile == AUTO:
+            # The forward hooks that time the steps would break a compiled graph.
+            config = dataclasses.replace(config, perf=dataclasses.replace(config.perf,
+                                                                          compile=False))
         manifest, stream = prepare(config)
         platform = start_platform(config.run.device, config.engine.timeout_s)
         setup_logging(platform)

@@ -2,7 +2,8 @@
 
     python -m app_dist.data.shards {imagefolder,cifar10,cifar100,digits} [SOURCE] --out DIR
         [--samples-per-shard S] [--seed 0] [--limit N] [--test-limit N] [--test-fraction F]
-        [--workers K] [--overwrite] [--label-map restricted_imagenet] [--shots-per-class N]
+        [--workers K] [--overwrite] [--label-map restricted_imagenet|restricted_imagenet_classic]
+        [--shots-per-class N]
 
 Each split is permuted once with numpy.random.default_rng(seed), so consecutive shards are
 i.i.d. and a megabatch of consecutive shards is a uniform sample. Sample `f"{index:08d}"` is
@@ -141,9 +142,10 @@ def write_shards(source_kind: str, source: str | None, out: str, samples_per_sha
                  shots_per_class: int | None = None) -> Manifest:
     """Shard `source` (of kind imagefolder, cifar10, cifar100 or digits) into directory `out`.
 
-    `label_map` (e.g. restricted_imagenet) relabels every sample through its class folder's
-    ImageNet wnid and drops the classes it does not map; then `shots_per_class` keeps that
-    many training samples per class (seeded; the test split stays whole). Each split is
+    `label_map` (restricted_imagenet, restricted_imagenet_classic) relabels every sample
+    through its class folder's ImageNet wnid and drops the classes it does not map; then
+    `shots_per_class` keeps that many training samples per (new) class, so the few-shot set is
+    balanced across super-classes (seeded; the test split stays whole). Each split is
     permuted with numpy.random.default_rng(seed); `limit` / `test_limit` keep the
     first N of the permuted train / test samples. Shards are written first and manifest.json
     last, so a directory with a manifest is complete. Refuses a directory that already holds a
@@ -240,9 +242,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--workers", type=int, default=1,
                         help="shards written concurrently (helps on network filesystems)")
     parser.add_argument("--label-map", choices=LABEL_MAPS, default=None,
-                        help="relabel through each class folder's ImageNet wnid "
-                             "(restricted_imagenet: the 9 classic super-classes; other "
-                             "classes are dropped)")
+                        help="relabel through each class folder's ImageNet wnid, dropping "
+                             "the classes the map leaves out (restricted_imagenet: the 14 "
+                             "balanced super-classes the paper used; "
+                             "restricted_imagenet_classic: the classic 9)")
     parser.add_argument("--shots-per-class", type=int, default=None,
                         help="keep N seeded training samples per class (few-shot)")
     parser.add_argument("--overwrite", action="store_true",

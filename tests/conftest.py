@@ -280,3 +280,34 @@ def compiled_megabatches_do_not_recompile(config: Any, platform: Any, model: Any
             loss = megabatch()
             assert abs(loss - eager_loss()) <= loss_tolerance * max(1.0, abs(loss)), density
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def every_pass(shards: Path, perf: Any, *, megabatches: int, workers: int = 0, rank: int = 0,
+               world_size: int = 1, device: Any = None, **data: Any) -> list:
+    """Every batch a rank reads from a stream of `megabatches` over `shards` (per megabatch:
+    two training epochs, validation and the scoring pass; then the test set), each labelled
+    with where it came from, images moved to the CPU. `data`: further DataSettings (augment,
+    image_size, eval_batch_size, ...). For comparing input paths batch by batch."""
+    import torch
+
+    from app_dist.config import DataSettings
+    from app_dist.data.manifest import Manifest
+    from app_dist.data.reader import StreamReader
+    from app_dist.data.stream import MegabatchStream
+    from app_dist.foundations.distributed import Platform
+
+    manifest = Manifest.load(str(shards))
+    stream = MegabatchStream(manifest, megabatches, 0.1, "full", 2, 1000, seed=1)
+    settings = DataSettings(shards=str(shards), num_workers=workers, shuffle_buffer=50, **data)
+    platform = Platform(rank, world_size, 0, device or torch.device("cpu"))
+    reader = StreamReader(shards, manifest, stream, settings, 16, platform, seed=1, perf=perf)
+    batches: list = []
+    for megabatch in range(1, megabatches + 1):
+        for epoch in (0, 1):
+            batches += [("train", megabatch, epoch, b)
+                        for b in reader.train_epoch(megabatch, epoch)]
+        batches += [("val", megabatch, b) for b in reader.evaluation(
+            stream.val_selection(megabatch))]
+        batches += [("score", megabatch, b) for b in reader.scoring(megabatch, 0.2)]
+    batches += [("test", b) for b in reader.evaluation(stream.test_selection())]
+    return [(*where, (images.cpu(), labels.cpu())) for *where, (images, labels) in batches]

@@ -31,7 +31,7 @@ from app_dist.data.stream import MegabatchStream
 from app_dist.engine.acceleration import resolve_perf
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, DataError
-from tests.conftest import REPO, read_metrics, run_trainer
+from tests.conftest import REPO, every_pass, read_metrics, run_trainer
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda120 is not installed")
 
@@ -113,24 +113,10 @@ def imagenet_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _every_pass(shards: Path, perf: PerfSettings, *, augment: str, image_size: int = 224,
                 workers: int = 0, rank: int = 0, world_size: int = 1, megabatches: int = 2,
                 device: torch.device = CPU) -> list:
-    """Every batch of a stream (two training epochs per megabatch, validation, scoring,
-    then the test set), labelled with where it came from; images moved to the CPU."""
-    manifest = Manifest.load(str(shards))
-    stream = MegabatchStream(manifest, megabatches, 0.1, "full", 2, 1000, seed=1)
-    settings = DataSettings(shards=str(shards), augment=augment, image_size=image_size,
-                            num_workers=workers, shuffle_buffer=50, eval_batch_size=24)
-    platform = Platform(rank, world_size, 0, device)
-    reader = StreamReader(shards, manifest, stream, settings, 16, platform, seed=1, perf=perf)
-    batches = []
-    for megabatch in range(1, megabatches + 1):
-        for epoch in (0, 1):
-            batches += [("train", megabatch, epoch, b) for b in reader.train_epoch(megabatch,
-                                                                                   epoch)]
-        batches += [("val", megabatch, b) for b in reader.evaluation(
-            stream.val_selection(megabatch))]
-        batches += [("score", megabatch, b) for b in reader.scoring(megabatch, 0.2)]
-    batches += [("test", b) for b in reader.evaluation(stream.test_selection())]
-    return [(*where, (images.cpu(), labels.cpu())) for *where, (images, labels) in batches]
+    """Every batch of a stream (see conftest.every_pass), images moved to the CPU."""
+    return every_pass(shards, perf, megabatches=megabatches, workers=workers, rank=rank,
+                      world_size=world_size, device=device, augment=augment,
+                      image_size=image_size, eval_batch_size=24)
 
 
 def _compare(expected: list, got: list) -> torch.Tensor:

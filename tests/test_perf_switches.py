@@ -55,6 +55,7 @@ from tests.conftest import (
     REPO,
     compiled_megabatches_do_not_recompile,
     digits_run_args,
+    every_pass,
     pruned_model,
     read_metrics,
     run_trainer,
@@ -69,24 +70,9 @@ IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample-restricted")
 
 def _every_pass(shards: Path, perf: PerfSettings, workers: int, rank: int = 0,
                 world_size: int = 1) -> list:
-    """Every batch of a 3-megabatch stream (training epochs, validation, scoring, test),
-    labelled with where it came from."""
-    manifest = Manifest.load(str(shards))
-    stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
-    settings = DataSettings(shards=str(shards), augment="cifar", num_workers=workers,
-                            shuffle_buffer=50, eval_batch_size=40)
-    platform = Platform(rank, world_size, 0, torch.device("cpu"))
-    reader = StreamReader(shards, manifest, stream, settings, 16, platform, seed=1, perf=perf)
-    batches = []
-    for megabatch in (1, 2, 3):
-        for epoch in (0, 1):
-            batches += [("train", megabatch, epoch, b) for b in reader.train_epoch(megabatch,
-                                                                                   epoch)]
-        batches += [("val", megabatch, b) for b in reader.evaluation(
-            stream.val_selection(megabatch))]
-        batches += [("score", megabatch, b) for b in reader.scoring(megabatch, 0.2)]
-    batches += [("test", b) for b in reader.evaluation(stream.test_selection())]
-    return batches
+    """Every batch of a 3-megabatch CIFAR-augmented stream (see conftest.every_pass)."""
+    return every_pass(shards, perf, megabatches=3, workers=workers, rank=rank,
+                      world_size=world_size, augment="cifar", eval_batch_size=40)
 
 
 def _assert_same_batches(expected: list, got: list) -> None:

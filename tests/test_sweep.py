@@ -234,7 +234,7 @@ def test_result_rows_are_sorted_by_the_metric_with_status_and_written_as_csv_and
 def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the_project():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    cluster = yaml.safe_load((REPO / "launch/cluster.yaml").read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(cluster)))  # Ray's schema, as `ray up` does
     assert cluster["provider"]["type"]
     assert cluster["head_node_type"] in cluster["available_node_types"]

@@ -45,7 +45,10 @@ class RunSettings:
     name: str = "app"  # names the run directory and the wandb run
     # Empty: runs/<name>-<hash of the settings>, so the same command finds its own run again.
     dir: str = ""
-    seed: int = 1  # the stream permutation, initial weights, augmentation and pruning ties
+    # Initial weights, augmentation, reader shuffles, random-criterion scores, and the
+    # megabatches' validation splits unless data.stream_seed is set. Not which samples form
+    # a megabatch: that is data.stream_seed's (pruning ties go by flat index, no seed).
+    seed: int = 1
     device: str = "auto"  # auto: cuda when a GPU is visible (nccl), else cpu (gloo)
 
 
@@ -54,6 +57,10 @@ class DataSettings:
     shards: str = "data/digits"  # a folder holding manifest.json (see app_dist.data.prepare.shards)
     megabatches: int = 4  # T: equal chunks the training set arrives in (ALMA)
     val_fraction: float = 0.1  # of every megabatch, held out for best-epoch selection
+    # Permutes the training shards into megabatches and draws the validation splits, so
+    # that seeds vary the data each megabatch holds. null: the shards' written order (the
+    # shard writer's --seed) and validation splits drawn from run.seed.
+    stream_seed: Optional[int] = None
     replay: str = "full"  # what megabatch t trains on: full = all of 1..t (paper)
     replay_window: int = 2  # megabatches kept by replay=window
     replay_buffer: int = 1000  # training samples kept by replay=buffer

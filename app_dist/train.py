@@ -87,7 +87,8 @@ def prepare(config: Config, world_size: int | None = None
     manifest = Manifest.load(config.data.shards)
     stream = MegabatchStream(manifest, config.data.megabatches, config.data.val_fraction,
                              config.data.replay, config.data.replay_window,
-                             config.data.replay_buffer, config.run.seed)
+                             config.data.replay_buffer, config.run.seed,
+                             stream_seed=config.data.stream_seed)
     return manifest, stream
 
 

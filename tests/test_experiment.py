@@ -42,6 +42,7 @@ def test_plan_gives_every_method_the_same_seed_data_and_target(digits_shards, tm
         ("dense", 1), ("osp", 1), ("app", 1), ("dense", 2), ("osp", 2), ("app", 2)]
     for run in planned:
         assert run.config.run.seed == run.seed and run.config.prune.method == run.method
+        assert run.config.data.stream_seed == run.seed  # seeds vary the data, paired by seed
         assert run.config.data.shards == str(digits_shards)
         assert run.config.prune.sparsity_level == 4.5
         assert run.run_dir == tmp_path / "runs" / "digits" / f"{run.method}-seed{run.seed}"

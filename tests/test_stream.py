@@ -31,6 +31,40 @@ def test_megabatches_are_disjoint_slices_with_a_seeded_90_10_split(digits_shards
     assert not np.array_equal(other.megabatch_split(3)[1], stream.megabatch_split(3)[1])
 
 
+def test_a_stream_seed_varies_which_shards_each_megabatch_holds_and_the_val_splits(
+        digits_shards):
+    """Issue 14: run.seed never changed megabatch membership (fixed by the shard writer), so
+    "N seeds" varied only initialisation and augmentation. data.stream_seed permutes the
+    training shards into megabatches and draws the validation splits."""
+    manifest = Manifest.load(digits_shards)
+
+    def stream(run_seed: int, stream_seed: int | None) -> MegabatchStream:
+        return MegabatchStream(manifest, 4, 0.1, "full", 2, 100, seed=run_seed,
+                               stream_seed=stream_seed)
+
+    def membership(s: MegabatchStream) -> list[list[str]]:
+        return [[shard.name for shard in s.megabatch_shards(t)] for t in range(1, 5)]
+
+    written = membership(stream(1, None))
+    shards = [shard.name for shard in manifest.splits["train"].shards]
+    bounds = [t * len(shards) // 4 for t in range(5)]
+    assert written == [shards[bounds[t]:bounds[t + 1]] for t in range(4)]  # as before
+    seeded = membership(stream(1, 5))
+    assert seeded != written and membership(stream(9, 5)) == seeded  # the run seed: no effect
+    assert sorted(sum(seeded, [])) == sorted(shards)  # a partition of every training shard
+    assert [len(m) for m in seeded] == [len(m) for m in written]  # equal up to one shard
+    assert membership(stream(1, 6)) != seeded
+    for t in range(1, 5):
+        train, val = stream(1, 5).megabatch_split(t)
+        held = {i for s in stream(1, 5).megabatch_shards(t)
+                for i in range(s.first_index, s.first_index + s.count)}
+        assert set(train) | set(val) == held and not set(train) & set(val)
+    # The validation split follows the stream seed when one is set, else the run seed.
+    assert np.array_equal(stream(1, 5).megabatch_split(2)[1], stream(2, 5).megabatch_split(2)[1])
+    assert not np.array_equal(stream(1, None).megabatch_split(2)[1],
+                              stream(2, None).megabatch_split(2)[1])
+
+
 def test_replay_policies_select_what_the_spec_says(digits_shards):
     full, none = make_stream(digits_shards, "full"), make_stream(digits_shards, "none")
     window = make_stream(digits_shards, "window", window=2)

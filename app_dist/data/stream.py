@@ -3,8 +3,11 @@ validates on. Nothing here reads images; `app_dist.data.plan` and `app_dist.data
 turn a Selection into batches.
 
 The training split (already permuted once by the shard writer) is cut into T megabatches of
-consecutive shards. Each megabatch's 90/10 train/validation split is drawn from the seed, and
-the replay policy decides which earlier megabatches are trained on again (APP_SPEC.md 1).
+consecutive shards, or, with a stream seed, of shards in an order drawn from it (so that seeds
+can vary which data each megabatch holds without writing the shards again; the shard is the
+unit, as shards are read whole). Each megabatch's 90/10 train/validation split is drawn from
+the stream seed (else the run's seed), and the replay policy decides which earlier megabatches
+are trained on again (APP_SPEC.md 1).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class MegabatchStream:
     """Megabatches t = 1..T over a shard manifest; every method is a pure function of (t, seed)."""
 
     def __init__(self, manifest: Manifest, megabatches: int, val_fraction: float, replay: str,
-                 replay_window: int, replay_buffer: int, seed: int) -> None:
+                 replay_window: int, replay_buffer: int, seed: int,
+                 stream_seed: int | None = None) -> None:
         shards = manifest.splits["train"].shards
         if megabatches > len(shards):
             raise DataError(
@@ -86,7 +90,12 @@ class MegabatchStream:
         self.replay_window = replay_window
         self.replay_buffer = replay_buffer
         self.seed = seed
-        # Megabatch t holds shards [bounds[t-1], bounds[t]): equal up to one shard.
+        # The validation splits' seed; the replay buffer keeps drawing from the run's seed.
+        self.split_seed = seed if stream_seed is None else stream_seed
+        # Megabatch t holds the shards at positions [bounds[t-1], bounds[t]) of this order:
+        # equal up to one shard.
+        self._order = (np.arange(len(shards)) if stream_seed is None
+                       else numpy_rng(stream_seed, "shard-order").permutation(len(shards)))
         self._bounds = [t * len(shards) // megabatches for t in range(megabatches + 1)]
         self._splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -96,7 +105,8 @@ class MegabatchStream:
 
     def megabatch_shards(self, t: int) -> list[ShardInfo]:
         self._check(t)
-        return self.train_split.shards[self._bounds[t - 1] : self._bounds[t]]
+        positions = np.sort(self._order[self._bounds[t - 1] : self._bounds[t]])
+        return [self.train_split.shards[int(i)] for i in positions]
 
     def megabatch_split(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """(train indices, validation indices) of megabatch t, each sorted."""
@@ -104,7 +114,7 @@ class MegabatchStream:
             shards = self.megabatch_shards(t)
             indices = np.concatenate([np.arange(s.first_index, s.first_index + s.count)
                                       for s in shards])
-            order = numpy_rng(self.seed, "val-split", t).permutation(indices.size)
+            order = numpy_rng(self.split_seed, "val-split", t).permutation(indices.size)
             val_count = int(round(self.val_fraction * indices.size))
             val = np.sort(indices[order[:val_count]])
             train = np.sort(indices[order[val_count:]])

@@ -28,6 +28,10 @@ class ExperimentSpec:
     train_config: str  # the YAML training config every run starts from
     methods: list[str] = field(default_factory=lambda: ["dense", "osp", "app"])
     seeds: list[int] = field(default_factory=lambda: [1, 2])
+    # A seed also sets data.stream_seed, so seeds vary which data each megabatch holds (and
+    # the validation splits), not only initialisation and augmentation. The methods of one
+    # seed still see the same stream: the paired comparison stays paired.
+    seeds_vary_stream: bool = True
     nproc: int = 1  # processes per run: 1 = plain python, more = torchrun (gloo/nccl)
     parallel: int = 1  # runs trained at the same time (the cores are split between them)
     runs_dir: str = ""  # empty: runs/experiments/<name>
@@ -90,8 +94,10 @@ def plan_runs(spec: ExperimentSpec) -> list[PlannedRun]:
         for seed in spec.seeds:
             for method in spec.methods:
                 run_dir = runs_root(spec) / setting.name / f"{method}-seed{seed}"
+                stream = [f"data.stream_seed={seed}"] if spec.seeds_vary_stream else []
                 overrides = [*spec.overrides, *setting.overrides, f"prune.method={method}",
-                             f"run.seed={seed}", f"run.dir={run_dir}", "log.progress=false"]
+                             f"run.seed={seed}", *stream, f"run.dir={run_dir}",
+                             "log.progress=false"]
                 config = load_config(spec.train_config, overrides)
                 planned.append(PlannedRun(setting, method, seed, run_dir, overrides, config))
     return planned

@@ -346,3 +346,107 @@ def test_preempted_deepspeed_run_exits_75_and_resumes_exactly(digits_shards, zer
     for kind in ("model", "master", "momentum"):
         for name, value in copies[0][kind].items():
             assert torch.equal(value, copies[1][kind][name]), (kind, name)
+
+
+RECORD_AT_RESUME = """
+import os
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from app_dist.config import load_config
+from app_dist.data.workers import stop_readers
+from app_dist.foundations.distributed import start_platform
+from app_dist.train import prepare, setup_logging, train
+from app_dist.training.events import Callback
+
+
+class RecordAtResume(Callback):
+    '''When the engine is restored, before any step: the masks, the module's state and every
+    parameter's fp32 master and momentum, gathered whole by DeepSpeed (all ranks call the
+    gathers), written by rank 0.'''
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def run_start(self, engine):
+        record = {"masks": engine.masks.state_dict(), "model": engine.module.state_dict(),
+                  "master": {}, "momentum": {}}
+        for name, parameter in engine.module.named_parameters():
+            record["master"][name] = safe_get_full_fp32_param(parameter)
+            record["momentum"][name] = safe_get_full_optimizer_state(parameter,
+                                                                     "momentum_buffer")
+        if self.rank == 0:
+            torch.save(record, os.environ["RECORD_AT_RESUME"])
+
+
+if __name__ == "__main__":  # reader processes start from a fork server that imports this
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]
+    config = load_config(args[1], args[2:])
+    manifest, stream = prepare(config)
+    platform = start_platform(config.run.device, config.engine.timeout_s)
+    setup_logging(platform)
+    try:
+        train(config, manifest, stream, platform, callbacks=[RecordAtResume(platform.rank)])
+    finally:
+        stop_readers()
+        platform.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
+@pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
+def test_zero2_checkpoint_resumes_on_another_number_of_ranks(digits_shards, tmp_path,
+                                                             saved_ranks, resumed_ranks):
+    """A ZeRO-2 run killed after megabatch 1 resumes on another number of ranks
+    (checkpoint.allow_world_size_change): the restored engine holds exactly the saved masks,
+    module state, fp32 master weights and momentum (read back from DeepSpeed's partition
+    files of the saved run on one side, gathered from the live engine on the other), and the
+    run trains megabatch 2 on the new number of ranks with every copy still masked."""
+    run_dir = tmp_path / "run"
+    args = ds_args(digits_shards, run_dir, 2) + ["data.megabatches=2", "train.epochs=1",
+                                                 "log.wandb.mode=disabled"]
+    first = launch_trainer(args, nproc=saved_ranks, launcher="deepspeed")
+    assert wait_for(checkpoint_folder(run_dir, 1) / CheckpointFiles.MARKER, first, timeout=300)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert not checkpoint_folder(run_dir, 2).exists()
+
+    script = tmp_path / "record_at_resume.py"
+    script.write_text(RECORD_AT_RESUME)
+    record_path = tmp_path / "at-resume.pt"
+    command = trainer_command([*args, "checkpoint.allow_world_size_change=true"],
+                              resumed_ranks, launcher="deepspeed")
+    command[command.index(str(REPO / "app_dist" / "train.py"))] = str(script)
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400,
+                             env=trainer_env({"RECORD_AT_RESUME": str(record_path)}))
+    assert resumed.returncode == 0, (resumed.stdout[-2000:], resumed.stderr[-3000:])
+    assert "resuming after megabatch 1" in resumed.stdout
+
+    saved_folder = checkpoint_folder(run_dir, 1)
+    saved = engine_copies(saved_folder)
+    saved_masks = torch.load(saved_folder / "state.pt", weights_only=True)["masks"]
+    record = torch.load(record_path, weights_only=True)
+    assert record["masks"].keys() == saved_masks.keys()
+    for name, mask in saved_masks.items():
+        assert torch.equal(record["masks"][name], mask), name
+    assert record["model"].keys() == saved["model"].keys()
+    for kind in ("model", "master", "momentum"):
+        for name, value in saved[kind].items():
+            assert torch.equal(record[kind][name], value), (kind, name)
+    assert any(value.any() for value in saved["momentum"].values())  # momentum is real
+
+    assert [r["megabatch"] for r in read_metrics(run_dir)] == [1, 2]
+    final = checkpoint_folder(run_dir, 2)
+    marker = json.loads((final / CheckpointFiles.MARKER).read_text())
+    assert marker["world_size"] == resumed_ranks
+    masks = torch.load(final / "state.pt", weights_only=True)["masks"]
+    for rank in range(resumed_ranks):
+        audit = torch.load(final / CheckpointFiles.rank(rank), weights_only=True)
+        for name, mask in masks.items():
+            assert torch.equal(audit["masks"][name], mask), (rank, name)
+        assert audit["pruned_residue"] == {"weights": 0.0, "master_weights": 0.0,
+                                           "optimizer_state": 0.0}, rank

@@ -16,12 +16,18 @@ the order, so it is the same as under DDP. Nor do its checkpoint files pass thro
 checkpoint engine, which loads them with torch.load(weights_only=False), i.e. runs whatever
 code a file pickles: `VerifiedCheckpointFiles` writes them atomically and reads them with
 weights_only=True (PITFALLS.md, "DeepSpeed").
+
+ZeRO's files hold one optimizer partition per rank, so every checkpoint also holds the master
+weights and optimizer state gathered whole (unpartitioned.pt, tensors only, sealed with the
+checkpoint's sha256 like every other file): a resume on another number of ranks
+(checkpoint.allow_world_size_change) partitions them afresh (`DeepSpeedEngine.load`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +100,7 @@ class VerifiedCheckpointFiles:
 class DeepSpeedEngine:
     CHECKPOINT_DIR = CheckpointFiles.DEEPSPEED  # inside the megabatch checkpoint folder
     TAG = "engine"  # DeepSpeed's tag folder: CHECKPOINT_DIR/TAG/*.pt
+    UNPARTITIONED = CheckpointFiles.UNPARTITIONED  # beside CHECKPOINT_DIR
 
     def __init__(self, model: nn.Module, masks: MaskSet, platform: Platform,
                  config: Config) -> None:
@@ -170,28 +177,33 @@ class DeepSpeedEngine:
             keys.update(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
         return sorted(keys)
 
+    def _gathered(self, parameters: Iterable[tuple[str, nn.Parameter]]
+                  ) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(name, full fp32 master, {optimizer state key: full state}) of each parameter, on
+        this rank's device. Call on ALL ranks with the same parameters in the same order: each
+        get all-reduces the parameter's partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._link_optimizer_state()
+        keys = self._optimizer_state_keys()
+        for name, parameter in parameters:
+            yield (name, safe_get_full_fp32_param(parameter),
+                   {key: safe_get_full_optimizer_state(parameter, key) for key in keys})
+
     @torch.no_grad()
     def apply_masks(self, new_masks: dict[str, torch.Tensor]) -> None:
-        from deepspeed.utils import (
-            safe_get_full_fp32_param,
-            safe_get_full_optimizer_state,
-            safe_set_full_fp32_param,
-            safe_set_full_optimizer_state,
-        )
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         self.masks.set(new_masks)
         self.masks.apply_to_weights()
         if not self._has_master():
             zero_optimizer_state(self.optimizer, self.masks)
             return
-        self._link_optimizer_state()
-        keys = self._optimizer_state_keys()
-        for weight, mask in zip(self.masks.weights.values(), self.masks.masks.values()):
-            # All ranks: the gets all-reduce the partitions, the sets write each rank's own.
-            master = safe_get_full_fp32_param(weight)
+        # The sets write each rank's own partition (no collective).
+        for name, master, states in self._gathered(self.masks.weights.items()):
+            weight, mask = self.masks.weights[name], self.masks.masks[name]
             safe_set_full_fp32_param(weight, master * mask.to(master.dtype))
-            for key in keys:
-                state = safe_get_full_optimizer_state(weight, key)
+            for key, state in states.items():
                 safe_set_full_optimizer_state(weight, state * mask.to(state.dtype), key)
 
     def _link_optimizer_state(self) -> None:
@@ -206,23 +218,17 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def pruned_residue(self) -> dict[str, float]:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
         residue = self.masks.pruned_residue(self.optimizer)
         if not self._has_master():  # the weights are the master, the client optimizer's state
             return {"weights": residue["weights"], "master_weights": residue["weights"],
                     "optimizer_state": residue["optimizer_state"]}
-        self._link_optimizer_state()
-        keys = self._optimizer_state_keys()
         master_residue, state_residue = 0.0, 0.0
-        for weight, mask in zip(self.masks.weights.values(), self.masks.masks.values()):
-            pruned = ~mask.bool()
-            master = safe_get_full_fp32_param(weight)
-            states = [safe_get_full_optimizer_state(weight, key) for key in keys]
+        for name, master, states in self._gathered(self.masks.weights.items()):
+            pruned = ~self.masks.masks[name].bool()
             if not pruned.any():
                 continue
             master_residue = max(master_residue, float(master[pruned].abs().max()))
-            for state in states:
+            for state in states.values():
                 state_residue = max(state_residue, float(state[pruned].abs().max()))
         return {"weights": residue["weights"], "master_weights": master_residue,
                 "optimizer_state": state_residue}
@@ -239,11 +245,13 @@ class DeepSpeedEngine:
     # ------------------------------------------------------------------ checkpoints
 
     def engine_state_files(self) -> list[str]:
-        return [self.CHECKPOINT_DIR]
+        return [self.CHECKPOINT_DIR, self.UNPARTITIONED]
 
     def save(self, folder: Path) -> None:
         """DeepSpeed's checkpoint (every rank writes its optimizer partition) into
-        folder/deepspeed/engine/; the lr scheduler rides in its client_state."""
+        folder/deepspeed/engine/, the lr scheduler riding in its client_state; with a master
+        copy also folder/unpartitioned.pt (rank 0), for a resume on another number of ranks.
+        All ranks."""
         if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
             # A live run carries a partial accumulation into the next epoch (when an epoch's
             # batch count is no multiple of it); a resume from here starts that one afresh.
@@ -253,21 +261,78 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder / self.CHECKPOINT_DIR), tag=self.TAG,
                                     client_state={"scheduler": self.scheduler.state_dict()},
                                     save_latest=False)
+        if self._has_master():
+            self._save_unpartitioned(folder / self.UNPARTITIONED)
+
+    @torch.no_grad()
+    def _save_unpartitioned(self, path: Path) -> None:
+        """The master weights and optimizer state whole, by parameter name: what no world
+        size shapes. DeepSpeed's universal checkpoints would do this from its partition files
+        but cannot here (0.19.8's ds_to_universal knows only Adam's exp_avg/exp_avg_sq and
+        stops with KeyError 'exp_avg' on SGD's momentum_buffer; its loader reads the
+        converted files with torch.load(weights_only=False) and leaves module buffers such
+        as BatchNorm statistics unloaded). Gathered on all ranks (collectives), written by
+        rank 0."""
+        master: dict[str, torch.Tensor] = {}
+        optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        for name, weight, states in self._gathered(self.module.named_parameters()):
+            master[name] = weight.cpu()
+            for key, state in states.items():
+                optimizer_state.setdefault(key, {})[name] = state.cpu()
+        if self.platform.is_primary:
+            atomic_torch_save({"master": master, "optimizer_state": optimizer_state}, path)
 
     def load(self, folder: Path) -> None:
+        """Restore what `save` wrote. DeepSpeed's ZeRO files hold one optimizer partition per
+        rank of the run that wrote them: with as many ranks now DeepSpeed loads them; with
+        another number (checkpoint.allow_world_size_change) it loads the module and the
+        scheduler, and the master weights and optimizer state come from unpartitioned.pt,
+        partitioned afresh for this run. All ranks."""
         tag_dir = folder / self.CHECKPOINT_DIR / self.TAG
         partitions = len(list(tag_dir.glob("*optim_states.pt")))
-        if self.zero_stage > 0 and partitions != self.platform.world_size:
-            raise CheckpointError(
-                f"{tag_dir} holds ZeRO partitions of {partitions} ranks, this run has "
-                f"{self.platform.world_size}; convert it with DeepSpeed's universal checkpoint "
-                "tools (ds_to_universal) first")
+        unpartitioned = None
+        if partitions and partitions != self.platform.world_size:
+            path = folder / self.UNPARTITIONED
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{tag_dir} holds ZeRO partitions of {partitions} ranks, this run has "
+                    f"{self.platform.world_size}, and no {self.UNPARTITIONED} to partition "
+                    f"afresh (the checkpoint predates it): resume it with {partitions} ranks")
+            unpartitioned = load_torch_file(path)
         loaded, client_state = self.engine.load_checkpoint(
-            str(folder / self.CHECKPOINT_DIR), tag=self.TAG, load_optimizer_states=True,
-            load_lr_scheduler_states=False)
+            str(folder / self.CHECKPOINT_DIR), tag=self.TAG,
+            load_optimizer_states=unpartitioned is None, load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed found no checkpoint to load")
         self.scheduler.load_state_dict(_scheduler_state(client_state, tag_dir))
+        if unpartitioned is not None:
+            self._load_unpartitioned(unpartitioned, folder / self.UNPARTITIONED)
+
+    @torch.no_grad()
+    def _load_unpartitioned(self, state: dict[str, Any], where: Path) -> None:
+        """Write `_save_unpartitioned`'s tensors into this run's partitions (each rank its
+        own; no collective). DeepSpeed's load without optimizer states has set the master
+        from the module's weights; the saved master is exact also where those are half."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        parameters = dict(self.module.named_parameters())
+        master, optimizer_state = state["master"], state["optimizer_state"]
+        for kind, saved in (("master weights", master), *optimizer_state.items()):
+            if saved.keys() != parameters.keys():
+                raise CheckpointError(f"{where}: its {kind} are for other parameters than "
+                                      "this model's")
+        # A fresh optimizer holds no state until its first step: create it, then link
+        # DeepSpeed's per-parameter views into it, so that the sets below land there.
+        for group in self.optimizer.param_groups:
+            for flat in group["params"]:
+                for key in optimizer_state:
+                    self.optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
+        self._link_optimizer_state()
+        for name, parameter in parameters.items():
+            safe_set_full_fp32_param(parameter, master[name].to(parameter.device))
+            for key, values in optimizer_state.items():
+                safe_set_full_optimizer_state(parameter, values[name].to(parameter.device),
+                                              key)
 
 
 def _scheduler_state(client_state: dict[str, Any] | None, where: Path) -> dict[str, Any]:

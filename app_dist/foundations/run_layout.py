@@ -10,6 +10,10 @@
     RUN_DIR/checkpoints/preempted-0004/      inside megabatch 4, written at a pre-emption
         state.pt        rank 0: masks, run state (history, progress), settings
         engine.pt       the DDP engine's model, optimizer, scheduler (DeepSpeed: deepspeed/)
+        unpartitioned.pt
+                        DeepSpeed with ZeRO 1/2 (or bf16): the fp32 master weights and the
+                        optimizer state gathered whole, by rank 0, to resume on another
+                        number of ranks (DeepSpeed's own files hold one partition per rank)
         rank-00001.pt   every rank: its RNG states and its own masks (an audit)
         COMPLETE.json   written last: megabatch, world size, sha256 of every file above
 
@@ -37,6 +41,7 @@ class CheckpointFiles:
     STATE = "state.pt"
     ENGINE = "engine.pt"
     DEEPSPEED = "deepspeed"
+    UNPARTITIONED = "unpartitioned.pt"
 
     @staticmethod
     def rank(rank: int) -> str:

@@ -168,6 +168,31 @@ def uninterrupted(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory)
     return run_dir
 
 
+def deepspeed_run_args(shards: Path, run_dir: Path, stage: int, *extra: str) -> list[str]:
+    """digits_run_args for DeepSpeed at ZeRO stage `stage`."""
+    return digits_run_args(shards, run_dir, "engine.kind=deepspeed",
+                           f"engine.zero_stage={stage}", *extra)
+
+
+@pytest.fixture(scope="session")
+def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> Callable[[int], Path]:
+    """stage -> run directory of the uninterrupted 2-rank DeepSpeed run (deepspeed launcher,
+    gloo), made on first use and shared by every test that compares with or copies one."""
+    runs: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}")
+            result = run_trainer(deepspeed_run_args(digits_shards, run_dir, stage), nproc=2,
+                                 launcher="deepspeed", timeout=400)
+            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return get
+
+
 def short_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A finished run to read, not to compare: 1 process, T = 2 megabatches of digits,
     1 epoch each, APP to density 0.366 (0.8 after megabatch 1), both checkpoints kept."""

@@ -24,6 +24,7 @@ from app_dist.pruning.schedule import density_schedule
 from .conftest import (
     REPO,
     checkpoint_folder,
+    deepspeed_run_args,
     digits_run_args,
     launch_trainer,
     read_metrics,
@@ -189,24 +190,7 @@ def run_deepspeed(args: list[str], nproc: int = 2, env: dict[str, str] | None = 
 
 
 def ds_args(shards: Path, run_dir: Path, stage: int) -> list[str]:
-    return digits_run_args(shards, run_dir, "engine.kind=deepspeed",
-                           f"engine.zero_stage={stage}")
-
-
-@pytest.fixture(scope="module")
-def zero_runs(digits_shards, tmp_path_factory):
-    """stage -> run directory of an uninterrupted 2-rank DeepSpeed run, made on first use."""
-    runs: dict[int, Path] = {}
-
-    def get(stage: int) -> Path:
-        if stage not in runs:
-            run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-            result = run_deepspeed(ds_args(digits_shards, run_dir, stage))
-            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-            runs[stage] = run_dir
-        return runs[stage]
-
-    return get
+    return deepspeed_run_args(shards, run_dir, stage)
 
 
 @pytest.fixture(scope="module")
@@ -317,32 +301,6 @@ def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_s
     for name, mask in masks[0].items():
         assert torch.equal(mask, masks[1][name]), name
     copies = [engine_copies(f) for f in final]
-    for kind in ("model", "master", "momentum"):
-        for name, value in copies[0][kind].items():
-            assert torch.equal(value, copies[1][kind][name]), (kind, name)
-
-
-@pytest.mark.slow
-@pytest.mark.deepspeed
-@pytest.mark.distributed
-def test_preempted_deepspeed_run_exits_75_and_resumes_exactly(digits_shards, zero_runs,
-                                                              tmp_path):
-    """SIGTERM to rank 1 mid-epoch under the deepspeed launcher at ZeRO-2: both ranks finish
-    the step, save the engine (master weights and optimizer partitions included) in a
-    `preempted-0002` checkpoint and exit 75; the same command resumes at that step."""
-    reference = zero_runs(2)
-    run_dir = tmp_path / "preempted"
-    first = run_deepspeed(ds_args(digits_shards, run_dir, 2),
-                          env={"APP_DIST_FAULT": "sigterm:rank=1,megabatch=2,epoch=1,step=2"})
-    assert first.returncode == 75, first.stderr[-3000:]
-    assert "pre-empted in megabatch 2, epoch 2" in first.stdout + first.stderr
-    assert (run_dir / "checkpoints" / "preempted-0002" / "COMPLETE.json").is_file()
-
-    resumed = run_deepspeed(ds_args(digits_shards, run_dir, 2))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming megabatch 2 at epoch 2" in resumed.stdout
-    assert read_metrics(run_dir) == read_metrics(reference)
-    copies = [engine_copies(checkpoint_folder(d, 3)) for d in (run_dir, reference)]
     for kind in ("model", "master", "momentum"):
         for name, value in copies[0][kind].items():
             assert torch.equal(value, copies[1][kind][name]), (kind, name)

@@ -25,6 +25,7 @@ from app_dist.training.launcher import build_parser, launcher_command, run_exit_
 from .conftest import (
     REPO,
     checkpoint_folder,
+    deepspeed_run_args,
     digits_run_args,
     launch,
     launch_trainer,
@@ -449,13 +450,12 @@ def test_sigterm_to_the_wrapper_mid_megabatch_exits_75_and_the_same_command_resu
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.deepspeed
-def test_the_wrapper_launches_deepspeed_ranks(digits_shards, uninterrupted, tmp_path):
-    """--launcher deepspeed: the deepspeed launcher starts the ranks (ZeRO-1 on gloo here),
-    which compute what the DDP run computes."""
+def test_the_wrapper_launches_deepspeed_ranks(digits_shards, zero_runs, tmp_path):
+    """--launcher deepspeed: the deepspeed launcher starts the ranks (ZeRO-2 on gloo here),
+    which compute what the same run started by the deepspeed launcher itself computes."""
     run_dir = tmp_path / "deepspeed"
     result = app_dist_train("--nproc-per-node", "2", "--launcher", "deepspeed",
-                            *digits_run_args(digits_shards, run_dir, NO_WANDB,
-                                             "engine.kind=deepspeed", "engine.zero_stage=1"))
+                            *deepspeed_run_args(digits_shards, run_dir, 2, NO_WANDB))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "deepspeed.launcher.runner" in result.stdout
-    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+    assert read_metrics(run_dir) == read_metrics(zero_runs(2))

@@ -17,7 +17,14 @@ import torch
 
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 
-from .conftest import REPO, digits_run_args, free_port, launch, read_metrics, run_trainer
+from .conftest import (
+    REPO,
+    deepspeed_run_args,
+    digits_run_args,
+    free_port,
+    launch,
+    read_metrics,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -64,25 +71,19 @@ def test_torchrun_over_two_nodes_with_c10d_rendezvous_equals_one_node(digits_sha
 
 @pytest.mark.deepspeed
 def test_the_deepspeed_launcher_over_two_nodes_without_ssh_equals_one_node(digits_shards,
-                                                                          tmp_path):
+                                                                          tmp_path, zero_runs):
     """The deepspeed launcher on each node with `--no_ssh --node_rank N` and a hostfile of two
     hosts of one slot each (no ssh, no pdsh: each node starts its own ranks, as a scheduler
     that runs the command on every node does); ZeRO-2 metrics equal the same run started by
-    the deepspeed launcher on one node with two ranks."""
-    extra = ("log.wandb.mode=disabled", "engine.kind=deepspeed", "engine.zero_stage=2",
-             "data.megabatches=2")
-    reference = tmp_path / "one-node"
-    result = run_trainer(digits_run_args(digits_shards, reference, *extra), nproc=2,
-                         launcher="deepspeed", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr[-3000:]
-
+    the deepspeed launcher on one node with two ranks (which sets one thread per rank)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     run_dir = tmp_path / "two-nodes"
+    args = deepspeed_run_args(digits_shards, run_dir, 2, "log.wandb.mode=disabled")
     port = str(free_port())
     nodes = [[sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
               "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-              "--master_port", port, SCRIPT, *digits_run_args(digits_shards, run_dir, *extra)]
+              "--master_port", port, SCRIPT, *args]
              for rank in (0, 1)]
     run_nodes(nodes, tmp_path)
-    assert read_metrics(run_dir) == read_metrics(reference)
+    assert read_metrics(run_dir) == read_metrics(zero_runs(2))

@@ -73,6 +73,16 @@ def train_command(*args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
 
 
+def train_in_process(capsys: pytest.CaptureFixture[str], *args: str
+                     ) -> subprocess.CompletedProcess[str]:
+    """`app_dist/train.py ARGS` through its `main` in this process: the same command runner
+    prints the line and returns the exit code, without a second of interpreter start-up per
+    case. (The real-process path is test_a_bad_config_file_in_a_real_process_is_one_line.)"""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 BAD_CONFIG_FILES = {  # name: (file text, what the one line must say besides the file name)
     "yaml_syntax": ("train:\n  epochs: [1, 2\n", ["not valid YAML", "line 3"]),
     "top_level_list": ("- train.epochs=1\n- prune.method=osp\n", ["mapping", "list"]),
@@ -88,35 +98,40 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], *named: str)
         assert text in result.stderr, result.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
-def test_a_bad_config_file_is_one_line_naming_it_and_exit_2(name, tmp_path):
+def test_a_bad_config_file_is_one_line_naming_it_and_exit_2(name, tmp_path, capsys):
     text, said = BAD_CONFIG_FILES[name]
     path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    assert_one_error_line(train_in_process(capsys, "--config", str(path)), str(path), *said)
+
+
+@pytest.mark.slow
+def test_a_bad_config_file_in_a_real_process_is_one_line(tmp_path):
+    """The same contract from a fresh interpreter: exit code 2, one line, no traceback."""
+    text, said = BAD_CONFIG_FILES["yaml_syntax"]
+    path = tmp_path / "yaml_syntax.yaml"
     path.write_text(text)
     assert_one_error_line(train_command("--config", str(path)), str(path), *said)
 
 
-@pytest.mark.slow
-def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path):
-    assert_one_error_line(train_command("--config", str(tmp_path)), str(tmp_path),
+def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, capsys):
+    assert_one_error_line(train_in_process(capsys, "--config", str(tmp_path)), str(tmp_path),
                           "is a directory")
-    assert_one_error_line(train_command("--config", "/dev/null"), "/dev/null",
+    assert_one_error_line(train_in_process(capsys, "--config", "/dev/null"), "/dev/null",
                           "not a regular file")
 
 
-@pytest.mark.slow
-def test_no_config_says_that_config_is_missing_and_what_to_pass():
-    assert_one_error_line(train_command("train.epochs=1"), "--config is missing",
+def test_no_config_says_that_config_is_missing_and_what_to_pass(capsys):
+    assert_one_error_line(train_in_process(capsys, "train.epochs=1"), "--config is missing",
                           "configs/digits.yaml")
 
 
-@pytest.mark.slow
-def test_a_config_file_asking_for_a_density_that_keeps_no_weight_is_refused(tmp_path):
+def test_a_config_file_asking_for_a_density_that_keeps_no_weight_is_refused(tmp_path, capsys):
     path = tmp_path / "sparse.yaml"
     path.write_text("prune:\n  sparsity_level: 200\n")  # final density 0.8 ** 200 = 4e-20
-    assert_one_error_line(train_command("--config", str(path)), "'prune.sparsity_level' = 200",
-                          "<= 61.9")
+    assert_one_error_line(train_in_process(capsys, "--config", str(path)),
+                          "'prune.sparsity_level' = 200", "<= 61.9")
 
 
 @pytest.mark.parametrize("override, bound", [("prune.sparsity_level=62", "61.9"),

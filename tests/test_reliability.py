@@ -17,6 +17,7 @@ import torch
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
 from app_dist.foundations.files import file_sha256
+from app_dist.train import main as train_main
 from app_dist.training.checkpoint import Checkpointer, verify
 
 from .conftest import (
@@ -174,18 +175,19 @@ def test_truncated_shard_is_caught_while_reading_even_without_checksums(digits_s
 
 # --- bad config and CLI -------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("extra, culprit", [
     (["--nonsense"], "--nonsense"),
     (["train.batch_size=63"], "train.batch_size"),  # not divisible by 2 ranks
     (["data.megabatches=1000"], "data.megabatches=1000"),
 ])
 def test_bad_cli_input_is_one_line_before_any_process_group(digits_shards, tmp_path, extra,
-                                                            culprit):
-    result = run_trainer(digits_run_args(digits_shards, tmp_path / "run", *extra), nproc=1,
-                         env={"WORLD_SIZE": "2"})
-    assert result.returncode == 2
-    assert culprit in result.stderr and len(result.stderr.strip().splitlines()) == 1
+                                                            culprit, capsys, monkeypatch):
+    """As rank 0 of 2 (WORLD_SIZE=2), through the entry point's main in this process: these
+    are found before the process group starts (real launches: test_run_lock_and_launcher)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(digits_run_args(digits_shards, tmp_path / "run", *extra)) == 2
+    stderr = capsys.readouterr().err
+    assert culprit in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from app_dist.cli import main as cli_main
 from app_dist.foundations import run_lock
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock, check_free, read_holder
@@ -200,16 +201,25 @@ def test_signals_to_the_wrapper_reach_the_launchers_process_group(tmp_path):
     assert (tmp_path / "rank-got").read_text() == str(int(signal.SIGTERM))
 
 
-@pytest.mark.slow
+def app_dist_train_in_process(capsys: pytest.CaptureFixture[str],
+                              *args: str) -> subprocess.CompletedProcess[str]:
+    """`app-dist train ARGS` through the CLI's main in this process (for input the wrapper
+    refuses before it starts any launcher; real launches use app_dist_train)."""
+    code = cli_main(["train", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_bad_input_through_the_wrapper_is_one_line_and_exit_2_before_any_launcher(
-        digits_shards, tmp_path, launcher):
+        digits_shards, tmp_path, launcher, capsys):
     (tmp_path / "a-file").write_text("")
     for extra, culprit in ((["train.epochz=1"], "train.epochz"),
                            (["train.batch_size=63"], "not divisible by the world size 2"),
                            ([f"run.dir={tmp_path / 'a-file' / 'run'}"], "cannot write to")):
-        result = app_dist_train("--nproc-per-node", "2", "--launcher", launcher,
-                                *digits_run_args(digits_shards, tmp_path / "run"), *extra)
+        result = app_dist_train_in_process(
+            capsys, "--nproc-per-node", "2", "--launcher", launcher,
+            *digits_run_args(digits_shards, tmp_path / "run"), *extra)
         assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr.strip().splitlines() == error_lines(result.stderr)
         assert len(error_lines(result.stderr)) == 1 and culprit in result.stderr
@@ -217,7 +227,8 @@ def test_bad_input_through_the_wrapper_is_one_line_and_exit_2_before_any_launche
         assert not (tmp_path / "run").exists()
     if launcher != "torchrun":
         return
-    usage = app_dist_train("--nnodes", "2", "--config", "configs/digits.yaml")
+    usage = app_dist_train_in_process(capsys, "--nnodes", "2", "--config",
+                                      "configs/digits.yaml")
     assert usage.returncode == 2
     assert error_lines(usage.stderr) == usage.stderr.strip().splitlines()
     assert "--nnodes needs --nproc-per-node" in usage.stderr

@@ -193,6 +193,16 @@ def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
     return get
 
 
+def gpu_imagenet_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A short real GPU run on ImageNet-sample shards: ResNet-18 at 64 px, 2 megabatches of
+    1 epoch, bf16, the DDP engine on one GPU."""
+    return ["--config", "configs/imagenet.yaml", f"data.shards={shards}", f"run.dir={run_dir}",
+            "run.device=cuda", "engine.kind=ddp", "model.name=resnet18", "data.image_size=64",
+            "data.megabatches=2", "train.epochs=1", "train.batch_size=16",
+            "data.eval_batch_size=32", "data.num_workers=2", "data.shuffle_buffer=50",
+            "train.milestones=[]", "perf.autocast=bf16", "log.progress=false", *extra]
+
+
 def short_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A finished run to read, not to compare: 1 process, T = 2 megabatches of digits,
     1 epoch each, APP to density 0.366 (0.8 after megabatch 1), both checkpoints kept."""

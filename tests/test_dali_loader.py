@@ -31,7 +31,7 @@ from app_dist.data.stream import MegabatchStream
 from app_dist.engine.acceleration import resolve_perf
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, DataError
-from tests.conftest import REPO, every_pass, read_metrics, run_trainer
+from tests.conftest import REPO, every_pass, gpu_imagenet_run_args, read_metrics, run_trainer
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda120 is not installed")
 
@@ -351,13 +351,8 @@ def test_dali_on_the_gpu_gives_the_default_passes(imagenet_shards: Path) -> None
 def test_a_gpu_run_with_the_dali_loader_trains_and_keeps_masks_exact(imagenet_shards: Path,
                                                                      tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_trainer(["--config", "configs/imagenet.yaml", f"data.shards={imagenet_shards}",
-                          f"run.dir={run_dir}", "run.device=cuda", "engine.kind=ddp",
-                          "model.name=resnet18", "data.image_size=64", "data.megabatches=2",
-                          "train.epochs=1", "train.batch_size=16", "data.eval_batch_size=32",
-                          "data.num_workers=2", "data.shuffle_buffer=50",
-                          "train.milestones=[]", "perf.autocast=bf16", "perf.loader=dali",
-                          "perf.compile=false", "log.progress=false"])
+    result = run_trainer(gpu_imagenet_run_args(imagenet_shards, run_dir, "perf.loader=dali",
+                                               "perf.compile=false"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["megabatch"] for r in records] == [1, 2]

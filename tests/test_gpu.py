@@ -25,6 +25,7 @@ from app_dist.foundations.files import load_torch_file
 from app_dist.pruning.masks import MaskSet
 from tests.conftest import (
     compiled_megabatches_do_not_recompile,
+    gpu_imagenet_run_args,
     pruned_model,
     read_metrics,
     run_trainer,
@@ -138,15 +139,10 @@ def test_a_gpu_run_with_every_gpu_switch_trains_and_keeps_masks_exact(tmp_path: 
     write_shards("imagefolder", str(IMAGENET_SAMPLE), str(shards), samples_per_shard=16,
                  seed=0, test_fraction=0.2)
     run_dir = tmp_path / "run"
-    result = run_trainer(["--config", "configs/imagenet.yaml", f"data.shards={shards}",
-                          f"run.dir={run_dir}", "run.device=cuda", "engine.kind=ddp",
-                          "model.name=resnet18", "data.image_size=64", "data.megabatches=2",
-                          "train.epochs=1", "train.batch_size=16", "data.eval_batch_size=32",
-                          "data.num_workers=2", "data.shuffle_buffer=50",
-                          "train.milestones=[]", "perf.autocast=bf16",
-                          "perf.channels_last=true", "perf.gpu_decode=true",
-                          "perf.cudnn_benchmark=true", "perf.persistent_workers=true",
-                          "log.wandb.mode=disabled"], timeout=600)  # compile and fold: auto
+    result = run_trainer(gpu_imagenet_run_args(  # compile and fold: auto
+        shards, run_dir, "perf.channels_last=true", "perf.gpu_decode=true",
+        "perf.cudnn_benchmark=true", "perf.persistent_workers=true",
+        "log.wandb.mode=disabled"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["megabatch"] for r in records] == [1, 2]

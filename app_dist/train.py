@@ -42,7 +42,13 @@ from app_dist.engine import build_engine
 from app_dist.engine.acceleration import describe_perf, resolve_perf
 from app_dist.foundations.commands import BAD_INPUT, ArgumentParser, command, missing_config
 from app_dist.foundations.distributed import Platform, start_platform
-from app_dist.foundations.errors import AppDistError, ConfigError, ReportedElsewhere, one_line
+from app_dist.foundations.errors import (
+    AppDistError,
+    ConfigError,
+    ReportedElsewhere,
+    agreed,
+    one_line,
+)
 from app_dist.foundations.files import atomic_write_json, atomic_write_text
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
@@ -167,7 +173,7 @@ def claim_run_directory(config: Config, manifest: Manifest, run_dir: Path,
             lock = None
     refusal = platform.broadcast_object(refusal)
     if refusal is not None:
-        raise refusal if platform.is_primary else ReportedElsewhere(str(refusal))
+        raise agreed(refusal, platform.is_primary)
     return lock
 
 

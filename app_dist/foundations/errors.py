@@ -24,6 +24,12 @@ class ReportedElsewhere(AppDistError):
     same refusal; a rank whose peer stopped on bad input sees only the broken connection)."""
 
 
+def agreed(error: AppDistError, is_primary: bool) -> AppDistError:
+    """The error to raise for bad input every rank found together (through a broadcast or an
+    all-reduce): rank 0 raises it and prints its line, the others exit quietly."""
+    return error if is_primary else ReportedElsewhere(str(error))
+
+
 def one_line(error: BaseException) -> str:
     """The message of `error` as one line. An error raised in a DataLoader worker arrives
     re-wrapped as "Caught X in DataLoader worker process N.\\nOriginal Traceback ...": the

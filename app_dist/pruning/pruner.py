@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from app_dist.foundations.distributed import Platform
-from app_dist.foundations.errors import ConfigError, ReportedElsewhere
+from app_dist.foundations.errors import ConfigError, agreed
 from app_dist.foundations.seeding import derived_seed
 from app_dist.models import classifier_of
 from app_dist.pruning.masks import MaskSet, mask_checksums
@@ -113,7 +113,7 @@ def _require_full_batches(batches: list, num_classes: int, per_class: int,
         f"training part is {int(missing.sum())} short (class {worst}: {int(missing[worst])} "
         f"missing{', over ' + str(platform.world_size) + ' ranks' if platform.distributed else ''}"
         f"); use fewer, larger megabatches (data.megabatches) or another prune.criterion")
-    raise error if platform.is_primary else ReportedElsewhere(str(error))
+    raise agreed(error, platform.is_primary)
 
 
 def _synflow_scores(model: nn.Module, masks: MaskSet, platform: Platform,

@@ -63,6 +63,29 @@ def _join_single_process_group(device: torch.device) -> None:
                                 store=dist.HashStore(), rank=0, world_size=1)
 
 
+SHM_ALLREDUCE_PREFIX = "deepspeed_allreduce_buffer"  # deepspeed/ops/csrc/cpu/comm/shm.cpp
+
+
+def shared_allreduce_buffer_name(rank: int) -> str:
+    """The /dev/shm name DeepSpeed's CPU all-reduce gives rank `rank`'s buffer."""
+    return (f"{SHM_ALLREDUCE_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shared_allreduce_buffer(platform: Platform) -> None:
+    """DeepSpeed's CPU accelerator (0.19) gives every rank a 69 MB shared-memory buffer
+    for its all-reduce and never unlinks it: /dev/shm is RAM, so each CPU run, finished or
+    killed, kept 69 MB per rank until reboot, and a day of runs filled a 24 GiB machine.
+    Every rank opens its peers' buffers by name inside deepspeed.initialize; once all have
+    (the barrier), the names are no longer needed and the mappings live on without them,
+    so nothing is left behind even by SIGKILL."""
+    if platform.device.type != "cpu":
+        return  # the buffers exist only with the CPU accelerator
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    Path("/dev/shm", shared_allreduce_buffer_name(platform.rank)).unlink(missing_ok=True)
+
+
 def deepspeed_safe_globals() -> list[Any]:
     """The classes DeepSpeed (0.19) pickles into its checkpoint files besides tensors,
     containers and primitive values: ZeRO's optimizer state holds its loss scaler, its stage
@@ -122,6 +145,7 @@ class DeepSpeedEngine:
             _join_single_process_group(platform.device)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
                                                     config=self.ds_config)
+        _unlink_shared_allreduce_buffer(platform)
         self.engine.checkpoint_engine = VerifiedCheckpointFiles(self.engine.checkpoint_engine)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.precision = precision_of(self.ds_config)

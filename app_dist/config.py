@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
+from app_dist.foundations.storage import check_location
 from app_dist.models.registry import MODEL_NAMES, STEMS
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
@@ -54,7 +55,9 @@ class RunSettings:
 
 @dataclass
 class DataSettings:
-    shards: str = "data/digits"  # a folder holding manifest.json (see app_dist.data.prepare.shards)
+    # A folder holding manifest.json (see app_dist.data.prepare.shards): a local path, or a
+    # URL: s3://bucket/prefix, gs://bucket/prefix, http(s)://host/path (see data.cache_dir).
+    shards: str = "data/digits"
     megabatches: int = 4  # T: equal chunks the training set arrives in (ALMA)
     val_fraction: float = 0.1  # of every megabatch, held out for best-epoch selection
     # Permutes the training shards into megabatches and draws the validation splits, so
@@ -72,7 +75,15 @@ class DataSettings:
     # CPU (small batches stay in cache: resnet20s evaluates 1.7x faster at 64 than at 512 on
     # 2 cores), 512 on a GPU.
     eval_batch_size: int = 0
-    verify_checksums: bool = True  # sha256 of every shard against the manifest at start
+    # sha256 of every local shard against the manifest at start (remote shards: each one
+    # as it arrives, always).
+    verify_checksums: bool = True
+    # Remote shards (data.shards = s3://, gs://, http(s)://...): fetched into this node's
+    # shard cache, shared by its ranks and runs, named by sha256 so never stale.
+    cache_dir: str = "~/.cache/app-dist/shards"
+    cache_max_gb: float = 50.0  # least recently used shards leave past it
+    fetch_attempts: int = 5  # per shard and file, before the run stops naming it
+    fetch_backoff_s: float = 1.0  # wait before the 2nd attempt; doubled before each next one
     # A sample with no/out-of-range label or an undecodable image: error (stop, naming shard
     # and key) or skip (count it; in training its slot is refilled so ranks stay in step).
     bad_samples: str = "error"
@@ -132,6 +143,10 @@ class CheckpointSettings:
     keep_last: int = 2  # megabatch checkpoints kept on disk
     allow_config_change: bool = False  # resume although computation settings changed
     allow_world_size_change: bool = False  # resume with another number of ranks
+    # After every megabatch, rank 0 publishes the model as it is then (the anytime model) in
+    # the compact sparse export form, with its metrics: "" = RUN_DIR/anytime/, or a folder,
+    # s3:// or gs:// URL (the newest replaces the last, atomically). "off": not published.
+    anytime_to: str = ""
 
 
 @dataclass
@@ -162,7 +177,8 @@ class PerfSettings:
     cache_max_mb: int = 4096  # per rank; past it samples are read from the shards again
     # DataLoader worker processes live for the whole run instead of one pass each. auto: on.
     persistent_workers: Union[bool, str] = AUTO
-    # At a megabatch's first epoch, ask the OS to read the next megabatch's new shards ahead.
+    # At a megabatch's first epoch, get the next megabatch's new shards ready in the
+    # background: fetched into the shard cache (remote shards) or read ahead by the OS.
     prefetch_shards: bool = True
     pin_memory: bool = True  # page-locked batches and non-blocking copies (GPU only)
     # NHWC weights and activations (faster convolutions on GPUs and with mkldnn on CPUs).
@@ -203,9 +219,11 @@ class Config:
 
 # Keys that may differ between a run and its resume without changing what is computed.
 # data.bad_samples: a run stopped by a bad sample must resume with skip. Up to the stop it
-# computed exactly what a skipping run computes (it had met no bad sample).
+# computed exactly what a skipping run computes (it had met no bad sample). The shard cache
+# and fetch settings change where bytes wait, never which bytes (each shard's sha256 is checked).
 RESUME_NEUTRAL_PREFIXES = ("checkpoint.", "log.", "run.dir", "data.verify_checksums",
-                           "data.bad_samples",
+                           "data.bad_samples", "data.cache_dir", "data.cache_max_gb",
+                           "data.fetch_attempts", "data.fetch_backoff_s",
                            "perf.cache_decoded", "perf.cache_max_mb", "perf.persistent_workers",
                            "perf.prefetch_shards", "perf.pin_memory")
 
@@ -265,6 +283,11 @@ def validate(config: Config) -> None:
     _one_of("data.bad_samples", data.bad_samples, BAD_SAMPLE_POLICIES)
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1")
+    _require(data.cache_max_gb > 0, "data.cache_max_gb", data.cache_max_gb, "must be > 0")
+    _require(data.fetch_attempts >= 1, "data.fetch_attempts", data.fetch_attempts,
+             "must be >= 1")
+    _require(data.fetch_backoff_s >= 0, "data.fetch_backoff_s", data.fetch_backoff_s,
+             "must be >= 0")
     _require(data.eval_batch_size >= 0, "data.eval_batch_size", data.eval_batch_size,
              "must be >= 0 (0: auto)")
     _require(len(config.model.mean) == len(config.model.std), "model.std", config.model.std,
@@ -312,6 +335,8 @@ def validate(config: Config) -> None:
              "must be >= 1")
     _validate_engine(config)
     _validate_perf(config)
+    if config.checkpoint.anytime_to not in ("", "off"):
+        check_location(config.checkpoint.anytime_to, "checkpoint.anytime_to", writable=True)
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
              config.checkpoint.keep_last, "must be >= 1 (the newest checkpoint is always kept)")
     _one_of("log.wandb.mode", config.log.wandb.mode, WANDB_MODES)

@@ -34,8 +34,9 @@ from app_dist.config import (
     sparsity_level,
     to_yaml,
 )
-from app_dist.data.manifest import Manifest, verify_shard
+from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
+from app_dist.data.source import load_manifest, open_shards, verify_at_start
 from app_dist.data.stream import MegabatchStream
 from app_dist.data.workers import start_reader_server, stop_readers
 from app_dist.engine import build_engine
@@ -55,6 +56,7 @@ from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
 from app_dist.models import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
+from app_dist.training.anytime import AnytimeModel, anytime_target
 from app_dist.training.callbacks import LogLines, ProgressBar
 from app_dist.training.checkpoint import Checkpointer
 from app_dist.training.events import Callback, Events
@@ -90,7 +92,7 @@ def prepare(config: Config, world_size: int | None = None
                           f"divisible by the world size {world_size}")
     if config.data.num_workers and config.data.num_workers > 64:
         raise ConfigError("config key 'data.num_workers' is implausibly large (> 64)")
-    manifest = Manifest.load(config.data.shards)
+    manifest = load_manifest(config.data.shards, config.data)
     stream = MegabatchStream(manifest, config.data.megabatches, config.data.val_fraction,
                              config.data.replay, config.data.replay_window,
                              config.data.replay_buffer, config.run.seed,
@@ -109,20 +111,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_callbacks(config: Config, platform: Platform, run_dir: Path, state: RunState,
-                  schedule: list[float], extra: list[Callback]) -> list[Callback]:
-    """Who listens to the loop: the metrics file and wandb on rank 0, the log lines and the
-    progress bar, fault injection when the reliability tests ask for it, then `extra`."""
+def run_callbacks(config: Config, manifest: Manifest, platform: Platform, run_dir: Path,
+                  state: RunState, schedule: list[float], extra: list[Callback]
+                  ) -> list[Callback]:
+    """Who listens to the loop: the metrics file, wandb and the anytime model on rank 0, the
+    log lines and the progress bar, fault injection when the reliability tests ask for it,
+    then `extra`."""
     callbacks: list[Callback] = []
     if platform.is_primary:
         callbacks += [MetricsLog(run_dir, state.history),
                       WandbLog(config, run_dir, state.wandb_id, state.history)]
+        target = anytime_target(config, run_dir)
+        if target is not None:
+            architecture = {"name": config.model.name, "num_classes": manifest.num_classes,
+                            "in_channels": manifest.channels, "stem": config.model.stem,
+                            "mean": list(config.model.mean), "std": list(config.model.std)}
+            callbacks.append(AnytimeModel(target, architecture, run_dir))
     callbacks.append(LogLines(config, len(schedule)))
     if ProgressBar.wanted(config, platform.is_primary):
         callbacks.append(ProgressBar())
-    faults = FaultInjector.from_environment(platform.rank)
-    if faults is not None:
-        callbacks.append(faults)
+    callbacks += FaultInjector.from_environment(platform.rank)
     return callbacks + extra
 
 
@@ -159,9 +167,7 @@ def claim_run_directory(config: Config, manifest: Manifest, run_dir: Path,
                 raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} "
                                   f"({error.strerror or error})") from None
             if config.data.verify_checksums:
-                for split in manifest.splits.values():
-                    for shard in split.shards:
-                        verify_shard(config.data.shards, shard)
+                verify_at_start(config.data.shards, manifest)
         except AppDistError as error:
             refusal = error
         except BaseException:
@@ -202,10 +208,12 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
 
     schedule = density_schedule(config.prune.method, config.data.megabatches,
                                 sparsity_level(config.prune))
-    reader = StreamReader(Path(config.data.shards), manifest, stream, config.data,
+    reader = StreamReader(open_shards(config.data.shards, config.data), manifest, stream,
+                          config.data,
                           config.train.batch_size // platform.world_size, platform,
                           config.run.seed, perf=config.perf)
-    listeners = run_callbacks(config, platform, run_dir, state, schedule, callbacks or [])
+    listeners = run_callbacks(config, manifest, platform, run_dir, state, schedule,
+                              callbacks or [])
     log.info("run %s: %s/%s on %s, %d rank(s) on %s, %d megabatches, final density %.3f",
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
              platform.world_size, platform.device, config.data.megabatches,
@@ -252,9 +260,10 @@ def main(args: argparse.Namespace) -> int:
     except (RunDirectoryInUse, ReportedElsewhere):
         raise  # another run's directory (outcome file included), or another rank's error
     except AppDistError as error:
-        # Whichever rank found it records it, before its exit breaks the other ranks'
+        # Whichever rank found it first records it, before its exit breaks the other ranks'
         # connections: they read the file and stop without a second message.
-        outcome.record("bad_input", BAD_INPUT, one_line(error), any_rank=True)
+        if not outcome.record_bad_input(one_line(error)):
+            raise ReportedElsewhere("a peer rank stopped on bad input") from None
         raise
     except Exception:
         if platform.distributed and outcome.bad_input_recorded():
@@ -276,17 +285,31 @@ class RunOutcome:
         self.path = RunLayout(run_dir).outcome
         self.is_primary = is_primary
 
-    def record(self, status: str, exit_code: int, message: str, any_rank: bool = False) -> int:
-        """Write the outcome (on rank 0, or on any rank with `any_rank`: bad input found by
-        one rank only) and return `exit_code`."""
-        if (self.is_primary or any_rank) and self.path.parent.is_dir():
+    def record(self, status: str, exit_code: int, message: str) -> int:
+        """Write the outcome on rank 0 and return `exit_code`."""
+        if self.is_primary and self.path.parent.is_dir():
             try:
-                atomic_write_json(self.path, {"status": status, "exit_code": exit_code,
-                                              "message": message,
-                                              "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                atomic_write_json(self.path, _outcome(status, exit_code, message))
             except OSError as error:  # a full disk must not hide the run's own outcome
                 log.warning("could not write %s: %s", self.path, error.strerror or error)
         return exit_code
+
+    def record_bad_input(self, message: str) -> bool:
+        """Record bad input this rank found, on any rank, unless a peer of this launch has
+        already: False then, and the peer's message is the one printed. Creating the file
+        exclusively decides between ranks that find it at the same moment (every rank's
+        fetch from a storage server that has gone). Rank 0 removed the last launch's file
+        before training began."""
+        if not self.path.parent.is_dir():
+            return True  # the run directory could not be made: the error says so
+        try:
+            with open(self.path, "x", encoding="utf-8") as out:
+                json.dump(_outcome("bad_input", BAD_INPUT, message), out)
+        except FileExistsError:
+            return False
+        except OSError as error:  # a full disk must not hide the error itself
+            log.warning("could not write %s: %s", self.path, error.strerror or error)
+        return True
 
     def bad_input_recorded(self) -> bool:
         """Whether a rank of this launch recorded bad input (rank 0 removed the previous
@@ -295,6 +318,11 @@ class RunOutcome:
             return json.loads(self.path.read_text())["status"] == "bad_input"
         except (OSError, ValueError, KeyError, TypeError):
             return False
+
+
+def _outcome(status: str, exit_code: int, message: str) -> dict[str, object]:
+    return {"status": status, "exit_code": exit_code, "message": message,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 if __name__ == "__main__":

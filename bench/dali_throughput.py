@@ -43,6 +43,7 @@ def reader_rate(shards: Path, settings: dict, batch: int, workers: int, batches:
     from app_dist.config import DataSettings, plain_perf
     from app_dist.data.manifest import Manifest
     from app_dist.data.reader import StreamReader
+    from app_dist.data.source import LocalShards
     from app_dist.data.stream import MegabatchStream
     from app_dist.foundations.distributed import Platform
 
@@ -52,8 +53,8 @@ def reader_rate(shards: Path, settings: dict, batch: int, workers: int, batches:
                         num_workers=workers, shuffle_buffer=1000)
     perf = dataclasses.replace(plain_perf(persistent_workers=True), **settings)
     device = torch.device("cuda", 0)
-    reader = StreamReader(shards, manifest, stream, data, batch, Platform(0, 1, 0, device),
-                          seed=1, perf=perf)
+    reader = StreamReader(LocalShards(shards), manifest, stream, data, batch,
+                          Platform(0, 1, 0, device), seed=1, perf=perf)
     done, started, epoch = 0, time.perf_counter(), 0
     while done < warmup + batches:
         for images, _ in reader.train_epoch(1, epoch):

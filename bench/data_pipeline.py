@@ -63,6 +63,7 @@ def shard_reader(shards: Path, augment: str, passes: int):
     from app_dist.data.augment import SampleTransform
     from app_dist.data.batches import make_batches
     from app_dist.data.manifest import Manifest
+    from app_dist.data.shard_files import ShardFiles
     from app_dist.data.stream import Selection
 
     manifest = Manifest.load(str(shards))
@@ -73,10 +74,10 @@ def shard_reader(shards: Path, augment: str, passes: int):
     def read() -> int:
         count = 0
         for _ in range(passes):
-            for images, _ in make_batches(shards, [list(selection.shard_counts)], selection,
-                                          transform=transform, image_ext="jpg",
-                                          num_classes=manifest.num_classes, batch_size=64,
-                                          num_workers=1, train=False, seed=0):
+            files, plan = ShardFiles(shards), [list(selection.shard_counts)]
+            for images, _ in make_batches(files, plan, selection, transform=transform,
+                                          image_ext="jpg", num_classes=manifest.num_classes,
+                                          batch_size=64, num_workers=1, train=False, seed=0):
                 count += len(images)
         return count
 
@@ -89,6 +90,7 @@ def cache_reader(shards: Path, passes: int):
     from app_dist.data.batches import decode_samples
     from app_dist.data.cache import DecodedCache
     from app_dist.data.manifest import Manifest
+    from app_dist.data.shard_files import ShardFiles
     from app_dist.data.stream import Selection
 
     manifest = Manifest.load(str(shards))
@@ -96,7 +98,7 @@ def cache_reader(shards: Path, passes: int):
     selection = Selection(split, torch.arange(split.num_samples).numpy())
     plan = [list(selection.shard_counts)]
     cache = DecodedCache(1 << 30)
-    cache.ensure(plan, selection, lambda s: decode_samples(shards, s, channels=3,
+    cache.ensure(plan, selection, lambda s: decode_samples(ShardFiles(shards), s, channels=3,
                                                            image_ext="jpg", num_classes=10,
                                                            num_workers=1))
     transform = SampleTransform(3, "cifar", 32, train=True)

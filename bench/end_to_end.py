@@ -165,12 +165,13 @@ def decoded_training_images(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 training images decoded once into one uint8 tensor (not timed)."""
     from app_dist.data.batches import decode_samples
     from app_dist.data.manifest import Manifest
+    from app_dist.data.shard_files import ShardFiles
     from app_dist.data.stream import Selection
 
     split = Manifest.load(str(shards)).splits["train"]
     selection = Selection(split, torch.arange(split.num_samples).numpy())
     images, labels = [], []
-    for _, chunk_labels, chunk in decode_samples(shards, selection, channels=3,
+    for _, chunk_labels, chunk in decode_samples(ShardFiles(shards), selection, channels=3,
                                                  image_ext="jpg", num_classes=10,
                                                  num_workers=2):
         images += chunk

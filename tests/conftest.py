@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import webdataset as wds
 
+from app_dist.data.source import LocalShards
 from app_dist.foundations.files import file_sha256
 from app_dist.foundations.run_layout import RunLayout
 
@@ -335,7 +336,8 @@ def every_pass(shards: Path, perf: Any, *, megabatches: int, workers: int = 0, r
     stream = MegabatchStream(manifest, megabatches, 0.1, "full", 2, 1000, seed=1)
     settings = DataSettings(shards=str(shards), num_workers=workers, shuffle_buffer=50, **data)
     platform = Platform(rank, world_size, 0, device or torch.device("cpu"))
-    reader = StreamReader(shards, manifest, stream, settings, 16, platform, seed=1, perf=perf)
+    reader = StreamReader(LocalShards(shards), manifest, stream, settings, 16, platform, seed=1,
+                          perf=perf)
     batches: list = []
     for megabatch in range(1, megabatches + 1):
         for epoch in (0, 1):

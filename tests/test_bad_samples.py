@@ -15,6 +15,7 @@ from app_dist.data.batches import decode_samples, make_batches
 from app_dist.data.cache import DecodedCache
 from app_dist.data.manifest import Manifest
 from app_dist.data.plan import split_for_workers
+from app_dist.data.shard_files import ShardFiles
 from app_dist.data.stream import MegabatchStream, Selection
 from app_dist.foundations.errors import DataError
 
@@ -49,12 +50,12 @@ def read_pass(shards: Path, *, train: bool, skip: bool, workers: int,
     if cached:
         cache = DecodedCache(1 << 30)
         assert cache.ensure(plan, selection, lambda s: decode_samples(
-            shards, s, channels=1, image_ext="png", num_classes=10, num_workers=workers,
+            ShardFiles(shards), s, channels=1, image_ext="png", num_classes=10, num_workers=workers,
             skip_bad=skip))
         batches = cache.batches(plan, selection, **options)
     else:
-        batches = make_batches(shards, plan, selection, image_ext="png", num_classes=10,
-                               num_workers=workers, skip_bad=skip, **options)
+        batches = make_batches(ShardFiles(shards), plan, selection, image_ext="png",
+                               num_classes=10, num_workers=workers, skip_bad=skip, **options)
     return list(batches), batches.skipped
 
 

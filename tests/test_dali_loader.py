@@ -27,6 +27,7 @@ from app_dist.data.manifest import Manifest
 from app_dist.data.pipeline import pack_encoded
 from app_dist.data.prepare.shards import write_shards
 from app_dist.data.reader import StreamReader
+from app_dist.data.source import LocalShards
 from app_dist.data.stream import MegabatchStream
 from app_dist.engine.acceleration import resolve_perf
 from app_dist.foundations.distributed import Platform
@@ -242,7 +243,7 @@ def test_dali_refuses_png_shards_and_keeps_the_cache_off(digits_shards: Path) ->
     manifest = Manifest.load(str(digits_shards))
     stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 10, 1)
     with pytest.raises(ConfigError, match="'perf.loader' = 'dali': needs JPEG shards"):
-        StreamReader(digits_shards, manifest, stream, DataSettings(), 16,
+        StreamReader(LocalShards(digits_shards), manifest, stream, DataSettings(), 16,
                      Platform(0, 1, 0, CPU), 1, perf=DALI)
     # auto would switch the cache on for digits; with DALI it stays off (it is refused).
     configured = dataclasses.replace(PerfSettings(), loader="dali")

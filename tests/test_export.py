@@ -14,20 +14,21 @@ from torch import nn
 from app_dist.cli import main as cli_main
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
+from app_dist.data.source import LocalShards
 from app_dist.data.stream import MegabatchStream
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.models import build_model
-from app_dist.pruning.masks import attach_masks
-from app_dist.results.export import (
+from app_dist.models.sparse_file import (
     ExportError,
     dense_state,
-    export_run,
     load_exported,
     pack_mask,
     sparse_payload,
     unpack_mask,
 )
+from app_dist.pruning.masks import attach_masks
+from app_dist.results.export import export_run
 
 from .conftest import checkpoint_folder
 
@@ -95,7 +96,7 @@ def test_export_is_small_and_reloads_as_a_plain_model_with_identical_outputs(fin
     platform = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     from app_dist.config import DataSettings
 
-    reader = StreamReader(digits_shards, manifest, stream,
+    reader = StreamReader(LocalShards(digits_shards), manifest, stream,
                           DataSettings(augment="none", num_workers=0), 64, platform, seed=1)
     compared = 0
     with torch.no_grad():

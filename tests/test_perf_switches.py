@@ -38,6 +38,8 @@ from app_dist.data.pipeline import pack_encoded
 from app_dist.data.plan import evaluation_plan, training_plan
 from app_dist.data.prepare.shards import write_shards
 from app_dist.data.reader import StreamReader
+from app_dist.data.shard_files import ShardFiles
+from app_dist.data.source import LocalShards
 from app_dist.data.stream import MegabatchStream
 from app_dist.engine import build_engine
 from app_dist.engine.acceleration import (
@@ -108,7 +110,7 @@ def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: P
     manifest = Manifest.load(str(digits_shards))
     stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
     settings = DataSettings(shards=str(digits_shards), augment="cifar", num_workers=0)
-    reader = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1,
+    reader = StreamReader(LocalShards(digits_shards), manifest, stream, settings, 16, CPU, seed=1,
                           perf=plain_perf(cache_decoded=True))
     decoded = []
     real_decode = reader._decode
@@ -120,8 +122,9 @@ def test_cache_decodes_each_sample_once_and_respects_its_budget(digits_shards: P
 
     # A budget below one megabatch: the first fill goes in, later ones are refused with one
     # warning, and those passes read the shards (still the same batches).
-    reference = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1)
-    small = StreamReader(digits_shards, manifest, stream, settings, 16, CPU, seed=1,
+    reference = StreamReader(LocalShards(digits_shards), manifest, stream, settings, 16, CPU,
+                             seed=1)
+    small = StreamReader(LocalShards(digits_shards), manifest, stream, settings, 16, CPU, seed=1,
                          perf=plain_perf(cache_decoded=True))
     small.cache.max_bytes = len(stream.train_selection(1)) * 64 + 100  # 8x8x1 uint8 each
     with caplog.at_level(logging.WARNING, logger="app_dist"):
@@ -146,10 +149,11 @@ from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream
 from app_dist.foundations.distributed import Platform
+from app_dist.data.source import LocalShards
 shards = Path({str(digits_shards)!r})
 manifest = Manifest.load(str(shards))
 stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, 1)
-reader = StreamReader(shards, manifest, stream, DataSettings(num_workers=2), 16,
+reader = StreamReader(LocalShards(shards), manifest, stream, DataSettings(num_workers=2), 16,
                       Platform(0, 1, 0, torch.device("cpu")), 1,
                       perf=plain_perf(persistent_workers=True))
 print(sum(len(labels) for _, labels in reader.train_epoch(1, 0)))
@@ -163,7 +167,7 @@ print(sum(len(labels) for _, labels in reader.train_epoch(1, 0)))
 def test_prefetch_reads_ahead_the_next_megabatchs_new_shards(digits_shards: Path) -> None:
     manifest = Manifest.load(str(digits_shards))
     stream = MegabatchStream(manifest, 3, 0.1, "full", 2, 1000, seed=1)
-    reader = StreamReader(digits_shards, manifest, stream,
+    reader = StreamReader(LocalShards(digits_shards), manifest, stream,
                           DataSettings(shards=str(digits_shards), num_workers=0), 16, CPU, 1)
     reader.train_epoch(1, 0)
     assert reader.prefetched == [str(digits_shards / s.name) for s in stream.megabatch_shards(2)]
@@ -185,7 +189,8 @@ def test_decoding_batches_on_a_device_matches_decoding_in_workers(tmp_path: Path
     selection = MegabatchStream(manifest, 2, 0.1, "full", 2, 1000, seed=1).train_selection(2)
     plan = training_plan(selection, seed=1, megabatch=2, epoch=0, rank=0, world_size=1,
                          num_workers=2, batch_size=8)
-    reader = StreamReader(shards, manifest, MegabatchStream(manifest, 2, 0.1, "full", 2, 1000,
+    reader = StreamReader(
+        LocalShards(shards), manifest, MegabatchStream(manifest, 2, 0.1, "full", 2, 1000,
                                                             seed=1),
                           DataSettings(augment="imagenet", image_size=64), 8, CPU, 1)
     for transform, worker_shards, train in (
@@ -196,8 +201,8 @@ def test_decoding_batches_on_a_device_matches_decoding_in_workers(tmp_path: Path
                    "num_classes": manifest.num_classes, "batch_size": 8, "num_workers": 2,
                    "train": train, "seed": 3, "shuffle_buffer": 30,
                    "count": plan.batches if train else None}
-        expected = list(make_batches(shards, worker_shards, selection, **options))
-        got = list(decode_on_device(make_batches(shards, worker_shards, selection,
+        expected = list(make_batches(ShardFiles(shards), worker_shards, selection, **options))
+        got = list(decode_on_device(make_batches(ShardFiles(shards), worker_shards, selection,
                                                  encoded=True, **options),
                                     transform, torch.device("cpu")))
         assert len(got) == len(expected) > 1
@@ -362,7 +367,8 @@ def test_acting_on_an_unresolved_switch_is_refused(digits_shards: Path) -> None:
         accelerate(model, PerfSettings(), CPU.device)
     manifest = Manifest.load(str(digits_shards))
     with pytest.raises(ValueError, match="resolve_perf"):
-        StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
+        StreamReader(
+            LocalShards(digits_shards), manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
                                                               1),
                      DataSettings(), 16, CPU, 1, perf=PerfSettings())
 
@@ -412,10 +418,12 @@ def test_gpu_only_switches_are_refused_when_auto_picks_the_cpu(digits_shards: Pa
     check_device(PerfSettings(autocast="fp16", gpu_decode=True), torch.device("cuda", 0))
     manifest = Manifest.load(str(digits_shards))
     with pytest.raises(ConfigError, match="perf.gpu_decode"):
-        StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
+        StreamReader(
+            LocalShards(digits_shards), manifest, MegabatchStream(manifest, 3, 0.1, "full", 2, 10,
                                                               1),
                      DataSettings(), 16, CPU, 1, perf=plain_perf(gpu_decode=True))
-    reader = StreamReader(digits_shards, manifest, MegabatchStream(manifest, 3, 0.1, "full", 2,
+    reader = StreamReader(
+            LocalShards(digits_shards), manifest, MegabatchStream(manifest, 3, 0.1, "full", 2,
                                                                    10, 1),
                           DataSettings(), 16, CPU, 1, perf=plain_perf(pin_memory=True))
     assert reader.pin_memory is False  # page-locked memory is for host-to-GPU copies only
@@ -638,7 +646,7 @@ def test_evaluation_batch_size_changes_no_count(digits_shards: Path) -> None:
     plain = Evaluator(Config(perf=plain_perf()), CPU)
     results = []
     for size in (7, 64, 1000):
-        reader = StreamReader(digits_shards, manifest, stream,
+        reader = StreamReader(LocalShards(digits_shards), manifest, stream,
                               DataSettings(augment="none", num_workers=0,
                                            eval_batch_size=size), 16, CPU, 1)
         test_pass = functools.partial(reader.evaluation, stream.test_selection())

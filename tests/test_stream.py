@@ -6,6 +6,7 @@ from app_dist.config import DataSettings
 from app_dist.data.manifest import Manifest
 from app_dist.data.plan import training_plan
 from app_dist.data.reader import StreamReader
+from app_dist.data.source import LocalShards
 from app_dist.data.stream import MegabatchStream, reservoir
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import DataError
@@ -109,7 +110,7 @@ def reader_for(shards, rank, world_size, workers=2):
     settings = DataSettings(shards=str(shards), augment="none", num_workers=workers,
                             shuffle_buffer=64)
     platform = Platform(rank, world_size, rank, torch.device("cpu"))
-    return StreamReader(shards, manifest, stream, settings, 16, platform, seed=1)
+    return StreamReader(LocalShards(shards), manifest, stream, settings, 16, platform, seed=1)
 
 
 def test_ranks_yield_equal_batch_counts_of_disjoint_samples(digits_shards):

@@ -8,19 +8,19 @@ promises.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 
 from app_dist.data.augment import SampleTransform
 from app_dist.data.pipeline import DecodeReader, ShardReader, unpack
 from app_dist.data.plan import ShardCounts, split_for_workers
+from app_dist.data.shard_files import ShardFiles
 from app_dist.data.stream import Selection
 from app_dist.data.workers import ReaderPool, reader_loader
 from app_dist.foundations.errors import DataError
 
 
-def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: Selection, *,
+def make_batches(files: ShardFiles, worker_shards: list[ShardCounts], selection: Selection, *,
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
                  num_workers: int, train: bool, seed: int, shuffle_buffer: int = 1,
                  count: int | None = None, pin_memory: bool = False,
@@ -32,7 +32,7 @@ def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: S
     `device_decode.decode_on_device`. `skip_bad`: bad samples are skipped and counted
     instead of raising (training refills their slots, evaluation leaves them out), each with
     a log line unless `log_skips` is False."""
-    reader = ShardReader(directory, worker_shards, selection, transform, image_ext, num_classes,
+    reader = ShardReader(files, worker_shards, selection, transform, image_ext, num_classes,
                          batch_size, drop_last=train, shuffle_buffer=shuffle_buffer if train else 1,
                          seed=seed, encoded=encoded, skip_bad=skip_bad, log_skips=log_skips)
     expected = None if train else sum(count for shards in worker_shards for _, count in shards)
@@ -40,7 +40,7 @@ def make_batches(directory: Path, worker_shards: list[ShardCounts], selection: S
                    count_every_skip=skip_bad)
 
 
-def decode_samples(directory: Path, selection: Selection, *, channels: int, image_ext: str,
+def decode_samples(files: ShardFiles, selection: Selection, *, channels: int, image_ext: str,
                    num_classes: int, num_workers: int, pool: ReaderPool | None = None,
                    skip_bad: bool = False,
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
@@ -50,7 +50,7 @@ def decode_samples(directory: Path, selection: Selection, *, channels: int, imag
     samples are left out of the chunks instead of raising."""
     readers = split_for_workers(list(selection.shard_counts), num_workers)
     transform = SampleTransform(channels, "none", 0, train=False)
-    reader = DecodeReader(directory, readers, selection, transform, image_ext, num_classes,
+    reader = DecodeReader(files, readers, selection, transform, image_ext, num_classes,
                           batch_size=DecodeReader.CHUNK, drop_last=False, shuffle_buffer=1,
                           seed=0, skip_bad=skip_bad)
     for indices, labels, flat, shapes in Batches(reader_loader(reader, num_workers, False, pool),

@@ -92,19 +92,26 @@ class Manifest:
         that every listed shard file exists. Raises ManifestError("<path>: <problem>")."""
         path = Path(directory) / MANIFEST_NAME
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ManifestError(f"{path}: no such file (not a shard directory?)") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: cannot read: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}: not valid JSON: {exc}") from None
-        manifest = _parse(data, path)
+        manifest = cls.from_json(text, str(path))
         for split in manifest.splits.values():
             for shard in split.shards:
                 if not shard_path(directory, shard).is_file():
                     raise ManifestError(f"{path}: shard file {shard.name} is missing")
         return manifest
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        """Parse and validate a manifest's text; `where` (its path or URL) starts every error."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: not valid JSON: {exc}") from None
+        return _parse(data, where)
 
     def shard_paths(self, directory: str | os.PathLike[str], split: str) -> list[Path]:
         """The paths of `split`'s shards in index order."""
@@ -138,7 +145,7 @@ def verify_shard(directory: str | os.PathLike[str], shard: ShardInfo) -> None:
 class _Reader:
     """Typed key access that reports the dotted key path on failure."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
 
     def fail(self, problem: str) -> ManifestError:
@@ -162,7 +169,7 @@ class _Reader:
         return value
 
 
-def _parse(data: Any, path: Path) -> Manifest:
+def _parse(data: Any, path: str) -> Manifest:
     r = _Reader(path)
     if not isinstance(data, dict):
         raise r.fail("top level is not a JSON object")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from app_dist.data.augment import Draw, SampleTransform, decode
 from app_dist.data.image_headers import image_header
 from app_dist.data.plan import ShardCounts
+from app_dist.data.shard_files import ShardFiles
 from app_dist.data.stream import Selection
 from app_dist.foundations.errors import DataError
 from app_dist.foundations.seeding import derived_seed
@@ -129,12 +129,12 @@ class ShardReader(IterableDataset):
     (bytes, lengths), list of augmentation draws, labels), drawn from the image headers, for
     `device_decode.decode_on_device` to finish in the training process."""
 
-    def __init__(self, directory: Path, worker_shards: list[ShardCounts], selection: Selection,
+    def __init__(self, files: ShardFiles, worker_shards: list[ShardCounts], selection: Selection,
                  transform: SampleTransform, image_ext: str, num_classes: int, batch_size: int,
                  drop_last: bool, shuffle_buffer: int, seed: int, encoded: bool = False,
                  skip_bad: bool = False, log_skips: bool = True) -> None:
         super().__init__()
-        self.urls = [[str(directory / shard.name) for shard, _ in shards]
+        self.urls = [[str(files.path(shard)) for shard, _ in shards]
                      for shards in worker_shards]
         # How many selected samples each shard holds by the manifest: a shard that ends early
         # (truncated, a broken tar header, an empty tar in its place) is named when it does.

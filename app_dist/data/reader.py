@@ -9,10 +9,7 @@ same order (DALI and GPU decoding: the same samples and draws, pixels to decoder
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Protocol
 
 from app_dist.config import DataSettings, PerfSettings, plain_perf, require_resolved
@@ -23,6 +20,7 @@ from app_dist.data.dali_decode import DaliDecoder
 from app_dist.data.device_decode import Batch, decode_batch, decode_on_device
 from app_dist.data.manifest import Manifest
 from app_dist.data.plan import ShardCounts, evaluation_plan, training_plan
+from app_dist.data.source import ShardSource
 from app_dist.data.stream import MegabatchStream, Selection
 from app_dist.data.workers import ReaderPool
 from app_dist.foundations.distributed import Platform
@@ -42,10 +40,10 @@ class Pass(Protocol):
 
 
 class StreamReader:
-    def __init__(self, directory: Path, manifest: Manifest, stream: MegabatchStream,
+    def __init__(self, source: ShardSource, manifest: Manifest, stream: MegabatchStream,
                  settings: DataSettings, batch_per_rank: int, platform: Platform,
                  seed: int, perf: PerfSettings | None = None) -> None:
-        self.directory = directory
+        self.source = source
         self.manifest = manifest
         self.stream = stream
         self.settings = settings
@@ -77,7 +75,7 @@ class StreamReader:
                               f"are {manifest.image_format}); use perf.loader=torch")
         self.skip_bad = settings.bad_samples == "skip"
         self.eval_batch_size = settings.eval_batch_size or (512 if on_gpu else batch_per_rank)
-        self.prefetched: list[str] = []  # shard files handed to the OS to read ahead
+        self.prefetched: list[str] = []  # shard files asked for ahead of their megabatch
 
     def train_epoch(self, megabatch: int, epoch: int) -> Pass:
         """Shuffled, augmented full batches; the same count on every rank."""
@@ -124,7 +122,8 @@ class StreamReader:
                    "seed": seed, "shuffle_buffer": shuffle_buffer, "count": count}
         if self.cache is not None and self.cache.ensure(plan, selection, self._decode):
             return self.cache.batches(plan, selection, pin_memory=self.pin_memory, **options)
-        batches = make_batches(self.directory, plan, selection,
+        self.source.ensure(shard for shards in plan for shard, _ in shards)
+        batches = make_batches(self.source.files, plan, selection,
                                image_ext=self.manifest.image_format,
                                num_classes=self.manifest.num_classes,
                                num_workers=self.settings.num_workers,
@@ -138,36 +137,22 @@ class StreamReader:
         return _OnDevice(batches, transform, self.decode_device)
 
     def _decode(self, selection: Selection) -> Iterable:
-        return decode_samples(self.directory, selection, channels=self.manifest.channels,
+        self.source.ensure(shard for shard, _ in selection.shard_counts)
+        return decode_samples(self.source.files, selection, channels=self.manifest.channels,
                               image_ext=self.manifest.image_format,
                               num_classes=self.manifest.num_classes,
                               num_workers=self.settings.num_workers, pool=self.pool,
                               skip_bad=self.skip_bad)
 
     def prefetch_next(self, megabatch: int) -> None:
-        """Ask the OS to read megabatch+1's new shards into its page cache, in the background,
-        while this megabatch trains: the first epoch that reads them does not wait on disk."""
+        """Get megabatch+1's new shards ready in the background while this megabatch trains
+        (fetched into the shard cache, or read into the OS's page cache): the first epoch
+        that reads them does not wait for them."""
         if megabatch >= self.stream.megabatches:
             return
-        paths = [str(self.directory / shard.name)
-                 for shard in self.stream.megabatch_shards(megabatch + 1)]
-        self.prefetched = paths
-        threading.Thread(target=_read_ahead, args=(paths,), daemon=True,
-                         name="app-dist-prefetch").start()
-
-
-def _read_ahead(paths: list[str]) -> None:
-    if not hasattr(os, "posix_fadvise"):  # not on macOS: reading ahead is only a hint anyway
-        return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # the reader names a missing shard when it gets there
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        shards = self.stream.megabatch_shards(megabatch + 1)
+        self.prefetched = [str(self.source.files.path(shard)) for shard in shards]
+        self.source.prefetch(shards)
 
 
 class _OnDevice:

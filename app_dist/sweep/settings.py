@@ -26,9 +26,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import app_dist
 from app_dist.config import Config, load_config
-from app_dist.data.manifest import Manifest
+from app_dist.data.source import load_manifest
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.errors import AppDistError, ConfigError
+from app_dist.foundations.storage import scheme_of
 
 # Top-level sections of the training config: `key=value` arguments under these go to every
 # trial; anything else on the sweep command line overrides the sweep file itself.
@@ -275,9 +276,13 @@ def sampled_override(key: str, value: Any, root: Path) -> str:
 def _absolute_shards(override: str, root: Path) -> str:
     """Trials run in Ray's own working folders: a relative data.shards must be made absolute."""
     key, value = override.split("=", 1)
-    if key == "data.shards" and value and not Path(value).expanduser().is_absolute():
+    if key == "data.shards" and value and _relative_folder(value):
         return f"{key}={_resolve(value, root)}"
     return override
+
+
+def _relative_folder(shards: str) -> bool:
+    return not scheme_of(shards) and not Path(shards).expanduser().is_absolute()
 
 
 def _refuse_reserved(key: str, where: str) -> None:
@@ -363,7 +368,7 @@ def _fixed_overrides(settings: SweepSettings, base: Path, root: Path) -> tuple[s
         config = load_config(base, overrides)
     except ConfigError as error:
         raise ConfigError(f"sweep key 'overrides' (base config {base}): {error}") from None
-    if not Path(config.data.shards).expanduser().is_absolute():
+    if _relative_folder(config.data.shards):
         overrides.append(f"data.shards={_resolve(config.data.shards, root)}")
     return tuple(overrides)
 
@@ -390,7 +395,7 @@ def _check_trial_configs(settings: SweepSettings, base: Path, overrides: tuple[s
         _check_world(settings, config)
         if config.data.shards not in manifests:
             try:
-                manifests[config.data.shards] = Manifest.load(config.data.shards)
+                manifests[config.data.shards] = load_manifest(config.data.shards, config.data)
             except AppDistError as error:
                 raise ConfigError(f"sweep: training key 'data.shards': {error}") from None
         megabatches.append(config.data.megabatches)

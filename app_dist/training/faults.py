@@ -10,7 +10,8 @@ group or a rank while the rank is inside MOMENT). MOMENT is `step` (after step S
 megabatch M; the default), `validation` (as the validation pass after epoch E starts),
 `test` (as megabatch M's test pass starts), `checkpoint` (as megabatch M's checkpoint
 starts) or `checkpointed` (once it is written, before the megabatch's end is announced: a Ray
-sweep trial has not yet reported it). Only on rank R and launcher attempt A
+sweep trial has not yet reported it). Several faults, separated by `;`, each fire once at
+their own moment. Only on rank R and launcher attempt A
 (TORCHELASTIC_RESTART_COUNT, default 0), so a job restarted by torchrun does not fault again
 (workers Ray Train restarts do: a pause repeats, which costs only its seconds). Unset in
 normal use: the trainer then registers nothing.
@@ -50,9 +51,9 @@ class FaultInjector(Callback):
         self.position = (0, 0)  # (megabatch, epoch) the loop is in
 
     @classmethod
-    def from_environment(cls, rank: int) -> FaultInjector | None:
-        spec = os.environ.get(FAULT_ENV, "")
-        return cls(spec, rank) if spec else None
+    def from_environment(cls, rank: int) -> list[FaultInjector]:
+        return [cls(spec, rank) for spec in os.environ.get(FAULT_ENV, "").split(";")
+                if spec.strip()]
 
     def epoch_start(self, megabatch: int, epoch: int) -> None:
         self.position = (megabatch, epoch)

@@ -9,6 +9,10 @@ from app_dist.foundations.commands import BAD_INPUT, UsageError, report_bad_inpu
 
 
 def _shards(argv: list[str]) -> int:
+    if argv[:1] == ["append"]:  # publish the next megabatch of a stream
+        from app_dist.data.prepare.stream import main as append
+
+        return append(argv[1:])
     from app_dist.data.prepare.shards import main
 
     return main(argv)
@@ -63,7 +67,8 @@ def _sweep(argv: list[str]) -> int:
 
 
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "shards": (_shards, "write WebDataset shards and their manifest"),
+    "shards": (_shards, "write WebDataset shards and their manifest; `shards append` "
+                        "publishes a stream's next megabatch"),
     "train": (_train, "train one run (as app_dist/train.py); --nproc-per-node N launches ranks"),
     "report": (_report, "plot runs against megabatch and write an HTML report"),
     "inspect": (_inspect, "show a run or checkpoint: config, progress, densities, resumable?"),

@@ -78,6 +78,11 @@ class DataSettings:
     # sha256 of every local shard against the manifest at start (remote shards: each one
     # as it arrives, always).
     verify_checksums: bool = True
+    # A stream whose megabatches arrive while the run trains (`app-dist shards append`):
+    # train megabatch t as soon as it is published, then wait for t+1.
+    follow: bool = False
+    follow_timeout_s: float = 86400.0  # waiting longer for one megabatch stops the run
+    follow_poll_s: float = 2.0  # how often the stream's manifest is read while waiting
     # Remote shards (data.shards = s3://, gs://, http(s)://...): fetched into this node's
     # shard cache, shared by its ranks and runs, named by sha256 so never stale.
     cache_dir: str = "~/.cache/app-dist/shards"
@@ -223,6 +228,7 @@ class Config:
 # and fetch settings change where bytes wait, never which bytes (each shard's sha256 is checked).
 RESUME_NEUTRAL_PREFIXES = ("checkpoint.", "log.", "run.dir", "data.verify_checksums",
                            "data.bad_samples", "data.cache_dir", "data.cache_max_gb",
+                           "data.follow",
                            "data.fetch_attempts", "data.fetch_backoff_s",
                            "perf.cache_decoded", "perf.cache_max_mb", "perf.persistent_workers",
                            "perf.prefetch_shards", "perf.pin_memory")
@@ -284,6 +290,9 @@ def validate(config: Config) -> None:
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1")
     _require(data.cache_max_gb > 0, "data.cache_max_gb", data.cache_max_gb, "must be > 0")
+    _require(data.follow_timeout_s > 0, "data.follow_timeout_s", data.follow_timeout_s,
+             "must be > 0")
+    _require(data.follow_poll_s > 0, "data.follow_poll_s", data.follow_poll_s, "must be > 0")
     _require(data.fetch_attempts >= 1, "data.fetch_attempts", data.fetch_attempts,
              "must be >= 1")
     _require(data.fetch_backoff_s >= 0, "data.fetch_backoff_s", data.fetch_backoff_s,

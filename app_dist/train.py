@@ -38,7 +38,7 @@ from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.source import load_manifest, open_shards, verify_at_start
 from app_dist.data.stream import MegabatchStream
-from app_dist.data.workers import start_reader_server, stop_readers
+from app_dist.data.workers import stop_readers
 from app_dist.engine import build_engine
 from app_dist.engine.acceleration import describe_perf, resolve_perf
 from app_dist.foundations.commands import BAD_INPUT, ArgumentParser, command, missing_config
@@ -46,6 +46,7 @@ from app_dist.foundations.distributed import Platform, start_platform
 from app_dist.foundations.errors import (
     AppDistError,
     ConfigError,
+    DataError,
     ReportedElsewhere,
     agreed,
     one_line,
@@ -93,11 +94,24 @@ def prepare(config: Config, world_size: int | None = None
     if config.data.num_workers and config.data.num_workers > 64:
         raise ConfigError("config key 'data.num_workers' is implausibly large (> 64)")
     manifest = load_manifest(config.data.shards, config.data)
+    check_follow(config, manifest)
     stream = MegabatchStream(manifest, config.data.megabatches, config.data.val_fraction,
                              config.data.replay, config.data.replay_window,
                              config.data.replay_buffer, config.run.seed,
                              stream_seed=config.data.stream_seed)
     return manifest, stream
+
+
+def check_follow(config: Config, manifest: Manifest) -> None:
+    """A stream still arriving is trained with data.follow=true; data.follow needs a stream."""
+    published = manifest.stream
+    if config.data.follow and published is None:
+        raise ConfigError(f"config key 'data.follow' = true: {config.data.shards} is not a "
+                          "stream (publish one with `app-dist shards append`)")
+    if published is not None and not published.complete and not config.data.follow:
+        raise DataError(f"{config.data.shards}: a stream with {published.published} of its "
+                        f"{published.megabatches} megabatches published; data.follow=true "
+                        "trains them as they arrive")
 
 
 def setup_logging(platform: Platform) -> None:
@@ -247,7 +261,6 @@ def main(args: argparse.Namespace) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             raise ReportedElsewhere(str(error)) from None
         raise
-    start_reader_server(config.data.num_workers)
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
     outcome = RunOutcome(run_directory(config), platform.is_primary)

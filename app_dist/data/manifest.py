@@ -40,6 +40,24 @@ class SplitInfo:
     shards: list[ShardInfo] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StreamInfo:
+    """A stream whose megabatches are published one at a time (`app-dist shards append`):
+    the declared horizon T and, per published megabatch t, its training shards
+    [bounds[t-1], bounds[t]). The manifest is rewritten (last) with each megabatch."""
+
+    megabatches: int
+    bounds: tuple[int, ...]  # starts at 0; one more entry per published megabatch
+
+    @property
+    def published(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def complete(self) -> bool:
+        return self.published == self.megabatches
+
+
 @dataclass
 class Manifest:
     dataset: str
@@ -53,6 +71,7 @@ class Manifest:
     samples_per_shard: int
     splits: dict[str, SplitInfo]
     format: str = FORMAT
+    stream: StreamInfo | None = None  # set for a stream of arriving megabatches
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in the documented order."""
@@ -78,6 +97,8 @@ class Manifest:
                 }
                 for name, split in self.splits.items()
             },
+            **({"stream": {"megabatches": self.stream.megabatches,
+                           "bounds": list(self.stream.bounds)}} if self.stream else {}),
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -201,7 +222,10 @@ def _parse(data: Any, path: str) -> Manifest:
         split_obj = r.get(splits_obj, split_name, dict, "splits")
         splits[split_name] = _parse_split(r, split_obj, f"splits.{split_name}", split_name,
                                           per_shard)
+    stream = _parse_stream(r, data["stream"], len(splits["train"].shards)) if "stream" in data \
+        else None
     return Manifest(
+        stream=stream,
         format=fmt,
         dataset=r.get(data, "dataset", str, ""),
         source=r.get(data, "source", str, ""),
@@ -214,6 +238,23 @@ def _parse(data: Any, path: str) -> Manifest:
         samples_per_shard=per_shard,
         splits=splits,
     )
+
+
+def _parse_stream(r: _Reader, obj: Any, train_shards: int) -> StreamInfo:
+    if not isinstance(obj, dict):
+        raise r.fail("'stream' is not an object")
+    megabatches = r.get_int(obj, "megabatches", "stream", 1)
+    bounds = r.get(obj, "bounds", list, "stream")
+    if (not bounds or bounds[0] != 0 or not all(isinstance(b, int) for b in bounds)
+            or any(b <= a for a, b in zip(bounds, bounds[1:]))):
+        raise r.fail("'stream.bounds' must start at 0 and increase")
+    if len(bounds) - 1 > megabatches:
+        raise r.fail(f"'stream.bounds' lists {len(bounds) - 1} megabatches, more than "
+                     f"stream.megabatches={megabatches}")
+    if bounds[-1] != train_shards:
+        raise r.fail(f"'stream.bounds' ends at shard {bounds[-1]} but the training split has "
+                     f"{train_shards} shards")
+    return StreamInfo(megabatches=megabatches, bounds=tuple(bounds))
 
 
 def _parse_split(r: _Reader, obj: dict[str, Any], where: str, split: str,

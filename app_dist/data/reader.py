@@ -22,10 +22,16 @@ from app_dist.data.manifest import Manifest
 from app_dist.data.plan import ShardCounts, evaluation_plan, training_plan
 from app_dist.data.source import ShardSource
 from app_dist.data.stream import MegabatchStream, Selection
-from app_dist.data.workers import ReaderPool
+from app_dist.data.workers import ReaderPool, start_reader_server
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.seeding import derived_seed
+
+# A decoded-cache fill of at most this many samples runs in the training process: starting
+# reader processes (each rank's fork server imports torch: 2-3 s of a core) costs more than
+# decoding a few thousand small images. Larger fills, and every pass the cache does not
+# serve, use data.num_workers reader processes.
+IN_PROCESS_DECODE = 4096
 
 
 class Pass(Protocol):
@@ -76,6 +82,18 @@ class StreamReader:
         self.skip_bad = settings.bad_samples == "skip"
         self.eval_batch_size = settings.eval_batch_size or (512 if on_gpu else batch_per_rank)
         self.prefetched: list[str] = []  # shard files asked for ahead of their megabatch
+        if settings.num_workers > 0 and self._needs_readers():
+            start_reader_server(settings.num_workers)  # its imports overlap the start-up
+
+    def _needs_readers(self) -> bool:
+        """Whether passes will use reader processes: unless the decoded cache serves them all
+        and each fill (a megabatch's new samples, the test split) is decoded in-process."""
+        if self.cache is None or self.dali is not None or self.decode_device is not None:
+            return True
+        splits = self.manifest.splits
+        largest_fill = max(splits["test"].num_samples,
+                           -(-splits["train"].num_samples // self.stream.megabatches))
+        return largest_fill > IN_PROCESS_DECODE
 
     def train_epoch(self, megabatch: int, epoch: int) -> Pass:
         """Shuffled, augmented full batches; the same count on every rank."""
@@ -138,17 +156,17 @@ class StreamReader:
 
     def _decode(self, selection: Selection) -> Iterable:
         self.source.ensure(shard for shard, _ in selection.shard_counts)
+        workers = 0 if len(selection) <= IN_PROCESS_DECODE else self.settings.num_workers
         return decode_samples(self.source.files, selection, channels=self.manifest.channels,
                               image_ext=self.manifest.image_format,
-                              num_classes=self.manifest.num_classes,
-                              num_workers=self.settings.num_workers, pool=self.pool,
-                              skip_bad=self.skip_bad)
+                              num_classes=self.manifest.num_classes, num_workers=workers,
+                              pool=self.pool if workers else None, skip_bad=self.skip_bad)
 
     def prefetch_next(self, megabatch: int) -> None:
         """Get megabatch+1's new shards ready in the background while this megabatch trains
         (fetched into the shard cache, or read into the OS's page cache): the first epoch
         that reads them does not wait for them."""
-        if megabatch >= self.stream.megabatches:
+        if megabatch >= self.stream.published:  # the last, or the next has not arrived
             return
         shards = self.stream.megabatch_shards(megabatch + 1)
         self.prefetched = [str(self.source.files.path(shard)) for shard in shards]

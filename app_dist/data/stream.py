@@ -76,14 +76,19 @@ class MegabatchStream:
                  replay_window: int, replay_buffer: int, seed: int,
                  stream_seed: int | None = None) -> None:
         shards = manifest.splits["train"].shards
-        if megabatches > len(shards):
+        if manifest.stream is not None:
+            if megabatches != manifest.stream.megabatches:
+                raise DataError(f"data.megabatches={megabatches} but the stream declares "
+                                f"{manifest.stream.megabatches} megabatches")
+            if stream_seed is not None:
+                raise DataError("data.stream_seed cannot reorder a stream whose megabatches "
+                                "arrive in order: leave it null")
+        elif megabatches > len(shards):
             raise DataError(
                 f"data.megabatches={megabatches} but {manifest.dataset} has only {len(shards)} "
                 "training shards: write smaller shards (--samples-per-shard) or use fewer "
                 "megabatches"
             )
-        self.manifest = manifest
-        self.train_split = manifest.splits["train"]
         self.megabatches = megabatches
         self.val_fraction = val_fraction
         self.replay = replay
@@ -92,12 +97,33 @@ class MegabatchStream:
         self.seed = seed
         # The validation splits' seed; the replay buffer keeps drawing from the run's seed.
         self.split_seed = seed if stream_seed is None else stream_seed
+        self._splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._use(manifest, stream_seed)
+
+    def _use(self, manifest: Manifest, stream_seed: int | None = None) -> None:
+        shards = manifest.splits["train"].shards
+        self.manifest = manifest
+        self.train_split = manifest.splits["train"]
         # Megabatch t holds the shards at positions [bounds[t-1], bounds[t]) of this order:
-        # equal up to one shard.
+        # as published (a stream), else equal up to one shard.
         self._order = (np.arange(len(shards)) if stream_seed is None
                        else numpy_rng(stream_seed, "shard-order").permutation(len(shards)))
-        self._bounds = [t * len(shards) // megabatches for t in range(megabatches + 1)]
-        self._splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bounds = (list(manifest.stream.bounds) if manifest.stream is not None else
+                        [t * len(shards) // self.megabatches
+                         for t in range(self.megabatches + 1)])
+
+    @property
+    def published(self) -> int:
+        """Megabatches whose data is here (all T, except for a stream still arriving)."""
+        return len(self._bounds) - 1
+
+    def extend(self, manifest: Manifest) -> None:
+        """The stream's manifest with more megabatches published: the earlier ones are
+        unchanged (their shards and bounds are a prefix of the new ones)."""
+        if (manifest.stream is None or manifest.stream.bounds[: len(self._bounds)]
+                != tuple(self._bounds)):
+            raise DataError("the stream's manifest changed its published megabatches")
+        self._use(manifest)
 
     def _check(self, t: int) -> None:
         if not 1 <= t <= self.megabatches:
@@ -105,6 +131,9 @@ class MegabatchStream:
 
     def megabatch_shards(self, t: int) -> list[ShardInfo]:
         self._check(t)
+        if t > self.published:
+            raise DataError(f"megabatch {t} of the stream has not arrived ({self.published} "
+                            f"of {self.megabatches} published)")
         positions = np.sort(self._order[self._bounds[t - 1] : self._bounds[t]])
         return [self.train_split.shards[int(i)] for i in positions]
 

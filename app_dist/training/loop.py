@@ -23,6 +23,7 @@ from app_dist.engine.acceleration import eager
 from app_dist.foundations.distributed import Platform
 from app_dist.pruning.pruner import prune_step
 from app_dist.pruning.threshold import keep_count
+from app_dist.training.arrival import await_megabatch
 from app_dist.training.checkpoint import Checkpointer
 from app_dist.training.evaluation import Evaluation, Evaluator
 from app_dist.training.events import TEST, TRAIN, VALIDATION, Events
@@ -57,6 +58,9 @@ class MegabatchLoop:
 
     def _run(self, state: RunState, progress: MegabatchProgress | None) -> RunState:
         for megabatch in range(state.completed + 1, len(self.schedule) + 1):
+            # data.follow: a stream's megabatch may not have arrived yet (a no-op otherwise).
+            await_megabatch(megabatch, self.stream, self.config.data, self.platform,
+                            self.preemption)
             started = time.perf_counter()
             if progress is None or progress.megabatch != megabatch:
                 self.events.fire("megabatch_start", megabatch=megabatch)

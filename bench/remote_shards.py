@@ -3,7 +3,9 @@ second of training passes (decode + augmentation + batching, the trainer's Strea
 rank, two reader processes), for the first epoch (the shard cache empty: every shard fetched)
 and for later epochs (served from the node's shard cache), side by side in one run. Then a
 short 2-rank training run from the server publishing its anytime model to the server: the
-seconds from each megabatch's end to its model being published there.
+seconds from each megabatch's end to its model being published there. Last, a run following
+a stream in the server (data.follow=true): the seconds from a megabatch's manifest landing
+(`app-dist shards append` returning) to the run training on it.
 
     python bench/remote_shards.py [--images 5000] [--rounds 3] [--no-write]
 
@@ -67,6 +69,52 @@ def publish_seconds(s3: S3Server, shards_url: str, work: Path) -> list[float]:
                        run.stdout)]
 
 
+def arrival_seconds(s3: S3Server, shards: Path, work: Path) -> list[float]:
+    """A 1-rank run following a stream in S3 (data.follow=true, polled every 2 s, the
+    default): seconds from `app-dist shards append` returning to the run's first log line of
+    that megabatch (its pruning), for megabatches 2 and 3."""
+    import os
+    import subprocess
+    import threading
+
+    from app_dist.data.prepare.stream import append_megabatch
+
+    os.environ.update(s3.env)
+    s3.make_bucket("streams")
+    stream = "s3://streams/cifar10"
+    append_megabatch(stream, str(shards), 3)
+    command = [sys.executable, "-u", "app_dist/train.py", "--config", "configs/cifar10.yaml",
+               f"data.shards={stream}", f"run.dir={work / 'follow'}",
+               f"data.cache_dir={work / 'follow-cache'}", "data.megabatches=3",
+               "train.epochs=1", "log.progress=false", "model.name=resnet20s",
+               "data.follow=true"]
+    run = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend(
+        (time.monotonic(), line) for line in run.stdout), daemon=True)
+    reader.start()
+
+    def seen(text: str) -> float | None:
+        return next((at for at, line in list(lines) if text in line), None)
+
+    latencies = []
+    for megabatch in (2, 3):
+        while seen(f"waiting for megabatch {megabatch} of 3") is None:
+            if run.poll() is not None:
+                sys.exit("error: the follow run ended early:\n"
+                         + "".join(text for _, text in lines))
+            time.sleep(0.05)
+        append_megabatch(stream, str(shards), None)
+        published = time.monotonic()
+        while (started := seen(f"megabatch {megabatch}: pruned")) is None:
+            time.sleep(0.01)
+        latencies.append(started - published)
+    run.wait(timeout=1800)
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -90,6 +138,7 @@ def main() -> None:
                 cold.append(epoch_images_per_second(url, cache, s3.env))
                 warm.append(epoch_images_per_second(url, cache, s3.env))
             published = publish_seconds(s3, url, work)
+            arrivals = arrival_seconds(s3, shards, work)
     finally:
         s3.stop()
     result = (f"{args.images} CIFAR-10 JPEGs, 1 rank, 2 readers; img/s (median of "
@@ -97,7 +146,9 @@ def main() -> None:
               f"{median(cold):.0f} ({median(cold) / median(local):.2f}x), S3 cached "
               f"{median(warm):.0f} ({median(warm) / median(local):.2f}x); anytime model "
               f"published to S3 after each megabatch (2 ranks, resnet20s): "
-              f"{', '.join(f'{s:.2f}' for s in published)} s")
+              f"{', '.join(f'{s:.2f}' for s in published)} s; a followed S3 stream "
+              f"(1 rank, polled every 2 s): from `shards append` returning to training on "
+              f"megabatches 2 and 3: {', '.join(f'{s:.2f}' for s in arrivals)} s")
     print(result)
     print(f"load average {load_average():.2f}")
     if not args.no_write:

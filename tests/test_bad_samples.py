@@ -111,13 +111,17 @@ def test_a_run_stopped_by_a_bad_sample_resumes_with_skip_on_two_ranks(digits_sha
     rewrite_shard(shards, last.name,
                   lambda s: {**s, "cls": b"42"} if s["__key__"] == key else s)
     run_dir = tmp_path / "run"
+    # Read by reader processes, not the decode-once cache: the regime in which a data error
+    # once left the job hanging (readers ignore SIGTERM; see stop_readers).
+    readers = "perf.cache_decoded=false"
 
-    stopped = run_trainer(digits_run_args(shards, run_dir), nproc=2)
+    stopped = run_trainer(digits_run_args(shards, run_dir, readers), nproc=2)
     assert stopped.returncode != 0
     assert f"{last.name}: sample {key}: label 42 outside 0..9" in stopped.stderr
     assert [r["megabatch"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2]
 
-    resumed = run_trainer(digits_run_args(shards, run_dir, "data.bad_samples=skip"), nproc=2)
+    resumed = run_trainer(digits_run_args(shards, run_dir, readers, "data.bad_samples=skip"),
+                          nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after megabatch 2" in resumed.stdout
     assert "skipped a bad sample (data.bad_samples=skip): shard" in resumed.stdout

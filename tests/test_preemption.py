@@ -44,8 +44,11 @@ ENGINES = {"ddp": ("torchrun", ()),
 
 
 def run_args(shards: Path, run_dir: Path, engine: str) -> list[str]:
+    # The decode-once cache off: every pass is read by reader processes (started from a fork
+    # server), which the signals then reach as well; digits is small enough to be decoded in
+    # the training process otherwise.
     return digits_run_args(shards, run_dir, "data.megabatches=2", "train.epochs=1",
-                           "log.wandb.mode=disabled",
+                           "log.wandb.mode=disabled", "perf.cache_decoded=false",
                            *ENGINES[engine][1])
 
 

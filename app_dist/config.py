@@ -25,6 +25,7 @@ AUGMENTATIONS = ("none", "cifar", "imagenet")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 PRUNE_METHODS = ("dense", "osp", "app")
 CRITERIA = ("snip", "magnitude", "random", "grasp", "synflow")
+SCORINGS = ("split", "whole")
 SCOPES = ("global", "local")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -128,6 +129,11 @@ class PruneSettings:
     snip_fraction: float = 0.2  # of a megabatch's training part, scored by SNIP/GraSP
     include_linear: bool = False  # also prune Linear layers (never the classifier)
     synflow_iterations: int = 100  # re-scoring rounds of each SynFlow prune step (paper: 100)
+    # Who scores SNIP/GraSP's sample. split: each rank its share, the sums all-reduced (fast;
+    # batch composition and BatchNorm statistics depend on the number of ranks). whole: every
+    # rank the whole sample in the same global batches: a pruning step's masks do not depend
+    # on the number of ranks, at world-size times the scoring compute.
+    scoring: str = "split"
 
 
 @dataclass
@@ -314,6 +320,7 @@ def validate(config: Config) -> None:
     _one_of("prune.method", prune.method, PRUNE_METHODS)
     _one_of("prune.criterion", prune.criterion, CRITERIA)
     _one_of("prune.scope", prune.scope, SCOPES)
+    _one_of("prune.scoring", prune.scoring, SCORINGS)
     if prune.target_density is not None:
         _require(0 < prune.target_density <= 1, "prune.target_density", prune.target_density,
                  "density must be in (0, 1]")

@@ -149,3 +149,26 @@ def test_sigkill_of_one_rank_does_not_leave_the_job_hanging(digits_shards, tmp_p
     assert len(workers) == 2
     os.kill(max(workers), signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_whole_sample_scoring_gives_the_same_masks_on_one_two_and_four_ranks(digits_shards,
+                                                                             tmp_path):
+    """prune.scoring=whole: every rank scores the whole SNIP sample in the same global
+    batches, so the first pruning step's masks (from the seeded initial weights) are the same
+    whatever the number of ranks. (Later steps score trained weights, and training itself
+    depends on the number of ranks: docs/CRITERIA.md.)"""
+    masks = {}
+    for ranks in (1, 2, 4):
+        run_dir = tmp_path / f"ranks-{ranks}"
+        result = run_trainer(args_for(digits_shards, run_dir, "prune.scoring=whole",
+                                      "data.megabatches=1", "train.epochs=1",
+                                      "prune.target_density=0.5", "data.val_fraction=0.5"),
+                             nproc=ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+        masks[ranks] = torch.load(checkpoint(run_dir, 1) / "state.pt",
+                                  weights_only=True)["masks"]
+    for ranks in (2, 4):
+        assert masks[ranks].keys() == masks[1].keys()
+        assert all(torch.equal(masks[ranks][name], masks[1][name]) for name in masks[1]), ranks

@@ -118,18 +118,22 @@ class StreamReader:
                              batch_size=self.eval_batch_size, train=False,
                              seed=self.seed)
 
-    def scoring(self, megabatch: int, fraction: float) -> Pass:
+    def scoring(self, megabatch: int, fraction: float, whole: bool = False) -> Pass:
         """This rank's share of the scoring sample: the first `fraction` x megabatch size
-        samples of the current training set, unaugmented, in training-sized batches. It skips
-        bad samples without a log line and is not counted in skipped_samples: every sample
-        it reads is read (logged, counted) again by each training epoch of the megabatch."""
+        samples of the current training set, unaugmented, in training-sized batches; with
+        `whole` (prune.scoring=whole) all of it, in global-batch-sized batches read as one
+        rank of one would, so that every rank and every number of ranks sees the same
+        batches. It skips bad samples without a log line and is not counted in
+        skipped_samples: every sample it reads is read (logged, counted) again by each
+        training epoch of the megabatch."""
         count = max(1, round(fraction * self.stream.megabatch_train_size(megabatch)))
         selection = self.stream.train_selection(megabatch).first(count)
-        plan = evaluation_plan(selection, rank=self.platform.rank,
-                               world_size=self.platform.world_size,
+        rank, ranks = (0, 1) if whole else (self.platform.rank, self.platform.world_size)
+        plan = evaluation_plan(selection, rank=rank, world_size=ranks,
                                num_workers=self.settings.num_workers)
+        batch_size = self.batch_per_rank * (self.platform.world_size if whole else 1)
         return self._batches(plan, selection, transform=self.eval_transform,
-                             batch_size=self.batch_per_rank, train=False, seed=self.seed,
+                             batch_size=batch_size, train=False, seed=self.seed,
                              log_skips=False)
 
     def _batches(self, plan: list[ShardCounts], selection: Selection, *,

@@ -153,13 +153,20 @@ def verify_identical_masks(masks: dict[str, torch.Tensor], platform: Platform) -
 def prune_step(module: nn.Module, masks: MaskSet, platform: Platform,
                scoring_batches: ScoringBatches, *, density: float, criterion: str, scope: str,
                seed: int, megabatch: int, synflow_iterations: int = SYNFLOW_ITERATIONS,
-               class_source: ScoringBatches | None = None) -> dict[str, torch.Tensor]:
+               class_source: ScoringBatches | None = None,
+               scores_on_every_rank: bool = False) -> dict[str, torch.Tensor]:
     """New masks at `density`, nested in `masks` (a pruned weight stays pruned), for the model
     `module` (uncompiled, as scoring runs eagerly in full precision). Call on every rank: the
     result is identical on all of them, which is verified before it is returned. Installing
     the masks is the caller's job (the engine's `apply_masks`). `class_source`: see
-    compute_scores."""
-    scores = compute_scores(criterion, module, masks, platform, scoring_batches, seed,
+    compute_scores. `scores_on_every_rank` (prune.scoring=whole): the batches are the whole
+    scoring sample on every rank, so each rank computes the scores alone, as a single process
+    would, with nothing summed over ranks."""
+    scorer = platform
+    if scores_on_every_rank and platform.distributed:
+        scorer = Platform(rank=0, world_size=1, local_rank=platform.local_rank,
+                          device=platform.device)
+    scores = compute_scores(criterion, module, masks, scorer, scoring_batches, seed,
                             megabatch, density=density, scope=scope,
                             synflow_iterations=synflow_iterations, class_source=class_source)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}

@@ -91,14 +91,16 @@ class MegabatchLoop:
         if keep_count(density, masks.total) >= masks.kept:
             return False
         settings = self.config.prune
+        whole = settings.scoring == "whole"
         with eager():  # a compiled model (perf.compile) scores eagerly, in full precision
             new_masks = prune_step(
                 self.engine.module, masks, self.platform,
-                lambda: self.reader.scoring(megabatch, settings.snip_fraction),
+                lambda: self.reader.scoring(megabatch, settings.snip_fraction, whole),
                 density=density, criterion=settings.criterion, scope=settings.scope,
                 seed=self.config.run.seed, megabatch=megabatch,
                 synflow_iterations=settings.synflow_iterations,
-                class_source=lambda: self.reader.scoring(megabatch, 1.0))
+                class_source=lambda: self.reader.scoring(megabatch, 1.0, whole),
+                scores_on_every_rank=whole)
         self.engine.apply_masks(new_masks)
         return True
 

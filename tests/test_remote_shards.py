@@ -35,6 +35,7 @@ from app_dist.training.checkpoint import verify
 from .conftest import (
     REPO,
     checkpoint_folder,
+    deepspeed_run_args,
     digits_run_args,
     launch_trainer,
     read_metrics,
@@ -284,6 +285,26 @@ def test_two_rank_runs_from_s3_and_from_http_at_once_equal_the_run_from_local_sh
 
 def final_masks(run_dir: Path) -> dict:
     return torch.load(checkpoint_folder(run_dir, 3) / "state.pt", weights_only=True)["masks"]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
+def test_a_deepspeed_run_from_http_equals_the_deepspeed_run_from_local_shards(
+        digits_shards, zero_runs, tmp_path):
+    require("aiohttp")
+    http = HttpShardServer(digits_shards)
+    http.start()
+    try:
+        run_dir = tmp_path / "deepspeed-from-http"
+        result = run_trainer(deepspeed_run_args(http.url, run_dir, 2,
+                                                f"data.cache_dir={tmp_path / 'cache'}"),
+                             nproc=2, launcher="deepspeed")
+    finally:
+        http.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fetched" in result.stdout
+    assert read_metrics(run_dir) == read_metrics(zero_runs(2))
 
 
 def pause_both_ranks_after_checkpoint(megabatch: int, announce: Path) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from app_dist.config import DataSettings, load_config
 from app_dist.data.manifest import Manifest
+from app_dist.data.shard_cache import ShardCache
 from app_dist.data.shard_files import entry_name
 from app_dist.data.source import RemoteShards, load_manifest, open_shards
 from app_dist.foundations.errors import ConfigError, DataError
@@ -102,6 +104,18 @@ def test_each_shard_is_fetched_once_verified_and_the_cache_keeps_to_its_bound(se
     kept = {path.name for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")}
     assert kept == {entry_name(shard) for shard in shards[4:7]}
     assert not any((tmp_path / "cache" / ".partial").iterdir())
+
+
+def test_partial_downloads_left_by_killed_processes_are_removed_once_abandoned(tmp_path):
+    partial = tmp_path / "cache" / ".partial"
+    partial.mkdir(parents=True)
+    abandoned, live = partial / "a-train-000001.tar.123.1", partial / "b-train-000002.tar.456.2"
+    for path in (abandoned, live):
+        path.write_bytes(b"half a shard")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    ShardCache(tmp_path / "cache", 1 << 30)
+    assert not abandoned.exists() and live.exists()
 
 
 def test_a_shard_changed_on_the_server_is_refused_and_named(served, tmp_path):

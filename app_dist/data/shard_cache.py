@@ -27,6 +27,8 @@ from app_dist.data.manifest import ShardInfo
 from app_dist.data.shard_files import entry_name
 from app_dist.foundations.files import fsync_directory
 
+ABANDONED_AFTER_S = 3600.0
+
 # Writes the shard's bytes to the ShardWriter it is given (a download); may raise.
 Fill = Callable[["ShardWriter"], None]
 
@@ -47,6 +49,19 @@ class ShardCache:
         self._locks = directory / ".locks"
         for folder in (directory, self._partial, self._locks):
             folder.mkdir(parents=True, exist_ok=True)
+        self._remove_abandoned_partials()
+
+    def _remove_abandoned_partials(self) -> None:
+        """Partial files of downloads that were killed (SIGKILL, a lost node) would stay for
+        ever. One that has not grown for ABANDONED_AFTER_S is no live download's: a download
+        writes every chunk as it arrives, and a stalled one fails its retries far sooner."""
+        cutoff = time.time() - ABANDONED_AFTER_S
+        for partial in self._partial.iterdir():
+            try:
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+            except FileNotFoundError:  # its download finished or another run removed it
+                continue
 
     def path(self, shard: ShardInfo) -> Path:
         """Where the shard is (or will be) kept: named by content, and by name for messages."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app_dist.config import DataSettings
-from app_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, verify_shard
+from app_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from app_dist.data.shard_cache import ChecksumMismatch, ShardCache
 from app_dist.data.shard_files import ShardFiles, entry_name
 from app_dist.foundations.errors import DataError
@@ -63,11 +63,8 @@ def open_shards(location: str, settings: DataSettings) -> ShardSource:
 def verify_at_start(location: str, manifest: Manifest) -> None:
     """data.verify_checksums: every local shard's sha256 before training. Remote shards are
     verified as they arrive instead (reading them all up front is what streaming avoids)."""
-    if is_remote(location):
-        return
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            verify_shard(local_path(location), shard)
+    if not is_remote(location):
+        manifest.verify(local_path(location))
 
 
 def retry_of(settings: DataSettings) -> Retry:

@@ -23,12 +23,14 @@ from app_dist.cli import SUBCOMMANDS
 from app_dist.config import load_config
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError, ConfigError
+from app_dist.foundations.storage import LocalFolder
 from app_dist.sweep import load_sweep, main
 from app_dist.sweep.results import TrialOutcome, format_table, trial_rows, write_results
 from app_dist.sweep.resume import restore_reported_checkpoint
 from app_dist.training.checkpoint import Checkpointer, verify
 
 from .conftest import REPO, launch, wait_for
+from .storage_servers import S3Server, require
 
 
 def sweep_file(folder: Path, shards: Path, **changes) -> Path:
@@ -60,7 +62,7 @@ def sweep_file(folder: Path, shards: Path, **changes) -> Path:
 def test_repository_sweep_files_validate_and_give_each_trial_its_identity(name, digits_shards):
     sweep = load_sweep(REPO / "configs" / name, [f"data.shards={digits_shards}"], root=REPO)
     assert sweep.dimensions and sweep.max_megabatches >= 3
-    assert sweep.storage_path.is_absolute() and sweep.base_config.is_file()
+    assert Path(sweep.storage_path).is_absolute() and sweep.base_config.is_file()
     sampled = {d.key: d.values[0] for d in sweep.dimensions}
     # An all-digit trial id prefix: YAML would read 40994_00003 as the integer 4099400003.
     overrides = sweep.trial_overrides("40994_00003", sampled)
@@ -86,6 +88,16 @@ def test_relative_shards_become_absolute_for_trials_running_in_rays_folders(tmp_
     assert Path(config.data.shards) == shards
 
 
+def test_a_bucket_as_storage_path_holds_the_experiment_and_run_directories_stay_local(
+        tmp_path, digits_shards):
+    path = sweep_file(tmp_path, digits_shards, storage_path="s3://bucket/sweeps/")
+    sweep = load_sweep(path, root=tmp_path)
+    assert sweep.experiment_path == "s3://bucket/sweeps/digits-test"
+    assert sweep.train_storage == "s3://bucket/sweeps/digits-test/train"
+    assert sweep.run_root == tmp_path / "runs" / "sweeps" / "digits-test" / "runs"
+    assert str(sweep.experiment_folder()) == "s3://bucket/sweeps/digits-test"
+
+
 @pytest.mark.parametrize(("argument", "named"), [
     ("workers_per_trial=0", "workers_per_trial"),
     ("workers_per_trial=3", "workers_per_trial"),  # 64 samples per batch do not split in 3
@@ -93,7 +105,8 @@ def test_relative_shards_become_absolute_for_trials_running_in_rays_folders(tmp_
     ("scheduler.metric=cer", "scheduler.mode"),  # lower CER is better: mode max is a mistake
     ("scheduler.grace_period=9", "scheduler.grace_period"),
     ("max_concurrent_trials=0", "max_concurrent_trials"),
-    ("storage_path=s3://bucket/sweeps", "storage_path"),
+    ("storage_path=https://host/sweeps", "storage_path"),  # read-only
+    ("run_root=s3://bucket/runs", "run_root"),  # the trainer writes files
     ("search_space.train.lr.grid=[-0.1]", "search_space.train.lr"),
     ("search_space.prune.criterion.choice=[snip,hessian]", "search_space.prune.criterion"),
     ("search_space.train.lr.loguniform=[0,1]", "search_space.train.lr.loguniform"),
@@ -221,7 +234,8 @@ def test_result_rows_are_sorted_by_the_metric_with_status_and_written_as_csv_and
     # CER sums over megabatches: the trial stopped after one has the smallest, yet it lost.
     by_cer = trial_rows(outcomes, ["prune.method"], "cer", "min")
     assert [r["trial_id"] for r in by_cer] == ["t4", "t1", "t3", "t0", "t2"]
-    csv_path, json_path = write_results(rows, tmp_path)
+    write_results(rows, LocalFolder(tmp_path))
+    csv_path, json_path = tmp_path / "results.csv", tmp_path / "results.json"
     assert csv_path.read_text().splitlines()[0].startswith("trial_id,status,prune.method,")
     assert json.loads(json_path.read_text())[0]["test_accuracy"] == 0.97
     assert "completed" in format_table(rows)
@@ -253,22 +267,69 @@ def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A private local Ray on 2 CPUs (never `ray start`: it would be shared with anyone)."""
+def s3_server():
+    """moto's S3 server on 127.0.0.1, for a sweep whose storage_path is a bucket."""
+    require("s3fs")
+    require("moto")
+    server = S3Server()
+    server.start()
+    server.make_bucket("sweeps")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """A private local Ray on 2 CPUs (never `ray start`: it would be shared with anyone). Its
+    processes find the S3 server as a cluster's nodes find their object store: through the
+    environment each node was started with (AWS_ENDPOINT_URL and credentials)."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-                       log_to_driver=False)
+    saved = {name: os.environ.get(name) for name in s3_server.env}
+    os.environ.update(s3_server.env)
+    try:
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                           _temp_dir=temp_dir, log_to_driver=False)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def tune_reports(experiment: Path, trial_id: str) -> list[dict]:
-    """Every result Tune recorded for the trial, in order."""
-    (trial_dir,) = [p for p in experiment.iterdir() if p.is_dir() and trial_id in p.name]
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+class Experiment:
+    """A Tune experiment folder read through fsspec: a local folder or a bucket."""
+
+    def __init__(self, filesystem, path: str) -> None:
+        self.fs, self.path = filesystem, path.rstrip("/")
+
+    def read_json(self, name: str):
+        return json.loads(self.fs.cat_file(f"{self.path}/{name}"))
+
+    def tune_reports(self, trial_id: str) -> list[dict]:
+        """Every result Tune recorded for the trial, in order."""
+        self.fs.invalidate_cache()  # s3fs caches listings; Tune keeps writing
+        (trial_dir,) = [p for p in self.fs.ls(self.path, detail=False)
+                        if trial_id in p.rsplit("/", 1)[-1] and self.fs.isdir(p)]
+        text = self.fs.cat_file(f"{trial_dir}/result.json").decode()
+        return [json.loads(line) for line in text.splitlines()]
+
+    def reported_to_ray_train(self, trial_id: str) -> int:
+        """The newest megabatch whose checkpoint the trial reported (Ray Train's copy)."""
+        self.fs.invalidate_cache()
+        folders = self.fs.glob(f"{self.path}/train/{trial_id}/megabatch-[0-9][0-9][0-9][0-9]")
+        return max((int(f.rsplit("-", 1)[1]) for f in folders), default=0)
+
+
+def local_experiment(path: Path) -> Experiment:
+    import fsspec
+
+    return Experiment(fsspec.filesystem("file"), str(path))
 
 
 def megabatches_logged(run_dir: Path) -> list[int]:
@@ -276,39 +337,38 @@ def megabatches_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["megabatch"] for line in lines]
 
 
-def reported_to_ray_train(experiment: Path, trial_id: str) -> int:
-    """The newest megabatch whose checkpoint the trial reported (Ray Train's copy of it)."""
-    folders = (experiment / "train" / trial_id).glob("megabatch-[0-9][0-9][0-9][0-9]")
-    return max((int(f.name.split("-")[1]) for f in folders), default=0)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.distributed
-def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_finished_ones(
-        ray_cluster, digits_shards, tmp_path):
+def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_ones(
+        ray_cluster, s3_server, digits_shards, tmp_path, monkeypatch):
+    """A sweep of three 2-worker trials whose storage_path is an S3 bucket (moto's server):
+    interrupted by Ctrl-C while its third trial runs, that trial's run directory then lost (as
+    a node's scratch disk is), the same command again restores the Tune experiment from the
+    bucket and the trial resumes from the megabatch checkpoint Ray Train copied there."""
     megabatches = 4
     # Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and trial 3 can
     # only start if the stopped trial's Ray Train workers gave their CPUs back.
+    runs = tmp_path / "runs"
     path = sweep_file(
         tmp_path, digits_shards,
         overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
                    "train.epochs=1", "train.milestones=[1]", "log.progress=false"],
         search_space={"train.lr": {"grid": [0.05, 1.0e-6, 0.04]}},
         scheduler={"kind": "asha", "metric": "test_accuracy", "mode": "max",
-                   "grace_period": 2, "reduction_factor": 2})
-    experiment = tmp_path / "storage" / "digits-test"
-    runs = experiment / "runs"
+                   "grace_period": 2, "reduction_factor": 2},
+        storage_path="s3://sweeps/storage", run_root=str(runs))
+    experiment = Experiment(s3_server.filesystem(), "sweeps/storage/digits-test")
     first = launch([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)],
-                   env={"RAY_ADDRESS": ray_cluster}, cwd=tmp_path, stdout=subprocess.PIPE,
-                   stderr=subprocess.STDOUT, text=True)
+                   env={"RAY_ADDRESS": ray_cluster, **s3_server.env}, cwd=tmp_path,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def trial_dirs() -> list[str]:
         return sorted(d.name for d in runs.glob("*"))
 
     def third_trial_halfway() -> bool:
         trials = trial_dirs()
-        return len(trials) == 3 and reported_to_ray_train(experiment, trials[2]) in (2, 3)
+        return len(trials) == 3 and experiment.reported_to_ray_train(trials[2]) in (2, 3)
 
     # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
     wait_for(third_trial_halfway, first, timeout=300, interval=0.2)
@@ -319,31 +379,36 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
     assert first.returncode == 1, output[-3000:]  # an unfinished trial: run it again
     assert "unfinished" in output
     interrupted = trials[2]
-    reached = reported_to_ray_train(experiment, interrupted)
+    reached = experiment.reported_to_ray_train(interrupted)
     assert reached < megabatches, "the interruption came too late to leave it unfinished"
     modified = {t: (runs / t / "metrics.jsonl").stat().st_mtime_ns for t in trials[:2]}
+    shutil.rmtree(runs / interrupted)  # only the bucket still holds its checkpoints
 
     restored_at = int(time.time())
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
     assert main(["--config", str(path)]) == 0  # the same command again: restores
 
-    rows = json.loads((experiment / "results.json").read_text())
+    rows = experiment.read_json("results.json")
     assert [r["train.lr"] for r in rows] in ([0.05, 0.04, 1e-6], [0.04, 0.05, 1e-6])
     by_trial = {r["trial_id"]: r for r in rows}
     assert [(by_trial[t]["status"], by_trial[t]["megabatch"]) for t in trials] == [
         ("completed", 4), ("stopped", 2), ("completed", 4)]  # ASHA stopped lr 1e-6 at rung 2
-    assert (experiment / "results.csv").read_text().count("\n") == 4
+    assert experiment.fs.cat_file(f"{experiment.path}/results.csv").count(b"\n") == 4
     for trial_id, mtime in modified.items():  # ended before the interruption: not rerun
         assert (runs / trial_id / "metrics.jsonl").stat().st_mtime_ns == mtime
     for row in rows:
         run_dir, last = runs / row["trial_id"], row["megabatch"]
         # A stopped trial may train on while Tune stops it; what Tune recorded is the row.
+        # The resumed trial's file is rebuilt from its checkpoint's history.
         assert megabatches_logged(run_dir)[:last] == list(range(1, last + 1))
-        reports = tune_reports(experiment, row["trial_id"])
+        reports = experiment.tune_reports(row["trial_id"])
         if row["trial_id"] == interrupted:
             # Tune restarted the trial and Ray Train resumed it after its last reported
             # megabatch, not from scratch (or at it, when the interruption came while that
-            # checkpoint was being copied). Tune's own counter restarts at 1 here, which is
-            # why ASHA keys on the reported megabatch.
+            # checkpoint was being copied): from the bucket, the run directory being gone.
+            # Tune's own counter restarts at 1 here, which is why ASHA keys on the reported
+            # megabatch.
             after = [r["megabatch"] for r in reports if r["timestamp"] >= restored_at]
             assert after[0] in (reached, reached + 1) and after[0] >= 2
             assert after == list(range(after[0], megabatches + 1))
@@ -403,13 +468,13 @@ def test_trial_whose_worker_is_signalled_resumes_from_its_last_reported_megabatc
     watcher.join(timeout=1)
     assert not watcher.is_alive(), "the worker never reached the moment"
 
-    experiment = tmp_path / "storage" / "digits-kill"
-    (row,) = json.loads((experiment / "results.json").read_text())
+    experiment = local_experiment(tmp_path / "storage" / "digits-kill")
+    (row,) = experiment.read_json("results.json")
     assert (row["status"], row["megabatch"]) == ("completed", 3)
-    reports = tune_reports(experiment, row["trial_id"])
+    reports = experiment.tune_reports(row["trial_id"])
     # Restarting from scratch would have reported megabatch 1 twice.
     assert [r["megabatch"] for r in reports] == [1, 2, 3]
-    run_dir = experiment / "runs" / row["trial_id"]
+    run_dir = tmp_path / "storage" / "digits-kill" / "runs" / row["trial_id"]
     unreported = list((run_dir / "checkpoints").glob("megabatch-0002.unreported-*"))
     assert len(unreported) == set_aside
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from app_dist.foundations.errors import ConfigError, DataError
+from app_dist.foundations.files import atomic_write_text
 
 log = logging.getLogger("app_dist")
 
@@ -91,6 +92,28 @@ class Retry:
         return [self.backoff_s * 2 ** i for i in range(self.attempts - 1)]
 
 
+class LocalFolder:
+    """A local folder with RemoteFolder's small-file interface, so code that writes to "a
+    folder or a bucket" (a sweep's experiment folder) has one path for both."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(local_path(str(path)))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def read_text(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def write_text(self, name: str, text: str) -> None:
+        """Replaced whole (a rename), as an object put is."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / name, text)
+
+
 class RemoteFolder:
     """A folder of shards at a URL: read a small file, or stream a shard into the cache."""
 
@@ -103,6 +126,9 @@ class RemoteFolder:
 
     def __str__(self) -> str:
         return redact(self.url)
+
+    def exists(self, name: str) -> bool:
+        return self._with_retries(name, lambda: self._filesystem().isfile(join(self.url, name)))
 
     def read_text(self, name: str) -> str:
         """A small file's text (the manifest)."""
@@ -164,6 +190,11 @@ class RemoteFolder:
         if _missing(error):
             return f"{url}: no such file"
         return f"{url}: cannot fetch ({_reason(error)}) after {attempts} attempt(s)"
+
+
+def folder_at(location: str, retry: Retry, key: str) -> LocalFolder | RemoteFolder:
+    """The folder `location` names: local (a path or file://) or in object storage."""
+    return RemoteFolder(location, retry, key) if is_remote(location) else LocalFolder(location)
 
 
 def filesystem_for(url: str, key: str = "data.shards") -> Any:

@@ -4,14 +4,15 @@ best first by the sweep's metric, written as CSV and JSON beside the Tune result
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from app_dist.foundations.files import atomic_file, atomic_write_text
+from app_dist.foundations.storage import LocalFolder, RemoteFolder
 
+RESULT_FILES = ("results.csv", "results.json")
 METRIC_COLUMNS = ("megabatch", "megabatches", "test_accuracy", "cer", "density",
                   "generalization_gap")
 
@@ -61,17 +62,17 @@ def trial_rows(outcomes: list[TrialOutcome], searched: list[str], metric: str,
     return sorted(rows, key=order)
 
 
-def write_results(rows: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
-    """results.csv and results.json in `folder` (replaced atomically)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def write_results(rows: list[dict[str, Any]], folder: LocalFolder | RemoteFolder) -> None:
+    """results.csv and results.json in `folder` (a local folder or a bucket), each replaced
+    whole."""
     columns = list(rows[0]) if rows else ["trial_id", "status"]
-    csv_path, json_path = folder / "results.csv", folder / "results.json"
-    with atomic_file(csv_path) as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write_text(json_path, json.dumps(rows, indent=1, default=str) + "\n")
-    return csv_path, json_path
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_name, json_name = RESULT_FILES
+    folder.write_text(csv_name, table.getvalue())
+    folder.write_text(json_name, json.dumps(rows, indent=1, default=str) + "\n")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ from app_dist.config import flatten
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import ConfigError
 from app_dist.sweep.results import (
+    RESULT_FILES,
     TrialOutcome,
     format_table,
     trial_rows,
@@ -105,17 +106,18 @@ def release_placement_group(group_hex: str | None) -> bool:
 def check_same_sweep(sweep: Sweep) -> None:
     """A restored experiment keeps its search space and scheduler: refuse a changed sweep
     file instead of silently running the old one."""
-    saved_path = sweep.experiment_path / SETTINGS_FILE
+    folder = sweep.experiment_folder()
     current = _settings_record(sweep)
-    if not saved_path.is_file():
+    if not folder.exists(SETTINGS_FILE):
         return
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    saved = OmegaConf.to_container(OmegaConf.create(folder.read_text(SETTINGS_FILE)),
+                                   resolve=True)
     changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"  # type: ignore[union-attr]
                for k in sorted(set(saved) | set(current))  # type: ignore[arg-type]
                if not k.startswith(RESTORE_NEUTRAL)
                and saved.get(k) != current.get(k)]  # type: ignore[union-attr]
     if changed:
-        raise ConfigError(f"sweep '{sweep.settings.name}' in {sweep.experiment_path} was "
+        raise ConfigError(f"sweep '{sweep.settings.name}' in {folder} was "
                           f"started with other settings ({'; '.join(changed[:4])}); give the "
                           "sweep another name to start a new one")
 
@@ -133,14 +135,13 @@ def start_or_restore(sweep: Sweep, retry_errored: bool) -> Any:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = make_trainable(sweep)
-    path = str(sweep.experiment_path)
+    path = sweep.experiment_path
+    folder = sweep.experiment_folder()
     if tune.Tuner.can_restore(path):
-        print(f"restoring sweep {sweep.settings.name} from {path}", flush=True)
+        print(f"restoring sweep {sweep.settings.name} from {folder}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=retry_errored)
-    sweep.experiment_path.mkdir(parents=True, exist_ok=True)
-    (sweep.experiment_path / SETTINGS_FILE).write_text(
-        OmegaConf.to_yaml(OmegaConf.create(_settings_record(sweep))))
+    folder.write_text(SETTINGS_FILE, OmegaConf.to_yaml(OmegaConf.create(_settings_record(sweep))))
     settings = sweep.settings
     searcher = BasicVariantGenerator(max_concurrent=settings.max_concurrent_trials,
                                      random_state=settings.search_seed)
@@ -151,7 +152,7 @@ def start_or_restore(sweep: Sweep, retry_errored: bool) -> Any:
                                     mode=settings.scheduler.mode, search_alg=searcher,
                                     scheduler=build_scheduler(sweep),
                                     num_samples=settings.num_samples),
-        run_config=tune.RunConfig(name=settings.name, storage_path=str(sweep.storage_path),
+        run_config=tune.RunConfig(name=settings.name, storage_path=sweep.storage_path,
                                   failure_config=tune.FailureConfig(
                                       max_failures=settings.max_failures),
                                   callbacks=[release_callback()]),
@@ -177,9 +178,11 @@ def run_sweep(sweep: Sweep, retry_errored: bool = False) -> list[dict[str, Any]]
     settings = sweep.settings
     rows = trial_rows(outcomes_of(result_grid), [d.key for d in sweep.dimensions],
                       settings.scheduler.metric, settings.scheduler.mode)
-    csv_path, json_path = write_results(rows, sweep.experiment_path)
+    folder = sweep.experiment_folder()
+    write_results(rows, folder)
     print(f"\nsweep {settings.name}: {len(rows)} trials, best {settings.scheduler.metric} "
-          f"first\n{format_table(rows)}\n\nwritten {csv_path} and {json_path}", flush=True)
+          f"first\n{format_table(rows)}\n\nwritten {RESULT_FILES[0]} and {RESULT_FILES[1]} "
+          f"in {folder}", flush=True)
     return rows
 
 

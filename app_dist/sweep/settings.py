@@ -29,13 +29,22 @@ from app_dist.config import Config, load_config
 from app_dist.data.source import load_manifest
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.errors import AppDistError, ConfigError
-from app_dist.foundations.storage import scheme_of
+from app_dist.foundations.storage import (
+    LocalFolder,
+    RemoteFolder,
+    Retry,
+    folder_at,
+    is_remote,
+    join,
+    scheme_of,
+)
 
 # Top-level sections of the training config: `key=value` arguments under these go to every
 # trial; anything else on the sweep command line overrides the sweep file itself.
 TRAINING_SECTIONS = tuple(section.name for section in fields(Config))
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
+DEFAULT_STORAGE = "runs/sweeps"
 # What each trial reports once per megabatch (besides bookkeeping), and which way is better.
 METRIC_DIRECTIONS = {
     "test_accuracy": "max",
@@ -98,8 +107,12 @@ class SweepSettings:
     # Per trial: worker failures Ray Train recovers from (the worker group restarts from the
     # last megabatch checkpoint), and, separately, failures of the trial driver Tune retries.
     max_failures: int = 1
-    storage_path: str = "runs/sweeps"  # the Tune experiment is storage_path/name
-    run_root: str = ""  # trial run directories; empty: storage_path/name/runs
+    # The Tune experiment is storage_path/name: a folder, or s3:// / gs:// (Tune's results and
+    # Ray Train's checkpoint copies then live in the bucket).
+    storage_path: str = DEFAULT_STORAGE
+    # Trial run directories, a folder every worker of a trial sees; empty: storage_path/name/runs
+    # (runs/sweeps/name/runs when storage_path is a URL).
+    run_root: str = ""
     worker_env: Dict[str, str] = field(default_factory=dict)  # env vars of every Train worker
 
 
@@ -119,20 +132,25 @@ class Sweep:
     settings: SweepSettings
     root: Path
     base_config: Path
-    storage_path: Path
+    storage_path: str  # an absolute local folder, or an s3:// / gs:// URL
     run_root: Path
     overrides: tuple[str, ...]  # fixed training overrides, paths made absolute
     dimensions: tuple[Dimension, ...]
     max_megabatches: int  # the most megabatches any trial can train (ASHA's max_t)
 
     @property
-    def experiment_path(self) -> Path:
-        return self.storage_path / self.settings.name
+    def experiment_path(self) -> str:
+        """The Tune experiment: a local folder or a URL (what Tune's storage_path/name is)."""
+        return _within(self.storage_path, self.settings.name)
 
     @property
-    def train_storage(self) -> Path:
+    def train_storage(self) -> str:
         """Where Ray Train keeps each trial's reported checkpoints and run snapshot."""
-        return self.experiment_path / "train"
+        return _within(self.experiment_path, "train")
+
+    def experiment_folder(self) -> LocalFolder | RemoteFolder:
+        """The experiment folder, for the sweep's own files (settings, result table)."""
+        return folder_at(self.experiment_path, Retry(), key="storage_path")
 
     def trial_overrides(self, trial_id: str, sampled: dict[str, Any]) -> list[str]:
         """The training overrides of one trial: fixed ones, its sampled values, and its
@@ -197,9 +215,14 @@ def validate_sweep(settings: SweepSettings, root: Path) -> Sweep:
     dimensions = tuple(_parse_dimension(key, spec) for key, spec in
                        _flatten_space(settings.search_space).items())
     megabatches = _check_trial_configs(settings, base, overrides, dimensions, root)
-    storage = _resolve(settings.storage_path, root)
+    # In object storage only Tune's files and Ray Train's checkpoint copies live in the bucket:
+    # the trainer writes a folder, so the run directories default to the local layout.
+    remote = is_remote(settings.storage_path)
+    storage = settings.storage_path.rstrip("/") if remote else str(
+        _resolve(settings.storage_path, root))
     run_root = (_resolve(settings.run_root, root) if settings.run_root
-                else storage / settings.name / "runs")
+                else _resolve(DEFAULT_STORAGE if remote else storage, root) / settings.name
+                / "runs")
     if settings.scheduler.kind == "asha" and settings.scheduler.grace_period > max(megabatches):
         raise ConfigError(f"sweep key 'scheduler.grace_period' = "
                           f"{settings.scheduler.grace_period}: must be <= the trials' "
@@ -236,9 +259,12 @@ def _check_scalars(settings: SweepSettings) -> None:
     _require(settings.max_failures >= 0, "max_failures", settings.max_failures, "must be >= 0")
     _require(bool(settings.storage_path), "storage_path", settings.storage_path,
              "must name a folder")
-    _require("://" not in settings.storage_path, "storage_path", settings.storage_path,
-             "must be a folder (local or a shared mount such as NFS): the trials' run "
-             "directories live beside the Tune results")
+    _require(scheme_of(settings.storage_path) in ("", "s3", "gs"), "storage_path",
+             settings.storage_path, "must be a folder, file://, s3:// or gs:// (Tune and Ray "
+             "Train write there)")
+    _require(not is_remote(settings.run_root), "run_root", settings.run_root,
+             "must be a folder (local or a shared mount): the trainer writes run directories "
+             "as files; put storage_path in object storage instead")
     _require(scheduler.kind in SCHEDULERS, "scheduler.kind", scheduler.kind,
              f"must be one of {', '.join(SCHEDULERS)}")
     _require(scheduler.metric in METRIC_DIRECTIONS, "scheduler.metric", scheduler.metric,
@@ -259,6 +285,10 @@ def _check_scalars(settings: SweepSettings) -> None:
              "must be >= 0 (0: the trials' number of megabatches)")
     for name, value in settings.worker_env.items():
         _require(isinstance(value, str), f"worker_env.{name}", value, "must be a string")
+
+
+def _within(location: str, name: str) -> str:
+    return join(location, name) if is_remote(location) else str(Path(location) / name)
 
 
 def _resolve(path: str, root: Path) -> Path:

@@ -32,6 +32,7 @@ from .conftest import (
     trainer_env,
     wait_for,
 )
+from .storage_servers import S3Server, require
 
 
 def test_appending_publishes_megabatches_in_order_and_a_partial_stream_needs_follow(
@@ -67,13 +68,14 @@ def test_appending_publishes_megabatches_in_order_and_a_partial_stream_needs_fol
         source.splits["train"].shards[a:b] for a, b in ((0, 20), (20, 40), (40, 60))]
 
 
-def appender(stream: Path, shards: Path, after_seconds: float = 0.0) -> subprocess.Popen:
+def appender(stream: Path | str, shards: Path, after_seconds: float = 0.0,
+             env: dict[str, str] | None = None) -> subprocess.Popen:
     """`app-dist shards append` in a process of its own, after a delay."""
     script = ("import sys, time; time.sleep(float(sys.argv[1])); from app_dist.cli import main;"
               " sys.exit(main(['shards', 'append', *sys.argv[2:]]))")
     command = [sys.executable, "-c", script, str(after_seconds), str(stream), "--from",
                str(shards), "--megabatches", "3"]
-    return subprocess.Popen(command, cwd=REPO, env=trainer_env(), text=True,
+    return subprocess.Popen(command, cwd=REPO, env=trainer_env(env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -81,6 +83,28 @@ def published(process: subprocess.Popen) -> str:
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     return out
+
+
+@pytest.mark.slow
+def test_appending_to_a_bucket_publishes_each_megabatch_after_its_shards(digits_shards):
+    """`app-dist shards append s3://...` against moto's S3 server: the first call finds no
+    manifest (a new stream), each call uploads the megabatch's shards and then the manifest
+    that lists them."""
+    require("s3fs")
+    require("moto")
+    s3 = S3Server()
+    s3.start()
+    try:
+        s3.make_bucket("streams")
+        for t in (1, 2):
+            published(appender("s3://streams/digits", digits_shards, env=s3.env))
+            manifest = json.loads(s3.filesystem().cat_file("streams/digits/manifest.json"))
+            assert manifest["stream"]["bounds"] == [0, 20, 40][:t + 1]
+            names = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+            stored = {path.rsplit("/", 1)[1] for path in s3.filesystem().ls("streams/digits")}
+            assert names | {"manifest.json"} == stored
+    finally:
+        s3.stop()
 
 
 def outcome(run_dir: Path) -> dict:

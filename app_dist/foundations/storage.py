@@ -12,6 +12,7 @@ manifest or config cannot make a run execute anything.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ class LocalFolder:
         """Replaced whole (a rename), as an object put is."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / name, text)
+
+    def upload(self, local: Path, name: str) -> None:
+        """Copy the file in under a hidden name, then rename it: readers see it whole."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        partial = self.path / f".{name}.partial"
+        shutil.copyfile(local, partial)
+        partial.replace(self.path / name)
 
 
 class RemoteFolder:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,15 +23,9 @@ from app_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from app_dist.data.source import load_manifest
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError, ConfigError, DataError
-from app_dist.foundations.files import atomic_write_text
-from app_dist.foundations.storage import (
-    RemoteFolder,
-    Retry,
-    check_location,
-    is_remote,
-    local_path,
-    redact,
-)
+from app_dist.foundations.storage import Retry, check_location, folder_at, redact
+
+STREAM_RETRY = Retry(attempts=3)
 
 
 def append_megabatch(stream: str, source: str, megabatches: int | None) -> Manifest:
@@ -66,14 +59,15 @@ def append_megabatch(stream: str, source: str, megabatches: int | None) -> Manif
     new = train[info.bounds[-1]:end]
     if current is None:
         new = [*origin.splits["test"].shards, *new]
-    folder = _Destination(stream)
+    folder = folder_at(stream, STREAM_RETRY, key="STREAM")
     for shard in new:  # the shards first ...
-        folder.copy(Path(source) / shard.name, shard.name)
+        folder.upload(Path(source) / shard.name, shard.name)
     published = dataclasses.replace(
         origin,
         splits={"train": _split(train[:end]), "test": origin.splits["test"]},
         stream=StreamInfo(megabatches=info.megabatches, bounds=(*info.bounds, end)))
-    folder.write_manifest(json.dumps(published.to_dict(), indent=2) + "\n")  # ... then this
+    # ... then the manifest that lists them
+    folder.write_text(MANIFEST_NAME, json.dumps(published.to_dict(), indent=2) + "\n")
     return published
 
 
@@ -83,38 +77,12 @@ def _split(shards: list[ShardInfo]) -> SplitInfo:
 
 def _current(stream: str) -> Manifest | None:
     """The stream's manifest, None before its first megabatch."""
-    try:
-        manifest = load_manifest(stream, DataSettings(fetch_attempts=3))
-    except DataError as error:
-        if "no such file" in str(error):
-            return None
-        raise
+    if not folder_at(stream, STREAM_RETRY, key="STREAM").exists(MANIFEST_NAME):
+        return None
+    manifest = load_manifest(stream, DataSettings(fetch_attempts=STREAM_RETRY.attempts))
     if manifest.stream is None:
         raise DataError(f"{redact(stream)}: holds shards that are not a stream")
     return manifest
-
-
-class _Destination:
-    def __init__(self, stream: str) -> None:
-        self.remote = (RemoteFolder(stream, Retry(), key="STREAM") if is_remote(stream)
-                       else None)
-        self.folder = Path(local_path(stream))
-        if self.remote is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-
-    def copy(self, source: Path, name: str) -> None:
-        if self.remote is not None:
-            self.remote.upload(source, name)
-            return
-        partial = self.folder / f".{name}.partial"
-        shutil.copyfile(source, partial)
-        partial.replace(self.folder / name)
-
-    def write_manifest(self, text: str) -> None:
-        if self.remote is not None:
-            self.remote.write_text(MANIFEST_NAME, text)
-        else:
-            atomic_write_text(self.folder / MANIFEST_NAME, text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -342,18 +342,22 @@ def megabatches_logged(run_dir: Path) -> list[int]:
 @pytest.mark.distributed
 def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_ones(
         ray_cluster, s3_server, digits_shards, tmp_path, monkeypatch):
-    """A sweep of three 2-worker trials whose storage_path is an S3 bucket (moto's server):
-    interrupted by Ctrl-C while its third trial runs, that trial's run directory then lost (as
-    a node's scratch disk is), the same command again restores the Tune experiment from the
-    bucket and the trial resumes from the megabatch checkpoint Ray Train copied there."""
+    """A sweep of three 2-worker trials whose storage_path and shards are in an S3 bucket
+    (moto's server): interrupted by Ctrl-C while its third trial runs, that trial's run
+    directory then lost (as a node's scratch disk is), the same command again restores the
+    Tune experiment from the bucket and the trial resumes from the megabatch checkpoint Ray
+    Train copied there."""
     megabatches = 4
     # Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and trial 3 can
     # only start if the stopped trial's Ray Train workers gave their CPUs back.
     runs = tmp_path / "runs"
+    # The trials read their shards from the object store too, through the node's shard cache.
+    shards = s3_server.upload(digits_shards, "datasets", "digits")
     path = sweep_file(
         tmp_path, digits_shards,
-        overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
-                   "train.epochs=1", "train.milestones=[1]", "log.progress=false"],
+        overrides=[f"data.shards={shards}", f"data.cache_dir={tmp_path / 'cache'}",
+                   f"data.megabatches={megabatches}", "train.epochs=1", "train.milestones=[1]",
+                   "log.progress=false"],
         search_space={"train.lr": {"grid": [0.05, 1.0e-6, 0.04]}},
         scheduler={"kind": "asha", "metric": "test_accuracy", "mode": "max",
                    "grace_period": 2, "reduction_factor": 2},
@@ -395,6 +399,8 @@ def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_o
     assert [(by_trial[t]["status"], by_trial[t]["megabatch"]) for t in trials] == [
         ("completed", 4), ("stopped", 2), ("completed", 4)]  # ASHA stopped lr 1e-6 at rung 2
     assert experiment.fs.cat_file(f"{experiment.path}/results.csv").count(b"\n") == 4
+    cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").glob("*.tar"))
+    assert cached == sorted(p.name for p in digits_shards.glob("*.tar"))  # each one, once
     for trial_id, mtime in modified.items():  # ended before the interruption: not rerun
         assert (runs / trial_id / "metrics.jsonl").stat().st_mtime_ns == mtime
     for row in rows:

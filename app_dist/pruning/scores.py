@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from app_dist.models.batchnorm import per_rank_statistics
 from app_dist.pruning.threshold import masks_from_scores
 
 Weights = dict[str, nn.Parameter]
@@ -43,12 +44,16 @@ def random_scores(weights: Weights, seed: int) -> dict[str, torch.Tensor]:
 @contextmanager
 def train_mode_restoring_buffers(model: nn.Module) -> Iterator[None]:
     """Train mode (batch statistics, as the criteria prescribe) for the duration, then every
-    buffer (BatchNorm running statistics) and the mode are put back exactly as they were."""
+    buffer (BatchNorm running statistics) and the mode are put back exactly as they were.
+    BatchNorm normalises the batch this rank scores, also with model.sync_batchnorm: a score
+    pass is computed on this rank alone (per_rank_statistics says why syncing would be wrong
+    with prune.scoring=whole, and could hang with split)."""
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
     model.train()
     try:
-        yield
+        with per_rank_statistics(model):
+            yield
     finally:
         with torch.no_grad():
             for name, buffer in model.named_buffers():

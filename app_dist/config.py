@@ -102,6 +102,11 @@ class ModelSettings:
     # Input normalisation inside the model, one value per channel (CIFAR-10 here).
     mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     std: List[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    # BatchNorm in training normalises with the statistics of the global batch (all ranks'
+    # shares together) instead of each rank's share, so training does not depend on the
+    # number of ranks through them: one small all-reduce per BatchNorm layer per forward and
+    # backward (docs/CRITERIA.md).
+    sync_batchnorm: bool = False  # DDP and DeepSpeed; no effect in a single process
 
 
 @dataclass

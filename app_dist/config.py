@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.storage import check_location
 from app_dist.models.registry import MODEL_NAMES, STEMS
+from app_dist.pruning.channels import CHANNEL_CRITERIA
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
 AUGMENTATIONS = ("none", "cifar", "imagenet")
@@ -27,6 +28,7 @@ PRUNE_METHODS = ("dense", "osp", "app")
 CRITERIA = ("snip", "magnitude", "random", "grasp", "synflow")
 SCORINGS = ("split", "whole")
 SCOPES = ("global", "local")
+STRUCTURES = ("unstructured", "channel")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("ddp", "deepspeed")
@@ -139,6 +141,11 @@ class PruneSettings:
     # rank the whole sample in the same global batches: a pruning step's masks do not depend
     # on the number of ranks, at world-size times the scoring compute.
     scoring: str = "split"
+    # What one pruned unit is. unstructured: single weights (the paper). channel: whole
+    # convolution filters with their BatchNorm channel and the readers' input channels,
+    # residual-coupled channels together (docs/CRITERIA.md); `app-dist export` then writes a
+    # physically smaller dense model. Criteria: snip, magnitude, random; scope global.
+    structure: str = "unstructured"
 
 
 @dataclass
@@ -326,6 +333,21 @@ def validate(config: Config) -> None:
     _one_of("prune.criterion", prune.criterion, CRITERIA)
     _one_of("prune.scope", prune.scope, SCOPES)
     _one_of("prune.scoring", prune.scoring, SCORINGS)
+    _one_of("prune.structure", prune.structure, STRUCTURES)
+    if prune.structure == "channel":
+        _require(prune.criterion in CHANNEL_CRITERIA, "prune.criterion", prune.criterion,
+                 "has no channel form with prune.structure=channel (GraSP's signed per-weight "
+                 "scores and SynFlow's per-weight rounds do not add up to a channel's effect); "
+                 f"use one of {', '.join(CHANNEL_CRITERIA)}")
+        _require(prune.scope == "global", "prune.scope", prune.scope,
+                 "must be global with prune.structure=channel (residual-coupled channels span "
+                 "several layers, so no per-layer density can be met)")
+        _require(not prune.include_linear, "prune.include_linear", prune.include_linear,
+                 "must be false with prune.structure=channel (channels are convolution "
+                 "filters)")
+        _require(config.engine.kind == "ddp", "prune.structure", prune.structure,
+                 "channel is built and tested with engine.kind=ddp only (its export reads "
+                 "DDP checkpoints); use engine.kind=ddp")
     if prune.target_density is not None:
         _require(0 < prune.target_density <= 1, "prune.target_density", prune.target_density,
                  "density must be in (0, 1]")

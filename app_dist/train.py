@@ -55,7 +55,8 @@ from app_dist.foundations.files import atomic_write_json, atomic_write_text
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
 from app_dist.models import build_model
-from app_dist.pruning.masks import MaskSet, attach_masks
+from app_dist.pruning.channels import ChannelGroupingError, build_channel_plan
+from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks
 from app_dist.pruning.schedule import density_schedule
 from app_dist.training.anytime import AnytimeModel, anytime_target
 from app_dist.training.callbacks import LogLines, ProgressBar
@@ -213,7 +214,7 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
                             stem=config.model.stem, mean=config.model.mean, std=config.model.std)
     except ValueError as error:  # a model/stem/channels combination the registry refuses
         raise ConfigError(f"config key 'model': {error}") from None
-    masks = MaskSet(model, attach_masks(model, config.prune.include_linear))
+    masks = _mask_set(config, model, manifest)
     engine = build_engine(config, model, masks, platform)
     checkpointer = Checkpointer.for_run(config, run_dir, platform)
     state, progress = checkpointer.restore(engine)
@@ -244,6 +245,21 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
     if platform.is_primary:
         print(summary_table(state.history), flush=True)
     return state
+
+
+def _mask_set(config: Config, model: torch.nn.Module, manifest: Manifest) -> MaskSet:
+    """The model's masks; with prune.structure=channel also its channel groups, traced on
+    one zero image of the stream's size, and the BatchNorm channel masks they imply."""
+    plan = None
+    if config.prune.structure == "channel":
+        size = manifest.image_size or (config.data.image_size, config.data.image_size)
+        try:
+            plan = build_channel_plan(model, torch.zeros(1, manifest.channels, *size))
+        except ChannelGroupingError as error:
+            raise ConfigError(f"config key 'prune.structure' = 'channel': model "
+                              f"{config.model.name}: {error}") from None
+        attach_channel_masks(model, plan)
+    return MaskSet(model, attach_masks(model, config.prune.include_linear), plan)
 
 
 @command(build_parser)

@@ -113,6 +113,9 @@ def _folded_weight_and_bias(conv: nn.Module, norm: nn.Module
         scale, shift = scale * norm.weight.float(), shift * norm.weight.float()
     if norm.bias is not None:
         shift = shift + norm.bias.float()
+    channel_mask = getattr(norm, "channel_mask", None)  # prune.structure=channel
+    if channel_mask is not None:
+        scale, shift = scale * channel_mask.float(), shift * channel_mask.float()
     bias = shift if conv.bias is None else conv.bias.float() * scale + shift
     return weight * scale.reshape(-1, 1, 1, 1), bias
 

@@ -21,6 +21,7 @@ class ShortcutA(nn.Module):
 
     def __init__(self, in_planes: int, planes: int) -> None:
         super().__init__()
+        self.in_planes = in_planes  # read by the channel export (no state: nothing saved)
         extra = planes - in_planes
         self.pad = (extra // 2, extra - extra // 2)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app_dist.models import classifier_of
+from app_dist.pruning.channels import ChannelPlan
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -39,7 +40,34 @@ class MaskedLinear(nn.Linear):
         return F.linear(input, self.weight * self.weight_mask.to(self.weight.dtype), self.bias)
 
 
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """prune.structure=channel: a BatchNorm whose pruned channels output exactly zero.
+
+    Multiplying the output (not gamma and beta) makes the channel zero whatever the
+    optimizer does to its gamma and beta, in train and eval mode, and gives them no gradient.
+    `channel_mask` is not persistent: it follows from the convolutions' weight masks
+    (ChannelPlan.norm_masks), which are what checkpoints hold, and is rewritten from them by
+    MaskSet.set, so it never appears in a state dict.
+    """
+
+    channel_mask: torch.Tensor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * self.channel_mask.to(input.dtype).view(1, -1, 1, 1)
+
+
 _MASKED_CLASS = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
+
+
+def attach_channel_masks(model: nn.Module, plan: ChannelPlan) -> None:
+    """Give every BatchNorm2d that a channel group names an all-ones `channel_mask` and the
+    masked forward (in place, like attach_masks; call before wrapping in DDP)."""
+    for name in sorted({name for group in plan.groups for name, _ in group.norms}):
+        module = model.get_submodule(name)
+        if type(module) is not nn.BatchNorm2d:
+            raise ValueError(f"layer {name} is a {type(module).__name__}, not a BatchNorm2d")
+        module.register_buffer("channel_mask", torch.ones(module.num_features), persistent=False)
+        module.__class__ = MaskedBatchNorm2d
 
 
 def attach_masks(model: nn.Module, include_linear: bool = False) -> dict[str, torch.Tensor]:
@@ -69,8 +97,15 @@ def attach_masks(model: nn.Module, include_linear: bool = False) -> dict[str, to
 class MaskSet:
     """The prunable weights of a model and their masks, addressed by parameter name."""
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor],
+                 channel_plan: ChannelPlan | None = None) -> None:
         params = dict(model.named_parameters())
+        # prune.structure=channel: the groups, and the BatchNorms whose channel masks follow
+        # from the weight masks (attach_channel_masks first).
+        self.channel_plan = channel_plan
+        self._norms = {} if channel_plan is None else {
+            name: model.get_submodule(name)
+            for name in sorted({n for group in channel_plan.groups for n, _ in group.norms})}
         # Layers, not buffer tensors: model.to(device) and DeepSpeed's .half()/.bfloat16()
         # replace a module's buffer objects (parameters keep theirs), so the live mask is
         # always read from its layer.
@@ -113,6 +148,22 @@ class MaskSet:
         The engine then zeroes what it keeps at the pruned positions (`apply_masks`)."""
         for name, mask in self.masks.items():
             mask.copy_(new_masks[name].to(mask.device, mask.dtype))
+        if self.channel_plan is not None:
+            current = {name: mask.cpu() for name, mask in self.masks.items()}
+            sizes = {name: norm.num_features for name, norm in self._norms.items()}
+            for name, value in self.channel_plan.norm_masks(current, sizes).items():
+                buffer = self._norms[name].channel_mask
+                buffer.copy_(value.to(buffer.device, buffer.dtype))
+
+    def structure_record(self) -> dict[str, float | int]:
+        """prune.structure=channel: channel groups kept and the FLOPs fraction of the
+        convolutions (metrics record); {} for unstructured masks."""
+        if self.channel_plan is None:
+            return {}
+        current = {name: mask.cpu() for name, mask in self.masks.items()}
+        return {"channel_groups_kept": sum(self.channel_plan.group_alive(current)),
+                "channel_groups": len(self.channel_plan.groups),
+                "flops_fraction": self.channel_plan.flops_fraction(current)}
 
     def update(self, new_masks: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer | None) -> None:

@@ -18,6 +18,11 @@ from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, agreed
 from app_dist.foundations.seeding import derived_seed
 from app_dist.models import classifier_of
+from app_dist.pruning.channels import (
+    CHANNEL_CRITERIA,
+    channel_masks_from_scores,
+    random_group_scores,
+)
 from app_dist.pruning.masks import MaskSet, mask_checksums
 from app_dist.pruning.scores import (
     GRASP_SAMPLES_PER_CLASS,
@@ -161,15 +166,50 @@ def prune_step(module: nn.Module, masks: MaskSet, platform: Platform,
     the masks is the caller's job (the engine's `apply_masks`). `class_source`: see
     compute_scores. `scores_on_every_rank` (prune.scoring=whole): the batches are the whole
     scoring sample on every rank, so each rank computes the scores alone, as a single process
-    would, with nothing summed over ranks."""
-    scorer = platform
-    if scores_on_every_rank and platform.distributed:
-        scorer = Platform(rank=0, world_size=1, local_rank=platform.local_rank,
-                          device=platform.device)
-    scores = compute_scores(criterion, module, masks, scorer, scoring_batches, seed,
+    would, with nothing summed over ranks. With a channel plan (prune.structure=channel) whole
+    channel groups are pruned (see _channel_step)."""
+    if masks.channel_plan is not None:
+        new_masks = _channel_step(module, masks, scorer_for(platform, scores_on_every_rank),
+                                  scoring_batches, density=density, criterion=criterion,
+                                  seed=seed, megabatch=megabatch)
+        verify_identical_masks(new_masks, platform)
+        return new_masks
+    scores = compute_scores(criterion, module, masks,
+                            scorer_for(platform, scores_on_every_rank), scoring_batches, seed,
                             megabatch, density=density, scope=scope,
                             synflow_iterations=synflow_iterations, class_source=class_source)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
     new_masks = masks_from_scores(scores, current, density, scope)
     verify_identical_masks(new_masks, platform)
     return new_masks
+
+
+def scorer_for(platform: Platform, scores_on_every_rank: bool) -> Platform:
+    """The platform criteria sum over: a single process when every rank scores the whole
+    sample (prune.scoring=whole)."""
+    if scores_on_every_rank and platform.distributed:
+        return Platform(rank=0, world_size=1, local_rank=platform.local_rank,
+                        device=platform.device)
+    return platform
+
+
+def _channel_step(module: nn.Module, masks: MaskSet, scorer: Platform,
+                  scoring_batches: ScoringBatches, *, density: float, criterion: str,
+                  seed: int, megabatch: int) -> dict[str, torch.Tensor]:
+    """prune.structure=channel: per-weight scores summed per channel group (the same
+    all-reduced scores as unstructured runs, so identical on every rank), then whole groups
+    pruned lowest first (channels.channel_masks_from_scores)."""
+    plan = masks.channel_plan
+    assert plan is not None
+    if criterion == "random":
+        group_scores = random_group_scores(plan, derived_seed(seed, "random-criterion",
+                                                              megabatch))
+    elif criterion in CHANNEL_CRITERIA:
+        scores = compute_scores(criterion, module, masks, scorer, scoring_batches, seed,
+                                megabatch)
+        group_scores = plan.group_scores(scores)
+    else:
+        raise ValueError(f"criterion '{criterion}' has no channel form; use one of "
+                         f"{', '.join(CHANNEL_CRITERIA)}")
+    current = {name: mask.cpu() for name, mask in masks.masks.items()}
+    return channel_masks_from_scores(plan, group_scores, current, density)

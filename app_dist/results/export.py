@@ -1,8 +1,9 @@
-"""`app-dist export RUN_DIR [--out FILE]`: the run's final model (its last complete
+"""`app-dist export RUN_DIR [--out FILE] [--onnx FILE]`: the run's final model (its last complete
 checkpoint) with its masks folded in, in the compact sparse file of
 app_dist/models/sparse_file.py, and `load_exported(FILE)` to get an ordinary dense nn.Module
-back. A run also publishes the same file after every megabatch (its anytime model,
-app_dist/training/anytime.py)."""
+back. A prune.structure=channel run exports the physically smaller dense network instead
+(app_dist/results/channel_export.py). A run also publishes the sparse file after every
+megabatch (its anytime model, app_dist/training/anytime.py)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,21 @@ from app_dist.foundations.files import atomic_torch_save, load_torch_file
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.models import build_model, classifier_of
 from app_dist.models.sparse_file import (
+    MASK_SUFFIX,
     ExportError,
     dense_state,
     sparse_model,
 )
+from app_dist.results.channel_export import (
+    TRACE_SIZE,
+    channel_model,
+    export_onnx,
+    load_channel_export,
+)
 from app_dist.training.checkpoint import Checkpoint, examine
 
 DEFAULT_NAME = "model-sparse.pt"
+CHANNEL_NAME = "model-channel.pt"  # prune.structure=channel: the physically smaller model
 
 
 @dataclass
@@ -36,6 +45,10 @@ class Exported:
     sparse_bytes: int  # the file written
     dense_bytes: int  # torch.save of the same model's plain state dict, for comparison
     density: float
+    structure: str = "unstructured"
+    parameters: int = 0  # of the exported model (channel: the smaller network)
+    dense_parameters: int = 0
+    onnx: Path | None = None
 
 
 def last_complete_checkpoint(run_dir: Path) -> Checkpoint:
@@ -93,9 +106,12 @@ def _saved_size(value: Any) -> int:
     return buffer.getbuffer().nbytes
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> Exported:
+def export_run(run_dir: str | Path, out: str | Path | None = None,
+               onnx: str | Path | None = None) -> Exported:
     """Write RUN_DIR's final model (last complete checkpoint) in sparse form to `out`
-    (default RUN_DIR/model-sparse.pt). Raises ExportError / CheckpointError on bad input."""
+    (default RUN_DIR/model-sparse.pt); a prune.structure=channel run's as the physically
+    smaller dense model (default RUN_DIR/model-channel.pt), and as ONNX to `onnx` if given.
+    Raises ExportError / CheckpointError on bad input."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a directory; pass the run.dir of a run")
@@ -105,16 +121,40 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Exported:
     if "masks" not in state or "settings" not in state:
         raise CheckpointError(f"{folder / CheckpointFiles.STATE} lacks masks or settings")
     model_state = _model_state(folder)
-    exported = sparse_model(model_state, state["masks"],
-                            _architecture(state["settings"], model_state, folder),
-                            {"run_dir": str(run_dir), "checkpoint": folder.name,
-                             "megabatch": checkpoint.megabatch})
+    architecture = _architecture(state["settings"], model_state, folder)
+    source = {"run_dir": str(run_dir), "checkpoint": folder.name,
+              "megabatch": checkpoint.megabatch}
+    if state["settings"].get("prune.structure", "unstructured") == "channel":
+        return _export_channel(run_dir, out, model_state, state["masks"], architecture, source,
+                               onnx)
+    exported = sparse_model(model_state, state["masks"], architecture, source)
     path = Path(out) if out is not None else run_dir / DEFAULT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(exported, path)
     plain = dense_state(exported["dense"], exported["sparse"])
+    if onnx is not None:
+        raise ExportError("--onnx is for prune.structure=channel runs (an unstructured model "
+                          "exports as a dense network: export it from load_exported)")
     return Exported(path, path.stat().st_size, _saved_size(plain),
                     exported["source"]["density"])
+
+
+def _export_channel(run_dir: Path, out: str | Path | None, model_state: dict[str, torch.Tensor],
+                    masks: dict[str, torch.Tensor], architecture: dict[str, Any],
+                    source: dict[str, Any], onnx: str | Path | None) -> Exported:
+    exported = channel_model(model_state, masks, architecture, source)
+    path = Path(out) if out is not None else run_dir / CHANNEL_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(exported, path)
+    onnx_path = None
+    if onnx is not None:
+        onnx_path = export_onnx(load_channel_export(path), onnx,
+                                (architecture["in_channels"], TRACE_SIZE, TRACE_SIZE))
+    plain = {k: v for k, v in model_state.items() if not k.endswith(MASK_SUFFIX)}
+    info = exported["source"]
+    return Exported(path, path.stat().st_size, _saved_size(plain), info["density"],
+                    structure="channel", parameters=info["parameters"],
+                    dense_parameters=info["dense_parameters"], onnx=onnx_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,13 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Write a run's final model in compact sparse form.")
     parser.add_argument("run_dir", help="the run.dir of a run (holds checkpoints/)")
     parser.add_argument("--out", default=None,
-                        help=f"output file (default RUN_DIR/{DEFAULT_NAME})")
+                        help=f"output file (default RUN_DIR/{DEFAULT_NAME}, or "
+                             f"RUN_DIR/{CHANNEL_NAME} for a prune.structure=channel run)")
+    parser.add_argument("--onnx", default=None,
+                        help="prune.structure=channel runs: also write the smaller model "
+                             "as ONNX to this file (needs the onnx package)")
     return parser
 
 
 @command(build_parser)
 def main(args: argparse.Namespace) -> int:
-    exported = export_run(args.run_dir, args.out)
+    exported = export_run(args.run_dir, args.out, args.onnx)
+    if exported.structure == "channel":
+        print(f"wrote {exported.path}: {exported.parameters:,} parameters "
+              f"({exported.parameters / exported.dense_parameters:.1%} of "
+              f"{exported.dense_parameters:,}), {exported.sparse_bytes:,} bytes, channels "
+              f"removed at density {exported.density:.3f}"
+              + (f"; ONNX {exported.onnx}" if exported.onnx else ""))
+        return 0
     print(f"wrote {exported.path}: {exported.sparse_bytes:,} bytes at density "
           f"{exported.density:.3f} ({exported.sparse_bytes / exported.dense_bytes:.1%} of the "
           f"{exported.dense_bytes:,} bytes of the dense state dict)")

@@ -90,6 +90,10 @@ class MegabatchLoop:
         density = self.schedule[megabatch - 1]
         if keep_count(density, masks.total) >= masks.kept:
             return False
+        # Whole channels (prune.structure=channel) meet d_t only approximately, maybe from
+        # above: a step whose density did not fall (osp after t = 1) leaves the masks alone.
+        if megabatch > 1 and density >= self.schedule[megabatch - 2]:
+            return False
         settings = self.config.prune
         whole = settings.scoring == "whole"
         with eager():  # a compiled model (perf.compile) scores eagerly, in full precision

@@ -24,6 +24,8 @@ def training_record(progress: MegabatchProgress, best: dict[str, Any], masks: Ma
         "prunable_parameters": masks.total,
         "total_parameters": total_parameters,
         "layer_density": masks.layer_densities(),
+        # prune.structure=channel: channel groups kept and the convolutions' FLOPs fraction.
+        **masks.structure_record(),
         "train_samples": train_samples,
         "val_samples": val_samples,
         "best_epoch": best["epoch"],

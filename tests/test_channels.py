@@ -1,0 +1,209 @@
+"""prune.structure=channel: residual-coupled channel groups of ResNet-20 (exact counts), nested
+whole-channel masks at the schedule's densities, BatchNorm channels that output zero, the
+physically smaller export (plain nn.Module and ONNX) equal to the masked model, and a real
+2-rank digits run that ends with identical masks on both ranks and exports a smaller model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from app_dist.config import load_config
+from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy
+from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.run_layout import CheckpointFiles
+from app_dist.models import build_model
+from app_dist.pruning.channels import build_channel_plan, channel_masks_from_scores
+from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks
+from app_dist.pruning.scores import magnitude_scores
+from app_dist.results.channel_export import channel_model, export_onnx, load_channel_export
+
+from .conftest import checkpoint_folder, digits_run_args, read_metrics, run_trainer
+
+CIFAR = {"name": "resnet20s", "num_classes": 10, "in_channels": 3, "stem": "cifar",
+         "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+
+
+def channel_model_and_masks(architecture: dict = CIFAR, size: int = 32):
+    torch.manual_seed(0)
+    model = build_model(architecture["name"], architecture["num_classes"],
+                        in_channels=architecture["in_channels"], stem=architecture["stem"],
+                        mean=architecture["mean"], std=architecture["std"])
+    plan = build_channel_plan(model, torch.zeros(1, architecture["in_channels"], size, size))
+    attach_channel_masks(model, plan)
+    return model, MaskSet(model, attach_masks(model), plan)
+
+
+def prune_to(masks: MaskSet, density: float) -> None:
+    plan = masks.channel_plan
+    scores = plan.group_scores(magnitude_scores(masks.weights))
+    current = {name: mask.cpu() for name, mask in masks.masks.items()}
+    masks.update(channel_masks_from_scores(plan, scores, current, density), None)
+
+
+def test_resnet20_groups_follow_the_residual_stream_across_option_a_shortcuts():
+    _, masks = channel_model_and_masks()
+    groups = masks.channel_plan.groups
+    # 9 blocks' inner channels (3 x 16 + 3 x 32 + 3 x 64) + 64 residual-stream channels.
+    assert len(groups) == 336 + 64
+    by_filters = {}
+    for group in groups:
+        by_filters[len(group.filters)] = by_filters.get(len(group.filters), 0) + 1
+    # stem + 9 conv2: stage-1 channels run through stages 2 and 3 (16); stage-2 channels
+    # that are zero padding of the shortcut start in stage 2 (16: 6 filters); stage-3 ones
+    # (32: 3 filters); inner channels have one filter each.
+    assert by_filters == {10: 16, 6: 16, 3: 32, 1: 336}
+    first = next(g for g in groups if ("net.conv1.weight", 0) in g.filters)
+    # Option A puts stage-1 channel i at i + 8 in stage 2 and at i + 24 in stage 3.
+    assert ("net.layer2.0.conv2.weight", 8) in first.filters
+    assert ("net.layer3.2.conv2.weight", 24) in first.filters
+    assert first.linear_inputs == [("net.linear", 24)]
+    assert len(first.norms) == 10 and len(first.inputs) == 9  # every block's conv1 reads it
+
+
+def test_masks_are_nested_whole_channels_near_the_schedule_and_pruned_channels_are_zero():
+    model, masks = channel_model_and_masks()
+    plan = masks.channel_plan
+    previous = {name: mask.clone() for name, mask in masks.masks.items()}
+    for density in (0.8, 0.64, 0.512, 0.366):
+        prune_to(masks, density)
+        assert abs(masks.density() - density) < 0.01
+        for name, mask in masks.masks.items():
+            assert bool((mask <= previous[name]).all()), name  # nested
+        previous = {name: mask.clone() for name, mask in masks.masks.items()}
+        alive = plan.group_alive(masks.masks)
+        for group, is_alive in zip(plan.groups, alive):  # all of a group or none of it
+            values = {bool(masks.masks[n].select(d, i).any()) for n, d, i in
+                      group.weight_slices() if n not in {f for f, _ in group.filters}}
+            assert values <= {is_alive} or not is_alive
+            assert all(bool(masks.masks[n][i].any()) == is_alive for n, i in group.filters)
+    record = masks.structure_record()
+    assert 0 < record["flops_fraction"] < 1 and record["channel_groups_kept"] < 400
+    # A pruned residual channel is exactly zero at every block output, BN shift or not:
+    # prune the stage-1 residual channel 0 (lowest score) on top of the current masks.
+    index = next(i for i, g in enumerate(plan.groups) if ("net.conv1.weight", 0) in g.filters)
+    scores = torch.ones(len(plan.groups))
+    scores[index] = -1.0
+    current = {name: mask.clone() for name, mask in masks.masks.items()}
+    masks.update(channel_masks_from_scores(plan, scores, current, masks.density() - 0.02),
+                 None)
+    assert not plan.group_alive(masks.masks)[index]
+    channel = dict(plan.groups[index].norms)["net.layer3.2.bn2"]
+    outputs = {}
+    model.net.layer3[2].register_forward_hook(lambda m, i, o: outputs.setdefault("out", o))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.bias.fill_(0.5)
+        model.train()(torch.rand(4, 3, 32, 32))
+    assert torch.count_nonzero(outputs["out"][:, channel]) == 0
+
+
+def test_no_convolution_loses_all_its_channels():
+    _, masks = channel_model_and_masks()
+    prune_to(masks, 0.01)
+    for name, mask in masks.masks.items():
+        assert bool(mask.flatten(1).any(1).any()), name
+
+
+def _with_statistics(model: nn.Module) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(32, 3, 32, 32))
+    return model.eval()
+
+
+def test_export_removes_channels_and_matches_the_masked_model_also_as_onnx(tmp_path):
+    model, masks = channel_model_and_masks()
+    prune_to(masks, 0.366)
+    model = _with_statistics(model)
+    exported = channel_model(model.state_dict(), {n: m.bool() for n, m in masks.masks.items()},
+                             CIFAR, {"run_dir": "test"})
+    path = tmp_path / "model-channel.pt"
+    torch.save(exported, path)
+    small = load_channel_export(path)
+    assert sum(p.numel() for p in small.parameters()) == exported["source"]["parameters"]
+    assert exported["source"]["parameters"] < 0.45 * exported["source"]["dense_parameters"]
+    assert not any("mask" in name for name, _ in small.named_buffers())
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(type(m) is nn.Conv2d for m in convs)
+    dense_channels = sum(m.out_channels for m in build_model(
+        "resnet20s", 10, mean=[0.5] * 3, std=[0.25] * 3).modules() if isinstance(m, nn.Conv2d))
+    assert sum(m.out_channels for m in convs) < 0.7 * dense_channels
+    images = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = model(images), small(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx_path = export_onnx(small, tmp_path / "model.onnx", (3, 32, 32))
+    session = onnxruntime.InferenceSession(str(onnx_path))
+    (logits,) = session.run(None, {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_evaluation_keeps_pruned_channels_zero():
+    model, masks = channel_model_and_masks()
+    prune_to(masks, 0.5)
+    model = _with_statistics(model)
+    folded = folded_copy(model, conv_batchnorm_pairs(model))
+    images = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prune.criterion=grasp", "prune.criterion"),
+    ("prune.criterion=synflow", "prune.criterion"),
+    ("prune.scope=local", "prune.scope"),
+    ("prune.include_linear=true", "prune.include_linear"),
+])
+def test_unsupported_channel_combinations_are_refused_in_one_line(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["prune.structure=channel", override])
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_model(
+        digits_shards, tmp_path, capsys):
+    from app_dist.cli import main as cli_main
+    from app_dist.data.manifest import Manifest
+
+    run_dir = tmp_path / "channel"
+    result = run_trainer(digits_run_args(digits_shards, run_dir, "prune.structure=channel",
+                                         "data.megabatches=2", "train.epochs=1"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [round(r["target_density"], 3) for r in records] == [0.8, 0.366]
+    for record in records:
+        assert abs(record["density"] - record["target_density"]) < 0.02
+        assert 0 < record["flops_fraction"] < 1
+    final = checkpoint_folder(run_dir, 2)
+    rank_masks = [torch.load(final / CheckpointFiles.rank(r), weights_only=True)["masks"]
+                  for r in (0, 1)]
+    assert all(torch.equal(rank_masks[0][n], rank_masks[1][n]) for n in rank_masks[0])
+
+    out, onnx_path = tmp_path / "small.pt", tmp_path / "small.onnx"
+    assert cli_main(["export", str(run_dir), "--out", str(out), "--onnx", str(onnx_path)]) == 0
+    assert "parameters" in capsys.readouterr().out
+    small = load_channel_export(out)
+    manifest = Manifest.load(digits_shards)
+    architecture = {"name": "digits_cnn", "num_classes": manifest.num_classes,
+                    "in_channels": 1, "stem": "cifar", "mean": [0.305], "std": [0.375]}
+    masked, masks = channel_model_and_masks(architecture, size=8)
+    masks.load_state_dict(torch.load(final / "state.pt", weights_only=True)["masks"])
+    masked.load_state_dict(torch.load(final / "engine.pt", weights_only=True)["model"])
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in masked.parameters())
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images[:256] / 16.0, dtype=torch.float32).unsqueeze(1)
+    with torch.no_grad():
+        expected = masked.eval()(images)
+        torch.testing.assert_close(small(images), expected, rtol=1e-5, atol=1e-5)
+    assert onnx_path.is_file()

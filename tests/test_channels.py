@@ -5,6 +5,8 @@ physically smaller export (plain nn.Module and ONNX) equal to the masked model, 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -207,3 +209,11 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
         expected = masked.eval()(images)
         torch.testing.assert_close(small(images), expected, rtol=1e-5, atol=1e-5)
     assert onnx_path.is_file()
+    # The run report shows the export: parameters, file size, measured speed vs dense.
+    from app_dist.results.report import _export_section
+
+    summary = json.loads((run_dir / "export-summary.json").read_text())
+    assert summary["parameters"] < summary["dense_parameters"]
+    assert set(summary["latency_ms"]) == {"1", "256"}
+    section = "".join(_export_section(run_dir))
+    assert "ms per batch of 256" in section and "file bytes" in section

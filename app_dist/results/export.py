@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import CheckpointError
-from app_dist.foundations.files import atomic_torch_save, load_torch_file
+from app_dist.foundations.files import atomic_torch_save, atomic_write_json, load_torch_file
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.models import build_model, classifier_of
 from app_dist.models.sparse_file import (
@@ -29,13 +30,16 @@ from app_dist.models.sparse_file import (
 )
 from app_dist.results.channel_export import (
     TRACE_SIZE,
+    build_architecture,
     channel_model,
     export_onnx,
     load_channel_export,
 )
+from app_dist.results.latency import compare_inference
 from app_dist.training.checkpoint import Checkpoint, examine
 
 DEFAULT_NAME = "model-sparse.pt"
+EXPORT_SUMMARY = "export-summary.json"  # the last channel export: sizes and measured speed
 CHANNEL_NAME = "model-channel.pt"  # prune.structure=channel: the physically smaller model
 
 
@@ -107,10 +111,11 @@ def _saved_size(value: Any) -> int:
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None,
-               onnx: str | Path | None = None) -> Exported:
+               onnx: str | Path | None = None, latency: bool = True) -> Exported:
     """Write RUN_DIR's final model (last complete checkpoint) in sparse form to `out`
     (default RUN_DIR/model-sparse.pt); a prune.structure=channel run's as the physically
-    smaller dense model (default RUN_DIR/model-channel.pt), and as ONNX to `onnx` if given.
+    smaller dense model (default RUN_DIR/model-channel.pt), and as ONNX to `onnx` if given,
+    with RUN_DIR/export-summary.json (sizes and, with `latency`, measured speed).
     Raises ExportError / CheckpointError on bad input."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -126,7 +131,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
               "megabatch": checkpoint.megabatch}
     if state["settings"].get("prune.structure", "unstructured") == "channel":
         return _export_channel(run_dir, out, model_state, state["masks"], architecture, source,
-                               onnx)
+                               onnx, latency)
     exported = sparse_model(model_state, state["masks"], architecture, source)
     path = Path(out) if out is not None else run_dir / DEFAULT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +146,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
 
 def _export_channel(run_dir: Path, out: str | Path | None, model_state: dict[str, torch.Tensor],
                     masks: dict[str, torch.Tensor], architecture: dict[str, Any],
-                    source: dict[str, Any], onnx: str | Path | None) -> Exported:
+                    source: dict[str, Any], onnx: str | Path | None,
+                    latency: bool) -> Exported:
     exported = channel_model(model_state, masks, architecture, source)
     path = Path(out) if out is not None else run_dir / CHANNEL_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,9 +158,34 @@ def _export_channel(run_dir: Path, out: str | Path | None, model_state: dict[str
                                 (architecture["in_channels"], TRACE_SIZE, TRACE_SIZE))
     plain = {k: v for k, v in model_state.items() if not k.endswith(MASK_SUFFIX)}
     info = exported["source"]
+    write_export_summary(run_dir, path, _saved_size(plain), info, architecture, latency)
     return Exported(path, path.stat().st_size, _saved_size(plain), info["density"],
                     structure="channel", parameters=info["parameters"],
                     dense_parameters=info["dense_parameters"], onnx=onnx_path)
+
+
+def write_export_summary(run_dir: Path, path: Path, dense_bytes: int, info: dict[str, Any],
+                         architecture: dict[str, Any], latency: bool) -> Path:
+    """RUN_DIR/export-summary.json, which `app-dist report` shows: the exported model's
+    parameters and file size against the dense model's, and (latency) the milliseconds per
+    batch of both, measured here on the CPU at batch 1 and a large batch."""
+    summary: dict[str, Any] = {
+        "file": str(path), "file_bytes": path.stat().st_size, "dense_file_bytes": dense_bytes,
+        "parameters": info["parameters"], "dense_parameters": info["dense_parameters"],
+        "density": info["density"], "measured_on": f"{platform.node()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"}
+    if latency:
+        size = 224 if architecture["stem"] == "imagenet" else 32
+        large = 32 if architecture["stem"] == "imagenet" else 256
+        models = {"dense": build_architecture(architecture), "exported":
+                  load_channel_export(path)}
+        timings = compare_inference(models, (architecture["in_channels"], size, size),
+                                    batches=(1, large), rounds=3, budget_s=0.2)
+        summary["input"] = [architecture["in_channels"], size, size]
+        summary["latency_ms"] = {str(batch): ms for batch, ms in timings.items()}
+    target = run_dir / EXPORT_SUMMARY
+    atomic_write_json(target, summary)
+    return target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help=f"output file (default RUN_DIR/{DEFAULT_NAME}, or "
                              f"RUN_DIR/{CHANNEL_NAME} for a prune.structure=channel run)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="channel runs: skip measuring inference speed against the dense "
+                             f"model (RUN_DIR/{EXPORT_SUMMARY} then holds sizes only)")
     parser.add_argument("--onnx", default=None,
                         help="prune.structure=channel runs: also write the smaller model "
                              "as ONNX to this file (needs the onnx package)")
@@ -172,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command(build_parser)
 def main(args: argparse.Namespace) -> int:
-    exported = export_run(args.run_dir, args.out, args.onnx)
+    exported = export_run(args.run_dir, args.out, args.onnx, latency=not args.no_latency)
     if exported.structure == "channel":
         print(f"wrote {exported.path}: {exported.parameters:,} parameters "
               f"({exported.parameters / exported.dense_parameters:.1%} of "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import re
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
+from app_dist.results.export import EXPORT_SUMMARY
 from app_dist.results.plots import plot_layer_density, plot_runs
 from app_dist.results.runs import Run, describe_config, final_density_of, read_run
 
@@ -134,6 +136,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _export_section(run_dir: Path) -> list[str]:
+    """The run's last channel export (RUN_DIR/export-summary.json, `app-dist export`):
+    parameters, file size and measured inference time against the dense model."""
+    try:
+        summary = json.loads((run_dir / EXPORT_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return []
+    rows = [["parameters", f"{summary['dense_parameters']:,}", f"{summary['parameters']:,}",
+             f"{summary['parameters'] / summary['dense_parameters']:.2f}x"],
+            ["file bytes", f"{summary['dense_file_bytes']:,}", f"{summary['file_bytes']:,}",
+             f"{summary['file_bytes'] / summary['dense_file_bytes']:.2f}x"]]
+    for batch, ms in summary.get("latency_ms", {}).items():
+        rows.append([f"ms per batch of {batch}", f"{ms['dense']:.2f}", f"{ms['exported']:.2f}",
+                     f"{ms['dense'] / ms['exported']:.2f}x faster"])
+    return [f"<p>Exported model <code>{html.escape(summary['file'])}</code>, measured on "
+            f"{html.escape(summary['measured_on'])}:</p>",
+            _table(["", "dense", "exported", "ratio"], [[html.escape(c) for c in row]
+                                                        for row in rows])]
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { margin-bottom: 0.2em; } .meta { color: #666; }
@@ -175,6 +197,7 @@ def render_html(runs: Sequence[Run], labels: Sequence[str], figures: Sequence[Fi
         parts.append(f"<h3>{html.escape(label)}</h3>")
         parts.append(f'<p class="meta"><code>{html.escape(str(run.path))}</code>: '
                      f"{html.escape(describe_config(run))}</p>")
+        parts.extend(_export_section(run.path))
         if run.records:
             rows = [[_cell(record, key, fmt) for key, _, fmt in TABLE_COLUMNS]
                     for record in run.records]

@@ -84,11 +84,23 @@ class ChannelPlan:
         return out
 
     def group_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per group: the sum of the per-weight scores over all its masked slices (a weight
-        shared by two groups, filter of one and input channel of the other, counts in both)."""
-        return torch.tensor([
-            sum(float(scores[n].select(d, i).double().sum()) for n, d, i in g.weight_slices())
-            for g in self.groups], dtype=torch.float64)
+        """Per group: the mean of the per-weight scores over all its masked slices (a weight
+        shared by two groups, filter of one and input channel of the other, counts in both).
+
+        The mean, not the sum: the density budget counts weights, so the greedy choice that
+        keeps the most score per kept weight ranks groups by score per weight. A sum ranks by
+        size as much as by score: residual groups (10 filters and 9 readers in ResNet-20)
+        always outrank a block's inner channel, which then collapse to 1 of 16 while the
+        residual stream stays whole (measured: 1/3 of the FLOPs ran only 1.5x faster)."""
+        values = []
+        for group in self.groups:
+            total = count = 0.0
+            for name, dim, index in group.weight_slices():
+                part = scores[name].select(dim, index)
+                total += float(part.double().sum())
+                count += part.numel()
+            values.append(total / count)
+        return torch.tensor(values, dtype=torch.float64)
 
     def flops_fraction(self, masks: dict[str, torch.Tensor]) -> float:
         """Multiply-accumulates of the masked convolutions over the dense ones: kept weights

@@ -1,0 +1,120 @@
+"""Inference speed of what the two structures export: dense ResNet-20 vs its unstructured APP
+export (density 0.366: zeros in dense tensors) vs a channel-pruned ResNet-20 at about 1/3 of
+the dense FLOPs (fewer channels), on this CPU, side by side in one process.
+
+    python bench/structured_inference.py [--flops 0.333] [--rounds 5] [--threads N] [--no-write]
+
+Speed does not depend on the weights' values, only on the shapes (channel) or on nothing
+(unstructured), so the models are pruned once at initialisation: unstructured by magnitude,
+channel by the random criterion (one draw per channel group), which thins every layer about
+evenly, as a trained SNIP run's masks roughly do; magnitude at initialisation would instead
+follow the layers' init scales (Kaiming: smaller weights where fan-in is larger) and empty
+whole stages. The channel density is searched so that the convolutions' FLOPs fraction is
+closest to --flops. Models
+take turns round by round (app_dist/results/latency.py); figures are medians. Appends a row
+to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app_dist.models import build_model  # noqa: E402
+from app_dist.models.sparse_file import load_exported, sparse_model  # noqa: E402
+from app_dist.pruning.channels import (  # noqa: E402
+    build_channel_plan,
+    channel_masks_from_scores,
+    random_group_scores,
+)
+from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks  # noqa: E402
+from app_dist.pruning.scores import magnitude_scores  # noqa: E402
+from app_dist.pruning.threshold import masks_from_scores  # noqa: E402
+from app_dist.results.channel_export import channel_model, load_channel_export  # noqa: E402
+from app_dist.results.latency import compare_inference  # noqa: E402
+from bench.common import append_row  # noqa: E402
+
+ARCHITECTURE = {"name": "resnet20s", "num_classes": 10, "in_channels": 3, "stem": "cifar",
+                "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
+
+
+def fresh() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet20s", 10, mean=ARCHITECTURE["mean"], std=ARCHITECTURE["std"])
+
+
+def unstructured_export(folder: Path, density: float) -> torch.nn.Module:
+    model = fresh()
+    masks = MaskSet(model, attach_masks(model))
+    current = {name: mask.clone() for name, mask in masks.masks.items()}
+    masks.update(masks_from_scores(magnitude_scores(masks.weights), current, density, "global"),
+                 None)
+    path = folder / "unstructured.pt"
+    torch.save(sparse_model(model.state_dict(), masks.state_dict(), ARCHITECTURE, {}), path)
+    return load_exported(path)
+
+
+def channel_export(folder: Path, flops: float) -> tuple[torch.nn.Module, float, float]:
+    """(small model, parameter density, FLOPs fraction) at the density whose FLOPs fraction
+    is closest to `flops` (bisection: the fraction grows with the density)."""
+    model = fresh()
+    plan = build_channel_plan(model, torch.zeros(1, 3, 32, 32))
+    attach_channel_masks(model, plan)
+    masks = MaskSet(model, attach_masks(model), plan)
+    ones = {name: torch.ones_like(mask) for name, mask in masks.masks.items()}
+    scores = random_group_scores(plan, seed=0)
+    low, high = 0.05, 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        fraction = plan.flops_fraction(channel_masks_from_scores(plan, scores, ones, middle))
+        low, high = (middle, high) if fraction < flops else (low, middle)
+    chosen = channel_masks_from_scores(plan, scores, ones, high)
+    masks.update(chosen, None)
+    path = folder / "channel.pt"
+    torch.save(channel_model(model.state_dict(), masks.state_dict(), ARCHITECTURE, {}), path)
+    return load_channel_export(path), masks.density(), plan.flops_fraction(chosen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops", type=float, default=1 / 3)
+    parser.add_argument("--density", type=float, default=0.8**4.5,
+                        help="the unstructured export's density")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as folder:
+        small, density, fraction = channel_export(Path(folder), args.flops)
+        models = {"dense": fresh().eval(),
+                  "unstructured": unstructured_export(Path(folder), args.density),
+                  "channel": small}
+    parameters = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    timings = compare_inference(models, (3, 32, 32), batches=(1, 256), rounds=args.rounds)
+    parts = []
+    for batch, ms in timings.items():
+        speed = {name: batch / (value / 1e3) for name, value in ms.items()}
+        parts.append(f"batch {batch}: dense {speed['dense']:.0f} img/s, unstructured "
+                     f"{speed['unstructured']:.0f} ({speed['unstructured'] / speed['dense']:.2f}x)"
+                     f", channel {speed['channel']:.0f} ({speed['channel'] / speed['dense']:.2f}x)")
+    result = (f"resnet20s, {torch.get_num_threads()} threads; unstructured export at density "
+              f"{args.density:.3f}; channel at density {density:.3f} = {fraction:.3f} of the "
+              f"conv FLOPs, {parameters['channel']:,} of {parameters['dense']:,} parameters; "
+              + "; ".join(parts))
+    print(result)
+    if not args.no_write:
+        append_row("inference: dense vs unstructured vs channel export (CPU)",
+                   "bench/structured_inference.py", result)
+
+
+if __name__ == "__main__":
+    main()

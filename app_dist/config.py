@@ -495,16 +495,29 @@ def computation_settings(config: Config) -> dict[str, Any]:
 
 
 def config_hash(config: Config) -> str:
-    """A short stable hash of the settings that decide what a run computes."""
-    text = json.dumps(computation_settings(config), sort_keys=True, default=str)
+    """A short stable hash of the settings that decide what a run computes. Only settings away
+    from their defaults enter it, so a key a later version adds (at the default, which computes
+    what the earlier version did) leaves the default run directory `runs/<name>-<hash>` of the
+    same command where it was, and the command resumes there."""
+    defaults = _default_settings()
+    chosen = {k: v for k, v in computation_settings(config).items()
+              if k not in defaults or defaults[k] != v}
+    text = json.dumps(chosen, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def changed_settings(saved: dict[str, Any], current: Config) -> list[str]:
-    """`key: saved -> current` for every computation setting that differs."""
+    """`key: saved -> current` for every computation setting that differs. A key the saved
+    run does not record (it was written by a version without it) counts as its default."""
     now = computation_settings(current)
+    defaults = _default_settings()
     keys = sorted(set(saved) | set(now))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [f"{k}: {saved.get(k, defaults.get(k))!r} -> {now.get(k)!r}" for k in keys
+            if saved.get(k, defaults.get(k)) != now.get(k)]
+
+
+def _default_settings() -> dict[str, Any]:
+    return computation_settings(Config())
 
 
 def run_directory(config: Config) -> Path:

@@ -4,7 +4,14 @@ import sys
 
 import pytest
 
-from app_dist.config import config_hash, load_config, run_directory, sparsity_level
+from app_dist.config import (
+    changed_settings,
+    computation_settings,
+    config_hash,
+    load_config,
+    run_directory,
+    sparsity_level,
+)
 from app_dist.foundations.errors import ConfigError
 from app_dist.pruning.schedule import density_schedule
 from app_dist.train import main
@@ -64,6 +71,23 @@ def test_run_directory_is_stable_per_settings_and_ignores_logging_keys():
     c = load_config(REPO / "configs/digits.yaml", ["train.epochs=1"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert run_directory(a) == run_directory(b)
+
+
+DIGITS_HASH = "375648c776"  # runs/digits-375648c776: configs/digits.yaml's run directory
+
+
+def test_a_key_added_by_a_later_version_keeps_the_run_directory_and_allows_the_resume():
+    """A run saved by a version without `prune.structure` (for example) recorded no such key:
+    at its default it is no change, and the default run directory stays where it was."""
+    config = load_config(REPO / "configs/digits.yaml")
+    older = {k: v for k, v in computation_settings(config).items()
+             if k not in ("prune.structure", "model.sync_batchnorm")}
+    assert changed_settings(older, config) == []
+    assert changed_settings(older, load_config(REPO / "configs/digits.yaml", [
+        "model.sync_batchnorm=true"])) == ["model.sync_batchnorm: False -> True"]
+    # The same command, the same run directory, across versions: keys added at their defaults
+    # leave the hash alone (it changes only when digits.yaml or a default changes).
+    assert config_hash(config) == DIGITS_HASH
 
 
 def train_command(*args: str) -> subprocess.CompletedProcess[str]:

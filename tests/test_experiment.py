@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app_dist.cli import main as cli_main
-from app_dist.experiment.report import BEGIN, END, comparisons, write_report
+from app_dist.experiment.report import BEGIN, END, comparisons, mean_curves, write_report
 from app_dist.experiment.runner import RunResult, is_finished
 from app_dist.experiment.spec import PlannedRun, SettingSpec, load_experiment, plan_runs
 
@@ -132,3 +132,27 @@ def test_gap_comparisons_count_distance_from_zero_not_the_signed_difference():
             "points (APP's closer to zero in 1 of 2)") in osp
     assert "APP -0.50 vs dense -0.25 points (APP's closer to zero in 0 of 1)" in dense
     assert "better" not in osp.split("generalisation gap")[1]
+
+
+def test_plots_shade_the_spread_of_the_seeds_around_their_mean(tmp_path):
+    """Three seeds: the curve is their mean and the band runs from the lowest to the highest
+    seed at each megabatch; the PNG differs from the same mean drawn without the band."""
+    from matplotlib.image import imread
+
+    from app_dist.results.plots import plot_runs
+
+    def seed_run(seed: int, accuracy: float) -> RunResult:
+        records = [{"megabatch": t, "test_accuracy": accuracy + t / 100, "cer": 1.0,
+                    "density": 0.5, "generalization_gap": 0.0} for t in (1, 2, 3)]
+        run = PlannedRun(SettingSpec(name="s"), "app", seed, Path("."), [], None)  # type: ignore[arg-type]
+        return RunResult(run, records, sparse_bytes=1, dense_bytes=1)
+
+    curves = mean_curves([seed_run(1, 0.5), seed_run(2, 0.6), seed_run(3, 0.9)])
+    first = curves[0]
+    assert first["test_accuracy"] == pytest.approx((0.51 + 0.61 + 0.91) / 3)
+    assert (first["test_accuracy_low"], first["test_accuracy_high"]) == (0.51, 0.91)
+    banded = plot_runs({"app": curves}, "test_accuracy", "acc", tmp_path / "band.png")
+    plain = plot_runs({"app": [{"megabatch": r["megabatch"], "test_accuracy": r["test_accuracy"]}
+                               for r in curves]}, "test_accuracy", "acc", tmp_path / "plain.png")
+    # The band and its wider y-range change a large share of the figure's pixels.
+    assert (imread(banded) != imread(plain)).any(axis=-1).mean() > 0.05

@@ -108,11 +108,20 @@ def comparisons(results: list[RunResult]) -> list[str]:
     return lines
 
 
-def _mean_records(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """Per-megabatch means over seeds of the curve metrics."""
+def mean_curves(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """Per-megabatch means over seeds of the curve metrics, with the lowest and highest seed
+    (`key_low`, `key_high`: the band the plots shade, so the spread is seen beside the mean)."""
     count = min(len(r.records) for r in runs)
-    return [{"megabatch": t + 1, **{key: statistics.fmean(r.records[t][key] for r in runs)
-                                    for key, _, _ in CURVES}} for t in range(count)]
+    curves = []
+    for t in range(count):
+        record: dict[str, Any] = {"megabatch": t + 1}
+        for key, _, _ in CURVES:
+            values = [r.records[t][key] for r in runs]
+            record[key] = statistics.fmean(values)
+            if len(values) > 1:
+                record[f"{key}_low"], record[f"{key}_high"] = min(values), max(values)
+        curves.append(record)
+    return curves
 
 
 def write_plots(spec: ExperimentSpec, setting: SettingSpec, results: list[RunResult]
@@ -122,8 +131,8 @@ def write_plots(spec: ExperimentSpec, setting: SettingSpec, results: list[RunRes
     folder = Path(spec.plots_dir)
     folder.mkdir(parents=True, exist_ok=True)
     seeds = len(spec.seeds)
-    curves = {f"{method} (mean of {seeds} seeds)" if seeds > 1 else method:
-              _mean_records([r for r in results if r.run.method == method])
+    curves = {f"{method} (mean, band: {seeds} seeds)" if seeds > 1 else method:
+              mean_curves([r for r in results if r.run.method == method])
               for method in spec.methods}
     paths = []
     for key, label, scale in CURVES:

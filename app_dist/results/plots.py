@@ -39,6 +39,8 @@ def _style(label: str, index: int) -> tuple[str, str]:
 def plot_runs(runs: Mapping[str, Records], key: str, ylabel: str, path: str | Path,
               title: str | None = None, scale: float = 1.0) -> Path:
     """One line per run of `record[key] * scale` against megabatch, saved as a PNG at `path`.
+    Where records also hold `key_low` and `key_high` (the spread of several seeds), the band
+    between them is shaded in the line's colour.
 
     Records without `key` are skipped (an older run may lack a newer metric). Returns `path`.
     Raises ValueError when no run has any value for `key`.
@@ -53,6 +55,12 @@ def plot_runs(runs: Mapping[str, Records], key: str, ylabel: str, path: str | Pa
         colour, marker = _style(label, index)
         x, y = zip(*points)
         axes.plot(x, y, color=colour, marker=marker, label=label, linewidth=1.8)
+        band = [(r["megabatch"], r[f"{key}_low"] * scale, r[f"{key}_high"] * scale)
+                for r in records if r.get(f"{key}_low") is not None
+                and r.get(f"{key}_high") is not None]
+        if band:
+            bx, low, high = zip(*band)
+            axes.fill_between(bx, low, high, color=colour, alpha=0.18, linewidth=0)
         drawn += 1
     if not drawn:
         raise ValueError(f"no run has a value for '{key}'")

@@ -19,6 +19,7 @@ from app_dist.models.batchnorm import (
     per_rank_statistics,
     synchronise_batchnorm,
 )
+from app_dist.pruning.masks import MaskedBatchNorm2d
 
 # Rank 0 gets 3 samples, rank 1 gets 5: unequal shares check that the statistics weigh
 # samples, not ranks. Channel means far from 0 check the combination of variances.
@@ -60,6 +61,17 @@ def _train(network: nn.Module, batches, rows: slice, total: int) -> dict[str, ob
             "state": {k: v.clone() for k, v in network.state_dict().items()}}
 
 
+def _feature_maps() -> torch.Tensor:
+    return torch.randn(sum(SHARES), 4, 2, 2, generator=torch.Generator().manual_seed(2)) * 2 + 5
+
+
+def _channel_masked(layer: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """`layer` as prune.structure=channel makes it, with channel 1 pruned."""
+    layer.register_buffer("channel_mask", torch.tensor([1.0, 0.0, 1.0, 1.0]), persistent=False)
+    layer.__class__ = MaskedBatchNorm2d
+    return layer
+
+
 def _rank_worker(rank: int, store_path: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
@@ -78,6 +90,10 @@ def _rank_worker(rank: int, store_path: str, out: str) -> None:
             network.load_state_dict(plain.state_dict())
             images = _batches()[0][0][rows]
             result["per_rank"] = (network(images).detach(), plain(images).detach())
+        # A channel-masked BatchNorm (prune.structure=channel) synchronised keeps its mask.
+        masked = _channel_masked(nn.BatchNorm2d(4))
+        assert synchronise_batchnorm(nn.Sequential(masked)) == 1
+        result["masked"] = masked(_feature_maps()[rows]).detach()
         torch.save(result, Path(out) / f"rank-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -112,6 +128,10 @@ def test_synced_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_p
                                        msg=name)
         synced, plain = rank["per_rank"]
         torch.testing.assert_close(synced, plain, rtol=0, atol=0)
+    whole = nn.BatchNorm2d(4)(_feature_maps()).detach()
+    whole[:, 1] = 0
+    torch.testing.assert_close(torch.cat([r["masked"] for r in results]), whole, rtol=1e-5,
+                               atol=1e-6)
     for name, value in results[0]["state"].items():  # every rank holds the same statistics
         assert torch.equal(value, results[1]["state"][name]), name
 

@@ -22,6 +22,7 @@ BatchNorm2d's own forward: a single process computes exactly what plain BatchNor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -101,13 +102,24 @@ def _world_size() -> int:
 
 def synchronise_batchnorm(model: nn.Module) -> int:
     """Turn every BatchNorm2d of `model` into a GlobalBatchNorm2d in place (same parameters,
-    buffers and state_dict keys); returns how many. Call before an engine wraps the model."""
+    buffers and state_dict keys); returns how many. A BatchNorm2d that another class already
+    extends (the channel-masked one of prune.structure=channel) gets a class with both
+    forwards, its own outermost, so it keeps what it adds. Call before an engine wraps the
+    model."""
     converted = 0
     for module in model.modules():
-        if type(module) is nn.BatchNorm2d:
-            module.__class__ = GlobalBatchNorm2d
+        if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+            module.__class__ = _synchronised(type(module))
             converted += 1
     return converted
+
+
+@functools.cache
+def _synchronised(kind: type[nn.BatchNorm2d]) -> type[GlobalBatchNorm2d]:
+    if kind is nn.BatchNorm2d:
+        return GlobalBatchNorm2d
+    # MRO: kind's forward, then GlobalBatchNorm2d's (its super() call), then BatchNorm2d's.
+    return type(f"Global{kind.__name__}", (kind, GlobalBatchNorm2d), {})
 
 
 @contextmanager

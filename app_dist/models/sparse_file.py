@@ -102,16 +102,23 @@ def dense_state(dense: dict[str, torch.Tensor], sparse: dict[str, dict[str, Any]
     return state
 
 
-def load_exported(path: str | Path) -> nn.Module:
-    """The exported model as an ordinary dense nn.Module (plain Conv2d / Linear, no mask
-    buffers), in eval mode, with the exact weights of the run's final masked model."""
+def read_export_file(path: str | Path, file_format: str, kind: str) -> dict[str, Any]:
+    """An export file's dict, read without running pickled code; an ExportError naming the
+    file when it cannot be read or is not of `file_format`."""
     path = Path(path)
     try:
         exported = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
         raise ExportError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(exported, dict) or exported.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an app-dist sparse export ({FORMAT})")
+    if not isinstance(exported, dict) or exported.get("format") != file_format:
+        raise ExportError(f"{path} is not an app-dist {kind} export ({file_format})")
+    return exported
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The exported model as an ordinary dense nn.Module (plain Conv2d / Linear, no mask
+    buffers), in eval mode, with the exact weights of the run's final masked model."""
+    exported = read_export_file(path, FORMAT, "sparse")
     arch = exported["architecture"]
     model = build_model(arch["name"], arch["num_classes"], in_channels=arch["in_channels"],
                         stem=arch["stem"], mean=arch["mean"], std=arch["std"])

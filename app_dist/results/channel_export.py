@@ -28,7 +28,7 @@ from torch import nn
 
 from app_dist.models.cifar_resnet import ShortcutA
 from app_dist.models.registry import build_model
-from app_dist.models.sparse_file import MASK_SUFFIX, ExportError
+from app_dist.models.sparse_file import MASK_SUFFIX, ExportError, read_export_file
 from app_dist.pruning.channels import ChannelPlan, build_channel_plan
 
 FORMAT = "app-dist-channel/1"
@@ -133,13 +133,7 @@ def channel_model(model_state: dict[str, torch.Tensor], masks: dict[str, torch.T
 
 def load_channel_export(path: str | Path) -> nn.Module:
     """The exported small model as an ordinary nn.Module, in eval mode."""
-    path = Path(path)
-    try:
-        exported = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ExportError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(exported, dict) or exported.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an app-dist channel export ({FORMAT})")
+    exported = read_export_file(path, FORMAT, "channel")
     model = remove_channels(build_architecture(exported["architecture"]), exported["removed"])
     model.load_state_dict(exported["state"], strict=True)
     return model.eval()

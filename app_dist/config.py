@@ -20,6 +20,7 @@ from app_dist.foundations.config_loading import key_rule_checker, load_structure
 from app_dist.foundations.storage import check_location
 from app_dist.models.registry import MODEL_NAMES, STEMS
 from app_dist.pruning.channels import CHANNEL_CRITERIA
+from app_dist.pruning.n_m import N_M_CRITERIA, parse_structure
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
 AUGMENTATIONS = ("none", "cifar", "imagenet")
@@ -28,6 +29,7 @@ PRUNE_METHODS = ("dense", "osp", "app")
 CRITERIA = ("snip", "magnitude", "random", "grasp", "synflow")
 SCORINGS = ("split", "whole")
 SCOPES = ("global", "local")
+# ... or an N:M pattern "N:M" (2:4, 4:8; app_dist/pruning/n_m.py parses and checks it).
 STRUCTURES = ("unstructured", "channel")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,7 +101,9 @@ class DataSettings:
 
 @dataclass
 class ModelSettings:
-    name: str = "resnet20s"  # resnet20s/32s/44s/56s, resnet18/34/50, vgg16_bn, digits_cnn
+    # resnet20s/32s/44s/56s, resnet18/34/50, vgg16_bn, digits_cnn, vit_cifar (32x32),
+    # vit_digits (8x8; ViTs: set prune.include_linear=true to prune their Linear layers)
+    name: str = "resnet20s"
     stem: str = "cifar"  # cifar: 3x3 conv for 32x32 inputs; imagenet: 7x7/2 + max-pool
     # Input normalisation inside the model, one value per channel (CIFAR-10 here).
     mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
@@ -145,6 +149,10 @@ class PruneSettings:
     # convolution filters with their BatchNorm channel and the readers' input channels,
     # residual-coupled channels together (docs/CRITERIA.md); `app-dist export` then writes a
     # physically smaller dense model. Criteria: snip, magnitude, random; scope global.
+    # N:M (2:4, 4:8, any 0 < N < M with M 4 or 8): at most N of every M consecutive weights
+    # along a layer's input dimension, progressive as N falls (app: M-1, ..., N over the
+    # megabatches; osp: N at t=1); the density follows from N, so no target_density. Export
+    # marks the 2:4 Linear layers for torch's semi-structured sparse GPU kernels.
     structure: str = "unstructured"
 
 
@@ -333,7 +341,7 @@ def validate(config: Config) -> None:
     _one_of("prune.criterion", prune.criterion, CRITERIA)
     _one_of("prune.scope", prune.scope, SCOPES)
     _one_of("prune.scoring", prune.scoring, SCORINGS)
-    _one_of("prune.structure", prune.structure, STRUCTURES)
+    _validate_structure(config)
     if prune.structure == "channel":
         _require(prune.criterion in CHANNEL_CRITERIA, "prune.criterion", prune.criterion,
                  "has no channel form with prune.structure=channel (GraSP's signed per-weight "
@@ -383,6 +391,32 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
              config.checkpoint.keep_last, "must be >= 1 (the newest checkpoint is always kept)")
     _one_of("log.wandb.mode", config.log.wandb.mode, WANDB_MODES)
+
+
+def _validate_structure(config: Config) -> None:
+    """prune.structure: a word of STRUCTURES or an N:M pattern, and what N:M excludes."""
+    prune = config.prune
+    try:
+        pattern = parse_structure(prune.structure)
+    except ValueError as error:
+        _require(False, "prune.structure", prune.structure, f"N:M pattern: {error}")
+        return
+    if pattern is None:
+        # An unquoted `structure: 2:4` in a YAML file arrives as the base-60 number 124.
+        hint = (f" (YAML reads an unquoted {int(prune.structure) // 60}:"
+                f"{int(prune.structure) % 60} as the base-60 number {prune.structure}: quote "
+                f"it, \"{int(prune.structure) // 60}:{int(prune.structure) % 60}\")"
+                if prune.structure.isdigit() else "")
+        _require(prune.structure in STRUCTURES, "prune.structure", prune.structure,
+                 f"must be one of {', '.join(STRUCTURES)} or an N:M pattern such as 2:4 or "
+                 f"4:8{hint}")
+        return
+    _require(prune.target_density is None, "prune.target_density", prune.target_density,
+             f"must be unset with prune.structure={pattern} (the density follows from N: "
+             f"{pattern.density:g})")
+    _require(prune.criterion in N_M_CRITERIA, "prune.criterion", prune.criterion,
+             f"has no N:M form (SynFlow's iterated rounds prune towards an unstructured "
+             f"density); use one of {', '.join(N_M_CRITERIA)}")
 
 
 def _validate_engine(config: Config) -> None:
@@ -453,7 +487,11 @@ def _validate_perf(config: Config) -> None:
 
 
 def final_density(prune: PruneSettings) -> float:
-    """The density a pruned run ends at: target_density if given, else 0.8 ** sparsity_level."""
+    """The density a pruned run ends at: target_density if given, else 0.8 ** sparsity_level;
+    N/M for an N:M structure (that of its layers with groups of M; others stay dense)."""
+    pattern = parse_structure(prune.structure)
+    if pattern is not None:
+        return pattern.density
     if prune.target_density is not None:
         return prune.target_density
     return 0.8**prune.sparsity_level

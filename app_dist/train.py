@@ -57,6 +57,7 @@ from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
 from app_dist.models import build_model
 from app_dist.pruning.channels import ChannelGroupingError, build_channel_plan
 from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks
+from app_dist.pruning.n_m import has_groups, n_m_density_schedule, parse_structure
 from app_dist.pruning.schedule import density_schedule
 from app_dist.training.anytime import AnytimeModel, anytime_target
 from app_dist.training.callbacks import LogLines, ProgressBar
@@ -221,8 +222,11 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
     if not state.wandb_id:
         state.wandb_id = platform.broadcast_object(uuid.uuid4().hex[:12])
 
-    schedule = density_schedule(config.prune.method, config.data.megabatches,
-                                sparsity_level(config.prune))
+    pattern = parse_structure(config.prune.structure)
+    schedule = (n_m_density_schedule(config.prune.method, config.data.megabatches, pattern)
+                if pattern is not None else
+                density_schedule(config.prune.method, config.data.megabatches,
+                                 sparsity_level(config.prune)))
     reader = StreamReader(open_shards(config.data.shards, config.data), manifest, stream,
                           config.data,
                           config.train.batch_size // platform.world_size, platform,
@@ -249,7 +253,8 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
 
 def _mask_set(config: Config, model: torch.nn.Module, manifest: Manifest) -> MaskSet:
     """The model's masks; with prune.structure=channel also its channel groups, traced on
-    one zero image of the stream's size, and the BatchNorm channel masks they imply."""
+    one zero image of the stream's size, and the BatchNorm channel masks they imply; with
+    an N:M pattern the pattern (layers without groups of M stay dense and are logged)."""
     plan = None
     if config.prune.structure == "channel":
         size = manifest.image_size or (config.data.image_size, config.data.image_size)
@@ -259,7 +264,19 @@ def _mask_set(config: Config, model: torch.nn.Module, manifest: Manifest) -> Mas
             raise ConfigError(f"config key 'prune.structure' = 'channel': model "
                               f"{config.model.name}: {error}") from None
         attach_channel_masks(model, plan)
-    return MaskSet(model, attach_masks(model, config.prune.include_linear), plan)
+    pattern = parse_structure(config.prune.structure)
+    masks = MaskSet(model, attach_masks(model, config.prune.include_linear), plan, pattern)
+    if pattern is not None:
+        dense = [name for name, mask in masks.masks.items()
+                 if not has_groups(mask.shape, pattern.m)]
+        if len(dense) == len(masks.masks):
+            raise ConfigError(f"config key 'prune.structure' = '{pattern}': no prunable layer "
+                              f"of model {config.model.name} has an input dimension divisible "
+                              f"by {pattern.m}")
+        if dense:  # e.g. a stem convolution with 1 or 3 input channels
+            log.info("prune.structure=%s: %d layer(s) have no groups of %d and stay dense: %s",
+                     pattern, len(dense), pattern.m, ", ".join(dense))
+    return masks
 
 
 @command(build_parser)

@@ -8,6 +8,7 @@ lines: config, sweep or experiment.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ def load_structured(schema: type[Schema], path: str | Path | None,
         for override in overrides:
             if "=" not in override:
                 raise ConfigError(f"override '{override}' is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_ratio_as_text(override)]))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
@@ -42,6 +43,17 @@ def load_structured(schema: type[Schema], path: str | Path | None,
         named = (f"{family} key '{key}'{where}" if key
                  else f"{family} file {path}" if path is not None else family)
         raise ConfigError(f"{named}: {str(error).splitlines()[0]}") from None
+
+
+_RATIO = re.compile(r"^([^=]+)=(\d+:\d+)$")
+
+
+def _ratio_as_text(override: str) -> str:
+    """`key=2:4` with the value quoted: YAML 1.1 (OmegaConf's parser) reads an unquoted 2:4
+    as the base-60 integer 124. No setting takes base-60 numbers; N:M patterns
+    (prune.structure) are written this way."""
+    found = _RATIO.match(override)
+    return f'{found.group(1)}="{found.group(2)}"' if found else override
 
 
 def read_mapping(path: Path, family: str) -> DictConfig:

@@ -11,6 +11,7 @@ from torch import nn
 from .cifar_resnet import cifar_resnet
 from .normalization import InputNormalization, NormalizedModel
 from .small_cnn import digits_cnn, digits_cnn_mlp
+from .vit import VIT_SHAPES, vision_transformer
 
 STEMS = ("cifar", "imagenet")
 
@@ -60,6 +61,9 @@ _BUILDERS: dict[str, Callable[[int, int, str], nn.Module]] = {
     "vgg16_bn": _vgg16_bn,
     "digits_cnn": _cifar_only(digits_cnn, "digits_cnn"),
     "digits_cnn_mlp": _cifar_only(digits_cnn_mlp, "digits_cnn_mlp"),
+    # Small ViTs for fixed image sizes (vit_cifar 32x32, vit_digits 8x8): their Linear
+    # layers are what N:M sparsity speeds up (prune.include_linear=true).
+    **{name: _cifar_only(partial(vision_transformer, name), name) for name in VIT_SHAPES},
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

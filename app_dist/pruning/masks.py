@@ -22,6 +22,7 @@ from torch import nn
 
 from app_dist.models import classifier_of
 from app_dist.pruning.channels import ChannelPlan
+from app_dist.pruning.n_m import NMPattern, grouped, has_groups
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -98,8 +99,11 @@ class MaskSet:
     """The prunable weights of a model and their masks, addressed by parameter name."""
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor],
-                 channel_plan: ChannelPlan | None = None) -> None:
+                 channel_plan: ChannelPlan | None = None,
+                 n_m: NMPattern | None = None) -> None:
         params = dict(model.named_parameters())
+        # prune.structure=N:M: the pattern pruning steps keep (app_dist/pruning/n_m.py).
+        self.n_m = n_m
         # prune.structure=channel: the groups, and the BatchNorms whose channel masks follow
         # from the weight masks (attach_channel_masks first).
         self.channel_plan = channel_plan
@@ -155,15 +159,29 @@ class MaskSet:
                 buffer = self._norms[name].channel_mask
                 buffer.copy_(value.to(buffer.device, buffer.dtype))
 
-    def structure_record(self) -> dict[str, float | int]:
+    def structure_record(self) -> dict[str, float | int | str]:
         """prune.structure=channel: channel groups kept and the FLOPs fraction of the
-        convolutions (metrics record); {} for unstructured masks."""
+        convolutions; N:M: the most weights kept in any group of M (the N the masks now
+        meet), the density of the layers with groups and how many layers have none (dense);
+        {} for unstructured masks. For the metrics record."""
+        if self.n_m is not None:
+            return self._n_m_record(self.n_m)
         if self.channel_plan is None:
             return {}
         current = {name: mask.cpu() for name, mask in self.masks.items()}
         return {"channel_groups_kept": sum(self.channel_plan.group_alive(current)),
                 "channel_groups": len(self.channel_plan.groups),
                 "flops_fraction": self.channel_plan.flops_fraction(current)}
+
+    def _n_m_record(self, pattern: NMPattern) -> dict[str, float | int | str]:
+        masks = {name: mask.detach().cpu() for name, mask in self.masks.items()}
+        with_groups = [mask for mask in masks.values() if has_groups(mask.shape, pattern.m)]
+        most = max((int(grouped(mask, pattern.m).sum(1).max()) for mask in with_groups),
+                   default=0)
+        kept = sum(int(mask.count_nonzero()) for mask in with_groups)
+        total = sum(mask.numel() for mask in with_groups)
+        return {"n_m": f"{most}:{pattern.m}", "n_m_density": kept / total if total else 1.0,
+                "n_m_dense_layers": len(masks) - len(with_groups)}
 
     def update(self, new_masks: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer | None) -> None:

@@ -24,6 +24,7 @@ from app_dist.pruning.channels import (
     random_group_scores,
 )
 from app_dist.pruning.masks import MaskSet, mask_checksums
+from app_dist.pruning.n_m import n_m_masks_from_scores
 from app_dist.pruning.scores import (
     GRASP_SAMPLES_PER_CLASS,
     SYNFLOW_ITERATIONS,
@@ -167,7 +168,9 @@ def prune_step(module: nn.Module, masks: MaskSet, platform: Platform,
     compute_scores. `scores_on_every_rank` (prune.scoring=whole): the batches are the whole
     scoring sample on every rank, so each rank computes the scores alone, as a single process
     would, with nothing summed over ranks. With a channel plan (prune.structure=channel) whole
-    channel groups are pruned (see _channel_step)."""
+    channel groups are pruned (see _channel_step); with an N:M pattern (prune.structure=2:4)
+    each group of M keeps its best N = density * M survivors (app_dist/pruning/n_m.py),
+    from the same all-reduced scores, checked across ranks the same way."""
     if masks.channel_plan is not None:
         new_masks = _channel_step(module, masks, scorer_for(platform, scores_on_every_rank),
                                   scoring_batches, density=density, criterion=criterion,
@@ -179,7 +182,12 @@ def prune_step(module: nn.Module, masks: MaskSet, platform: Platform,
                             megabatch, density=density, scope=scope,
                             synflow_iterations=synflow_iterations, class_source=class_source)
     current = {name: mask.cpu() for name, mask in masks.masks.items()}
-    new_masks = masks_from_scores(scores, current, density, scope)
+    if masks.n_m is not None:
+        # The N:M schedule's densities are N_t / M exactly (n_m.n_m_density_schedule).
+        keep = int(round(density * masks.n_m.m))
+        new_masks = n_m_masks_from_scores(scores, current, keep, masks.n_m.m)
+    else:
+        new_masks = masks_from_scores(scores, current, density, scope)
     verify_identical_masks(new_masks, platform)
     return new_masks
 

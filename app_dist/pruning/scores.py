@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app_dist.models.batchnorm import per_rank_statistics
 from app_dist.pruning.threshold import masks_from_scores
@@ -150,7 +151,9 @@ def grasp_hessian_gradient_product(model: nn.Module, weights: Weights, batch: Ba
     if len(batch[1]) == 0:
         return {name: torch.zeros(w.shape, dtype=torch.float32) for name, w in weights.items()}
     params = list(weights.values())
-    with train_mode_restoring_buffers(model):
+    # The fused attention kernels (flash, memory-efficient) have no second derivative; the
+    # math one does (ViTs: app_dist/models/vit.py). No effect on models without attention.
+    with train_mode_restoring_buffers(model), sdpa_kernel(SDPBackend.MATH):
         loss = _tempered_loss_sum(model, batch, device, temperature)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         inner = sum((grad * gradient[name].to(grad.device, grad.dtype)).sum()

@@ -91,7 +91,8 @@ class MegabatchLoop:
         if keep_count(density, masks.total) >= masks.kept:
             return False
         # Whole channels (prune.structure=channel) meet d_t only approximately, maybe from
-        # above: a step whose density did not fall (osp after t = 1) leaves the masks alone.
+        # above, and N:M layers without groups stay dense: a step whose density did not fall
+        # (osp after t = 1, an N held for several megabatches) leaves the masks alone.
         if megabatch > 1 and density >= self.schedule[megabatch - 2]:
             return False
         settings = self.config.prune

@@ -1,0 +1,151 @@
+"""prune.structure=N:M (2:4, 4:8, ...): in every group of M consecutive weights along a layer's
+input dimension at most N are kept, so the final masks fit the sparse tensor cores of recent
+GPUs (2:4: torch.sparse.to_sparse_semi_structured) by construction.
+
+Groups (the layouts the kernels read, so that a valid mask here is a valid sparse operand):
+- Linear weight (out, in): M consecutive entries of a row, i.e. along `in`. F.linear computes
+  x @ W.T, and to_sparse_semi_structured takes W row-major with 2:4 along its rows.
+- Conv2d weight (out, in, kh, kw): M consecutive input channels at one kernel position, the
+  reduction dimension of an NHWC implicit GEMM (NVIDIA's ASP and TensorRT group convolution
+  weights this way). torch has no sparse convolution kernel: these masks make the model N:M
+  but not faster in torch.
+A layer whose input dimension is not a multiple of M (a first convolution with 1 or 3 input
+channels) has no such groups: it stays dense and is reported (`n_m_layers`), rather than
+refusing every CNN and ViT stem.
+
+Progressive and nested (docs/CRITERIA.md): a step to N keeps, in each group, the N best-scored
+weights among those still alive, so masks only shrink and every eligible layer sits at exactly
+N/M. Ties go to the lower index in the group (a stable sort), so every rank and rerun agrees.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+# Group sizes accepted: 4 (2:4 is what torch's semi-structured kernels run) and 8 (4:8,
+# NVIDIA's other published pattern; valid masks, no torch kernel).
+GROUP_SIZES = (4, 8)
+# Per-weight criteria whose scores compare weights within a group. SynFlow is left out: its
+# iterated rounds prune towards an unstructured density and its scores rank for that mask.
+N_M_CRITERIA = ("snip", "magnitude", "random", "grasp")
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep at most `n` of every `m` consecutive weights (0 < n < m)."""
+
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+def parse_structure(text: str) -> NMPattern | None:
+    """The N:M pattern a prune.structure value names, None for a word (unstructured, channel).
+    Raises ValueError (one line) for an N:M text outside 0 < N < M, M in GROUP_SIZES."""
+    found = _PATTERN.match(text.strip())
+    if found is None:
+        return None
+    n, m = int(found.group(1)), int(found.group(2))
+    if m not in GROUP_SIZES:
+        raise ValueError(f"M must be one of {', '.join(map(str, GROUP_SIZES))} (got {text})")
+    if not 0 < n < m:
+        raise ValueError(f"N must be in 1..{m - 1} (got {text})")
+    return NMPattern(n, m)
+
+
+def n_m_steps(method: str, megabatches: int, pattern: NMPattern) -> list[int]:
+    """N for megabatch t = 1..T (the density of megabatch t is N_t / M).
+
+    app: the values M-1, M-2, ..., N (S = M - N steps; M:M is the dense start, as density 1
+    is APP's start and its first step already prunes, to 0.8) spread evenly over T, each held
+    for T/S megabatches, the final N reached at t = T: N_t = steps[ceil(t S / T) - 1].
+    For 2:4 with T = 4: 3, 3, 2, 2; T = 3: 3, 2, 2; T = 1: 2. With T < S some values are
+    skipped (nesting holds all the same: 4:8 with T = 2 is 6, 4).
+    osp: N from t = 1 on. dense: M (nothing pruned)."""
+    if method == "dense":
+        return [pattern.m] * megabatches
+    if method == "osp":
+        return [pattern.n] * megabatches
+    if method != "app":
+        raise ValueError(f"unknown pruning method '{method}'")
+    steps = list(range(pattern.m - 1, pattern.n - 1, -1))
+    return [steps[math.ceil(t * len(steps) / megabatches) - 1]
+            for t in range(1, megabatches + 1)]
+
+
+def n_m_density_schedule(method: str, megabatches: int, pattern: NMPattern) -> list[float]:
+    """d_t = N_t / M: the density of every N:M-eligible layer while training on t."""
+    return [n / pattern.m for n in n_m_steps(method, megabatches, pattern)]
+
+
+def has_groups(shape: torch.Size | tuple[int, ...], m: int) -> bool:
+    """Whether a Linear (2-d) or Conv2d (4-d) weight of `shape` splits into groups of m."""
+    return len(shape) in (2, 4) and shape[1] % m == 0
+
+
+def grouped(tensor: torch.Tensor, m: int) -> torch.Tensor:
+    """A (groups, m) view or copy of a weight-shaped tensor, one row per group (layout in the
+    module docstring). ungrouped() inverts it."""
+    if tensor.dim() == 4:  # (out, in, kh, kw) -> (out, kh, kw, in): input channels innermost
+        tensor = tensor.permute(0, 2, 3, 1)
+    return tensor.reshape(-1, m)
+
+
+def ungrouped(groups: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    if len(shape) == 4:
+        out, inputs, kh, kw = shape
+        return groups.reshape(out, kh, kw, inputs).permute(0, 3, 1, 2).contiguous()
+    return groups.reshape(shape)
+
+
+def keep_best_n(scores: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The mask (dtype of `mask`) keeping, in each group of m, the n highest-scored weights
+    still alive in `mask` (fewer when fewer are alive): nested, exactly n per group when at
+    least n were alive. Ties: the lower index in the group."""
+    alive = grouped(mask.detach().cpu().bool(), m)
+    values = grouped(scores.detach().cpu().float(), m)
+    values = torch.where(alive, values, torch.tensor(float("-inf")))
+    # A NaN score would sort above everything; treat it as the lowest live score instead.
+    values = torch.where(torch.isnan(values), torch.tensor(-torch.finfo(torch.float32).max),
+                         values)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    kept = torch.zeros_like(alive)
+    kept.scatter_(1, order[:, :n], True)
+    kept &= alive
+    return ungrouped(kept, mask.shape).to(mask.dtype)
+
+
+def n_m_masks_from_scores(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                          n: int, m: int) -> dict[str, torch.Tensor]:
+    """New nested masks: keep_best_n in every layer that has groups of m; a layer without
+    (has_groups false) keeps its current mask (dense)."""
+    return {name: keep_best_n(scores[name], mask, n, m) if has_groups(mask.shape, m)
+            else mask.detach().cpu().clone() for name, mask in masks.items()}
+
+
+def is_n_m(mask: torch.Tensor, n: int, m: int) -> bool:
+    """Every group of m holds at most n kept weights (False for a layer without groups)."""
+    if not has_groups(mask.shape, m):
+        return False
+    return bool((grouped(mask.detach().cpu().bool(), m).sum(1) <= n).all())
+
+
+def n_m_summary(masks: dict[str, torch.Tensor], pattern: NMPattern) -> dict[str, dict]:
+    """Per layer: whether it has groups of M, whether its mask is valid N:M and valid 2:4
+    (what torch's semi-structured kernels take), and its density."""
+    return {name: {"shape": list(mask.shape), "grouped": has_groups(mask.shape, pattern.m),
+                   "n_m_valid": is_n_m(mask, pattern.n, pattern.m),
+                   "valid_2_4": is_n_m(mask, 2, 4),
+                   "density": float(mask.float().mean())}
+            for name, mask in masks.items()}

@@ -1,0 +1,128 @@
+"""prune.structure=N:M: the schedule of N, nested masks that are valid N:M with exact
+densities per layer (Linear along the input dimension, Conv2d along input channels), the
+pruning step with SNIP/magnitude/random, one-line refusals, the small ViTs, the export
+(valid masks, outputs equal to the masked model's), and a real 2-rank run on the tiny ViT
+that ends with identical, valid 2:4 masks on both ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app_dist.config import load_config
+from app_dist.foundations.distributed import Platform
+from app_dist.foundations.errors import ConfigError
+from app_dist.models import build_model
+from app_dist.pruning.masks import MaskSet, attach_masks
+from app_dist.pruning.n_m import (
+    NMPattern,
+    grouped,
+    has_groups,
+    is_n_m,
+    keep_best_n,
+    n_m_density_schedule,
+    n_m_steps,
+    parse_structure,
+)
+from app_dist.pruning.pruner import prune_step
+
+SINGLE = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def vit_digits_masks(pattern: NMPattern | None = None):
+    pattern = pattern or NMPattern(2, 4)
+    torch.manual_seed(0)
+    model = build_model("vit_digits", 10, in_channels=1, mean=[0.3], std=[0.4])
+    return model, MaskSet(model, attach_masks(model, include_linear=True), n_m=pattern)
+
+
+def digits_batches(count: int = 2, size: int = 32):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.rand(size, 1, 8, 8, generator=generator),
+             torch.randint(0, 10, (size,), generator=generator)) for _ in range(count)]
+
+
+def test_n_falls_from_m_minus_1_to_n_spread_over_the_megabatches():
+    two_four, four_eight = NMPattern(2, 4), NMPattern(4, 8)
+    assert n_m_steps("app", 4, two_four) == [3, 3, 2, 2]
+    assert n_m_steps("app", 3, two_four) == [3, 2, 2]
+    assert n_m_steps("app", 1, two_four) == [2]
+    assert n_m_steps("app", 8, four_eight) == [7, 7, 6, 6, 5, 5, 4, 4]
+    assert n_m_steps("app", 2, four_eight) == [6, 4]
+    assert n_m_steps("osp", 3, two_four) == [2, 2, 2]
+    assert n_m_steps("dense", 2, two_four) == [4, 4]
+    assert n_m_density_schedule("app", 2, two_four) == [0.75, 0.5]
+    assert parse_structure("2:4") == two_four and parse_structure("channel") is None
+
+
+def test_groups_run_along_the_input_dimension():
+    linear = torch.arange(16.0).view(2, 8)
+    assert grouped(linear, 4).tolist()[1] == [4.0, 5.0, 6.0, 7.0]
+    conv = torch.zeros(2, 8, 3, 3)
+    conv[0, 4:8, 1, 2] = 1.0  # input channels 4..7 at one kernel position: one group
+    assert (grouped(conv, 4).sum(1) == 4).sum() == 1
+    assert has_groups((5, 8, 3, 3), 4) and not has_groups((5, 3, 3, 3), 4)
+    # Equal scores: the lower indices of each group are kept (every rank alike).
+    kept = keep_best_n(torch.ones(2, 8), torch.ones(2, 8), 2, 4)
+    assert kept[0].tolist() == [1, 1, 0, 0, 1, 1, 0, 0]
+
+
+def test_4_4_to_3_4_to_2_4_is_nested_valid_and_exact_per_layer():
+    model, masks = vit_digits_masks()
+    previous = {name: mask.clone() for name, mask in masks.masks.items()}
+    for density, n in ((0.75, 3), (0.5, 2)):
+        new = prune_step(model, masks, SINGLE, digits_batches, density=density,
+                         criterion="magnitude", scope="global", seed=1, megabatch=n)
+        masks.update(new, None)
+        for name, mask in masks.masks.items():
+            assert bool((mask <= previous[name]).all()), name
+            if name == "net.patch_embed.weight":  # 1 input channel: no groups, stays dense
+                assert float(mask.mean()) == 1.0
+                continue
+            assert float(mask.mean()) == n / 4, name
+            assert is_n_m(mask, n, 4) and (grouped(mask, 4).sum(1) == n).all()
+        previous = {name: mask.clone() for name, mask in masks.masks.items()}
+    record = masks.structure_record()
+    assert record["n_m"] == "2:4" and record["n_m_density"] == 0.5
+    assert record["n_m_dense_layers"] == 1
+    # Nested by score: at 2:4 each group kept the 2 largest of its 3:4 survivors.
+    weight = masks.weights["net.blocks.1.fc2.weight"].detach()
+    survivors = grouped(weight.abs(), 4) * grouped(masks.masks["net.blocks.1.fc2.weight"], 4)
+    dropped = grouped(weight.abs(), 4) * (grouped(previous["net.blocks.1.fc2.weight"], 4)
+                                          - grouped(masks.masks["net.blocks.1.fc2.weight"], 4))
+    assert bool((dropped.max(1).values <= survivors.max(1).values).all())
+
+
+@pytest.mark.parametrize("criterion", ["snip", "random", "grasp"])
+def test_pruning_step_with_data_and_random_criteria_gives_4_8_masks(criterion):
+    model, masks = vit_digits_masks(NMPattern(4, 8))
+    batches = lambda: digits_batches(16, 32)  # noqa: E731 (GraSP: 20 per class)
+    for density in (6 / 8, 4 / 8):
+        masks.update(prune_step(model, masks, SINGLE, batches, density=density,
+                                criterion=criterion, scope="global", seed=3, megabatch=1),
+                     None)
+    fc1 = masks.masks["net.blocks.0.fc1.weight"]
+    assert is_n_m(fc1, 4, 8) and float(fc1.mean()) == 0.5 and not is_n_m(fc1, 2, 4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prune.target_density=0.5", "prune.target_density"),
+    ("prune.criterion=synflow", "prune.criterion"),
+])
+def test_n_m_refuses_what_makes_no_sense_in_one_line(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["prune.structure=2:4", override])
+    assert key in str(error.value) and "\n" not in str(error.value)
+    for bad in ("2:3", "4:4", "0:8"):
+        with pytest.raises(ConfigError, match="prune.structure"):
+            load_config(None, [f"prune.structure={bad}"])
+    assert load_config(None, ["prune.structure=4:8"]).prune.structure == "4:8"
+
+
+def test_vit_takes_its_image_size_only_and_prunes_its_linear_layers_but_the_head():
+    model, masks = vit_digits_masks()
+    assert "net.head.weight" not in masks.masks
+    assert sum(name.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
+               for name in masks.masks) == 8
+    with pytest.raises(ValueError, match="8x8"):
+        model(torch.rand(1, 1, 16, 16))

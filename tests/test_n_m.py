@@ -6,13 +6,18 @@ that ends with identical, valid 2:4 masks on both ranks."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from torch import nn
 
 from app_dist.config import load_config
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.run_layout import CheckpointFiles
 from app_dist.models import build_model
+from app_dist.models.sparse_file import ExportError, load_exported, sparse_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.n_m import (
     NMPattern,
@@ -25,6 +30,9 @@ from app_dist.pruning.n_m import (
     parse_structure,
 )
 from app_dist.pruning.pruner import prune_step
+from app_dist.results.n_m_export import load_semi_structured, n_m_source
+
+from .conftest import checkpoint_folder, digits_run_args, read_metrics, run_trainer
 
 SINGLE = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -32,7 +40,7 @@ SINGLE = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 def vit_digits_masks(pattern: NMPattern | None = None):
     pattern = pattern or NMPattern(2, 4)
     torch.manual_seed(0)
-    model = build_model("vit_digits", 10, in_channels=1, mean=[0.3], std=[0.4])
+    model = build_model("vit_digits", 10, in_channels=1, mean=[0.305], std=[0.375])
     return model, MaskSet(model, attach_masks(model, include_linear=True), n_m=pattern)
 
 
@@ -124,5 +132,82 @@ def test_vit_takes_its_image_size_only_and_prunes_its_linear_layers_but_the_head
     assert "net.head.weight" not in masks.masks
     assert sum(name.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
                for name in masks.masks) == 8
-    with pytest.raises(ValueError, match="8x8"):
+    with pytest.raises(AssertionError, match="8x8"):
         model(torch.rand(1, 1, 16, 16))
+
+
+def test_export_has_valid_2_4_weights_equal_outputs_and_lists_the_semi_structured_linears(
+        tmp_path):
+    model, masks = vit_digits_masks()
+    for density in (0.75, 0.5):
+        masks.update(prune_step(model, masks, SINGLE, digits_batches, density=density,
+                                criterion="magnitude", scope="global", seed=1, megabatch=1),
+                     None)
+    architecture = {"name": "vit_digits", "num_classes": 10, "in_channels": 1,
+                    "stem": "cifar", "mean": [0.305], "std": [0.375]}
+    exported = sparse_model(model.state_dict(), masks.state_dict(), architecture, {})
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    exported["source"].update(n_m_source(masks.state_dict(), NMPattern(2, 4), linears))
+    path = tmp_path / "model-sparse.pt"
+    torch.save(exported, path)
+    plain = load_exported(path)
+    for name, weight in plain.state_dict().items():
+        if name in masks.masks and name != "net.patch_embed.weight":
+            assert is_n_m(weight != 0, 2, 4), name  # the weights themselves, not the masks
+    images = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(images), model.eval()(images))
+    source = exported["source"]
+    assert source["structure"] == "2:4" and not source["n_m_layers"]["net.patch_embed.weight"][
+        "grouped"]
+    # Only shapes torch's half-precision kernels take (rows % 32, columns % 64): the fc2s.
+    assert source["semi_structured"] == ["net.blocks.0.fc2.weight", "net.blocks.1.fc2.weight"]
+    with pytest.raises(ExportError, match="CUDA"):
+        load_semi_structured(path, device="cpu")
+    # vit_cifar: every one of its 24 Linear layers but the head has a kernel-ready shape.
+    cifar = build_model("vit_cifar", 10, mean=[0.5] * 3, std=[0.25] * 3)
+    shapes = {f"{n}.weight": m.weight for n, m in cifar.named_modules()
+              if isinstance(m, nn.Linear) and n != "net.head"}
+    halves = {name: keep_best_n(w.abs(), torch.ones_like(w), 2, 4) for name, w in shapes.items()}
+    assert len(n_m_source(halves, NMPattern(2, 4), set(halves))["semi_structured"]) == 24
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_vit_2_4_run_ends_with_identical_valid_masks_and_exports_them(
+        digits_shards, tmp_path, capsys):
+    from app_dist.cli import main as cli_main
+
+    run_dir = tmp_path / "n_m"
+    result = run_trainer(digits_run_args(digits_shards, run_dir, "model.name=vit_digits",
+                                         "prune.include_linear=true", "prune.structure=2:4",
+                                         "data.megabatches=2", "train.epochs=1"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot trace" not in result.stderr
+    records = read_metrics(run_dir)
+    assert [r["target_density"] for r in records] == [0.75, 0.5]
+    assert [r["n_m"] for r in records] == ["3:4", "2:4"]
+    assert [r["n_m_density"] for r in records] == [0.75, 0.5]
+    for record in records:  # exact per layer; the 1-channel patch embedding stays dense
+        assert {v for k, v in record["layer_density"].items()
+                if k != "net.patch_embed.weight"} == {record["target_density"]}
+    final = checkpoint_folder(run_dir, 2)
+    rank_masks = [torch.load(final / CheckpointFiles.rank(r), weights_only=True)["masks"]
+                  for r in (0, 1)]
+    assert all(torch.equal(rank_masks[0][n], rank_masks[1][n]) for n in rank_masks[0])
+    assert all(is_n_m(mask, 2, 4) for name, mask in rank_masks[0].items()
+               if name != "net.patch_embed.weight")
+
+    assert cli_main(["export", str(run_dir)]) == 0
+    assert "semi-structured" in capsys.readouterr().out
+    summary = json.loads((run_dir / "export-summary.json").read_text())
+    assert summary["structure"] == "2:4" and len(summary["n_m_valid_layers"]) == 8
+    assert summary["dense_layers"] == ["net.patch_embed.weight"]
+    assert set(summary["latency_ms"]) == {"1", "256"}
+    plain = load_exported(run_dir / "model-sparse.pt")
+    masked, masks = vit_digits_masks()
+    masks.load_state_dict(torch.load(final / "state.pt", weights_only=True)["masks"])
+    masked.load_state_dict(torch.load(final / "engine.pt", weights_only=True)["model"])
+    images = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(images), masked.eval()(images))

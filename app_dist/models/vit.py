@@ -38,16 +38,18 @@ VIT_SHAPES = {
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.dim, self.heads = dim, heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, tokens, head dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        # Written so that torch.fx traces it (no unpacking of shapes or of tensors), as
+        # perf.fold_batchnorm's tracer does to every model.
+        batch, tokens = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.dim // self.heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, tokens, head dim)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim))
 
 
 class Block(nn.Module):
@@ -94,11 +96,12 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.shape.image_size or x.shape[-2] != self.shape.image_size:
-            raise ValueError(f"this ViT takes {self.shape.image_size}x{self.shape.image_size} "
-                             f"images (its position embeddings), got {tuple(x.shape[-2:])}")
+        size = self.shape.image_size
+        # torch._assert, not `if ... raise`: symbolic tracing (perf.fold_batchnorm's) passes it.
+        torch._assert((x.shape[-1] == size) & (x.shape[-2] == size),
+                      f"this ViT takes {size}x{size} images (its position embeddings)")
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
         tokens = self.blocks(tokens + self.pos_embed)
         return self.head(self.norm(tokens[:, 0]))
 

@@ -2,20 +2,25 @@
 checkpoint) with its masks folded in, in the compact sparse file of
 app_dist/models/sparse_file.py, and `load_exported(FILE)` to get an ordinary dense nn.Module
 back. A prune.structure=channel run exports the physically smaller dense network instead
-(app_dist/results/channel_export.py). A run also publishes the sparse file after every
+(app_dist/results/channel_export.py); an N:M run (prune.structure=2:4) the sparse file with
+its N:M layers marked, whose 2:4 Linear weights load as semi-structured sparse tensors on a
+GPU (app_dist/results/n_m_export.py). A run also publishes the sparse file after every
 megabatch (its anytime model, app_dist/training/anytime.py)."""
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import CheckpointError
@@ -26,8 +31,11 @@ from app_dist.models.sparse_file import (
     MASK_SUFFIX,
     ExportError,
     dense_state,
+    load_exported,
     sparse_model,
 )
+from app_dist.models.vit import VIT_SHAPES
+from app_dist.pruning.n_m import NMPattern, parse_structure
 from app_dist.results.channel_export import (
     TRACE_SIZE,
     build_architecture,
@@ -36,10 +44,11 @@ from app_dist.results.channel_export import (
     load_channel_export,
 )
 from app_dist.results.latency import compare_inference
+from app_dist.results.n_m_export import load_semi_structured, n_m_source
 from app_dist.training.checkpoint import Checkpoint, examine
 
 DEFAULT_NAME = "model-sparse.pt"
-EXPORT_SUMMARY = "export-summary.json"  # the last channel export: sizes and measured speed
+EXPORT_SUMMARY = "export-summary.json"  # the last channel / N:M export: sizes, measured speed
 CHANNEL_NAME = "model-channel.pt"  # prune.structure=channel: the physically smaller model
 
 
@@ -129,19 +138,57 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
     architecture = _architecture(state["settings"], model_state, folder)
     source = {"run_dir": str(run_dir), "checkpoint": folder.name,
               "megabatch": checkpoint.megabatch}
-    if state["settings"].get("prune.structure", "unstructured") == "channel":
+    structure = str(state["settings"].get("prune.structure", "unstructured"))
+    if structure == "channel":
         return _export_channel(run_dir, out, model_state, state["masks"], architecture, source,
                                onnx, latency)
+    if onnx is not None:
+        raise ExportError("--onnx is for prune.structure=channel runs (an unstructured model "
+                          "exports as a dense network: export it from load_exported)")
+    pattern = parse_structure(structure)
     exported = sparse_model(model_state, state["masks"], architecture, source)
+    if pattern is not None:
+        exported["source"].update(n_m_source(state["masks"], pattern,
+                                             _linear_weights(architecture)))
     path = Path(out) if out is not None else run_dir / DEFAULT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(exported, path)
     plain = dense_state(exported["dense"], exported["sparse"])
-    if onnx is not None:
-        raise ExportError("--onnx is for prune.structure=channel runs (an unstructured model "
-                          "exports as a dense network: export it from load_exported)")
-    return Exported(path, path.stat().st_size, _saved_size(plain),
-                    exported["source"]["density"])
+    result = Exported(path, path.stat().st_size, _saved_size(plain),
+                      exported["source"]["density"], structure=structure)
+    if pattern is not None:
+        _n_m_summary(run_dir, result, exported, architecture, pattern, latency)
+    return result
+
+
+def _linear_weights(architecture: dict[str, Any]) -> set[str]:
+    model = build_architecture(architecture)
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)}
+
+
+def _n_m_summary(run_dir: Path, result: Exported, exported: dict[str, Any],
+                 architecture: dict[str, Any], pattern: NMPattern, latency: bool) -> None:
+    """export-summary.json of an N:M export: stored values against all parameters, which
+    layers are valid N:M, which Linear weights go semi-structured on a GPU, and (latency)
+    the CPU time per batch of the exported model against the dense one (the same dense
+    computation on a CPU) and, where this machine has a GPU, the float16 time of the dense
+    model against the semi-structured one."""
+    source = exported["source"]
+    stored = (sum(v.numel() for v in exported["dense"].values())
+              + sum(e["values"].numel() for e in exported["sparse"].values()))
+    dense_parameters = sum(v.numel() for v in exported["dense"].values()) + sum(
+        int(torch.tensor(e["shape"]).prod()) for e in exported["sparse"].values())
+    result.parameters, result.dense_parameters = stored, dense_parameters
+    layers = source["n_m_layers"]
+    info = {"parameters": stored, "dense_parameters": dense_parameters,
+            "density": source["density"]}
+    extra = {"structure": str(pattern), "semi_structured": source["semi_structured"],
+             "n_m_valid_layers": sorted(n for n, v in layers.items() if v["n_m_valid"]),
+             "dense_layers": sorted(n for n, v in layers.items() if not v["grouped"])}
+    gpu = latency and torch.cuda.is_available() and bool(source["semi_structured"])
+    write_export_summary(run_dir, result.path, result.dense_bytes, info, architecture, latency,
+                         load=load_exported, extra=extra, gpu=gpu)
 
 
 def _export_channel(run_dir: Path, out: str | Path | None, model_state: dict[str, torch.Tensor],
@@ -165,27 +212,46 @@ def _export_channel(run_dir: Path, out: str | Path | None, model_state: dict[str
 
 
 def write_export_summary(run_dir: Path, path: Path, dense_bytes: int, info: dict[str, Any],
-                         architecture: dict[str, Any], latency: bool) -> Path:
+                         architecture: dict[str, Any], latency: bool,
+                         load: Callable[[Path], nn.Module] = load_channel_export,
+                         extra: dict[str, Any] | None = None, gpu: bool = False) -> Path:
     """RUN_DIR/export-summary.json, which `app-dist report` shows: the exported model's
     parameters and file size against the dense model's, and (latency) the milliseconds per
-    batch of both, measured here on the CPU at batch 1 and a large batch."""
-    summary: dict[str, Any] = {
+    batch of both, measured here on the CPU at batch 1 and a large batch; with `gpu` (an N:M
+    export on a machine with a GPU) also in float16 on the GPU, the exported model with its
+    semi-structured weights (`gpu_latency_ms`). `load` reads the exported file, `extra` adds
+    keys."""
+    summary: dict[str, Any] = {**(extra or {}),
         "file": str(path), "file_bytes": path.stat().st_size, "dense_file_bytes": dense_bytes,
         "parameters": info["parameters"], "dense_parameters": info["dense_parameters"],
         "density": info["density"], "measured_on": f"{platform.node()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"}
     if latency:
-        size = 224 if architecture["stem"] == "imagenet" else 32
+        size = VIT_SHAPES[architecture["name"]].image_size if architecture["name"] in \
+            VIT_SHAPES else 224 if architecture["stem"] == "imagenet" else 32
         large = 32 if architecture["stem"] == "imagenet" else 256
-        models = {"dense": build_architecture(architecture), "exported":
-                  load_channel_export(path)}
-        timings = compare_inference(models, (architecture["in_channels"], size, size),
-                                    batches=(1, large), rounds=3, budget_s=0.2)
-        summary["input"] = [architecture["in_channels"], size, size]
+        models = {"dense": build_architecture(architecture), "exported": load(path)}
+        shape = (architecture["in_channels"], size, size)
+        timings = compare_inference(models, shape, batches=(1, large), rounds=3, budget_s=0.2)
+        summary["input"] = list(shape)
         summary["latency_ms"] = {str(batch): ms for batch, ms in timings.items()}
+        if gpu:
+            summary["gpu_latency_ms"] = _gpu_latency(path, architecture, shape)
+            summary["gpu"] = torch.cuda.get_device_name()
     target = run_dir / EXPORT_SUMMARY
     atomic_write_json(target, summary)
     return target
+
+
+def _gpu_latency(path: Path, architecture: dict[str, Any], shape: tuple[int, ...]
+                 ) -> dict[str, dict[str, float]]:
+    """float16 on the GPU: the dense model against the export with its semi-structured
+    Linear weights, at batch 1 and 1024."""
+    dense = build_architecture(architecture).to("cuda", torch.float16)
+    models = {"dense": dense, "exported": load_semi_structured(path)}
+    timings = compare_inference(models, shape, batches=(1, 1024), rounds=5, budget_s=0.2,
+                                device="cuda", dtype=torch.float16)
+    return {str(batch): ms for batch, ms in timings.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"output file (default RUN_DIR/{DEFAULT_NAME}, or "
                              f"RUN_DIR/{CHANNEL_NAME} for a prune.structure=channel run)")
     parser.add_argument("--no-latency", action="store_true",
-                        help="channel runs: skip measuring inference speed against the dense "
-                             f"model (RUN_DIR/{EXPORT_SUMMARY} then holds sizes only)")
+                        help="channel and N:M runs: skip measuring inference speed against "
+                             f"the dense model (RUN_DIR/{EXPORT_SUMMARY} then holds sizes only)")
     parser.add_argument("--onnx", default=None,
                         help="prune.structure=channel runs: also write the smaller model "
                              "as ONNX to this file (needs the onnx package)")
@@ -213,6 +279,13 @@ def main(args: argparse.Namespace) -> int:
               f"{exported.dense_parameters:,}), {exported.sparse_bytes:,} bytes, channels "
               f"removed at density {exported.density:.3f}"
               + (f"; ONNX {exported.onnx}" if exported.onnx else ""))
+        return 0
+    if parse_structure(exported.structure) is not None:
+        summary = json.loads((Path(args.run_dir) / EXPORT_SUMMARY).read_text())
+        print(f"wrote {exported.path}: {exported.structure} at density {exported.density:.3f}"
+              f", {exported.sparse_bytes:,} bytes; {len(summary['semi_structured'])} Linear "
+              "weight(s) load as semi-structured sparse on a GPU (n_m_export."
+              "load_semi_structured)")
         return 0
     print(f"wrote {exported.path}: {exported.sparse_bytes:,} bytes at density "
           f"{exported.density:.3f} ({exported.sparse_bytes / exported.dense_bytes:.1%} of the "

@@ -20,23 +20,30 @@ BATCHES = (1, 256)
 
 @torch.inference_mode()
 def _seconds_per_batch(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
+    cuda = images.device.type == "cuda"
+    if cuda:  # kernels run asynchronously: time from an idle device to an idle device
+        torch.cuda.synchronize(images.device)
     started = time.perf_counter()
     for _ in range(repeats):
         model(images)
+    if cuda:
+        torch.cuda.synchronize(images.device)
     return (time.perf_counter() - started) / repeats
 
 
 def compare_inference(models: dict[str, nn.Module], input_shape: tuple[int, ...],
                       batches: tuple[int, ...] = BATCHES, rounds: int = 5,
-                      budget_s: float = 0.3) -> dict[int, dict[str, float]]:
-    """{batch: {model name: median milliseconds per batch}} for models in eval mode on the
-    CPU, float inputs of `input_shape` (C, H, W). Each round runs every model for about
-    `budget_s` seconds (at least once); one warm-up round is not counted."""
+                      budget_s: float = 0.3, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[int, dict[str, float]]:
+    """{batch: {model name: median milliseconds per batch}} for models in eval mode, already
+    on `device` (a GPU: timed with synchronisation), inputs of `input_shape` (C, H, W) in
+    `dtype`. Each round runs every model for about `budget_s` seconds (at least once); one
+    warm-up round is not counted."""
     results: dict[int, dict[str, float]] = {}
     for model in models.values():
         model.eval()
     for batch in batches:
-        images = torch.rand(batch, *input_shape)
+        images = torch.rand(batch, *input_shape, device=device).to(dtype)
         repeats = {name: max(1, int(budget_s / max(_seconds_per_batch(m, images, 1), 1e-6)))
                    for name, m in models.items()}
         times: dict[str, list[float]] = {name: [] for name in models}

@@ -137,8 +137,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _export_section(run_dir: Path) -> list[str]:
-    """The run's last channel export (RUN_DIR/export-summary.json, `app-dist export`):
-    parameters, file size and measured inference time against the dense model."""
+    """The run's last channel or N:M export (RUN_DIR/export-summary.json, `app-dist export`):
+    parameters (N:M: values stored), file size and measured inference time against the dense
+    model (N:M: also float16 on a GPU, when the export was made on one)."""
     try:
         summary = json.loads((run_dir / EXPORT_SUMMARY).read_text())
     except (OSError, ValueError):
@@ -150,8 +151,17 @@ def _export_section(run_dir: Path) -> list[str]:
     for batch, ms in summary.get("latency_ms", {}).items():
         rows.append([f"ms per batch of {batch}", f"{ms['dense']:.2f}", f"{ms['exported']:.2f}",
                      f"{ms['dense'] / ms['exported']:.2f}x faster"])
+    for batch, ms in summary.get("gpu_latency_ms", {}).items():
+        rows.append([f"GPU fp16 ms per batch of {batch}", f"{ms['dense']:.3f}",
+                     f"{ms['exported']:.3f}", f"{ms['dense'] / ms['exported']:.2f}x faster"])
+    structure = ""
+    if "semi_structured" in summary:
+        structure = (f" {summary['structure']}: {len(summary['n_m_valid_layers'])} layer(s) "
+                     f"valid {summary['structure']}, {len(summary['semi_structured'])} Linear "
+                     f"weight(s) semi-structured sparse on a GPU, "
+                     f"{len(summary['dense_layers'])} left dense.")
     return [f"<p>Exported model <code>{html.escape(summary['file'])}</code>, measured on "
-            f"{html.escape(summary['measured_on'])}:</p>",
+            f"{html.escape(summary['measured_on'])}:{html.escape(structure)}</p>",
             _table(["", "dense", "exported", "ratio"], [[html.escape(c) for c in row]
                                                         for row in rows])]
 

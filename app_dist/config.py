@@ -401,22 +401,22 @@ def _validate_structure(config: Config) -> None:
     except ValueError as error:
         _require(False, "prune.structure", prune.structure, f"N:M pattern: {error}")
         return
-    if pattern is None:
+    if pattern is None and prune.structure.isdigit():
         # An unquoted `structure: 2:4` in a YAML file arrives as the base-60 number 124.
-        hint = (f" (YAML reads an unquoted {int(prune.structure) // 60}:"
-                f"{int(prune.structure) % 60} as the base-60 number {prune.structure}: quote "
-                f"it, \"{int(prune.structure) // 60}:{int(prune.structure) % 60}\")"
-                if prune.structure.isdigit() else "")
-        _require(prune.structure in STRUCTURES, "prune.structure", prune.structure,
-                 f"must be one of {', '.join(STRUCTURES)} or an N:M pattern such as 2:4 or "
-                 f"4:8{hint}")
+        n, m = divmod(int(prune.structure), 60)
+        _require(False, "prune.structure", prune.structure,
+                 f"YAML reads an unquoted {n}:{m} as the base-60 number {prune.structure}: "
+                 f'quote it, "{n}:{m}"')
+    _require(pattern is not None or prune.structure in STRUCTURES, "prune.structure",
+             prune.structure, "must be unstructured, channel or an N:M pattern (0 < N < M, M 4 "
+             "or 8: 2:4, 4:8, ...)")
+    if pattern is None:
         return
     _require(prune.target_density is None, "prune.target_density", prune.target_density,
-             f"must be unset with prune.structure={pattern} (the density follows from N: "
-             f"{pattern.density:g})")
+             "must be unset with an N:M prune.structure (the density follows from N: N/M)")
     _require(prune.criterion in N_M_CRITERIA, "prune.criterion", prune.criterion,
-             f"has no N:M form (SynFlow's iterated rounds prune towards an unstructured "
-             f"density); use one of {', '.join(N_M_CRITERIA)}")
+             "has no N:M form (SynFlow's iterated rounds prune towards an unstructured "
+             "density); use snip, magnitude, random or grasp with an N:M prune.structure")
 
 
 def _validate_engine(config: Config) -> None:

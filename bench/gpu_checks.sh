@@ -10,6 +10,9 @@
 #   3. ResNet-50 at 224x224: in-memory (dense, masked, masked compiled) vs the trainer with
 #      its automatic speed settings (compile, channels_last, cudnn.benchmark on a GPU)
 #                                                             -> resnet50.log
+#   4. the 2:4 ViT export (prune.structure=2:4): each semi-structured Linear layer and the
+#      whole vit_cifar in fp16, dense vs torch.sparse semi-structured at batch 1024
+#                                                             -> n_m.log, n_m.json
 # A machine without the project's pure-Python dependencies gets them from ./.whl when that
 # folder holds wheels (see the device notes in docs/PERFORMANCE.md); DALI's wheels are too
 # large to carry, so its GPU tests skip there with that reason.
@@ -44,3 +47,7 @@ echo "gpu tests: exit $?" >> "$OUT/gpu-tests.log"
 timeout "$BENCH_SECONDS" "$PYTHON" bench/gpu_resnet50.py --copies 80 --ours auto --compiled \
     --no-write > "$OUT/resnet50.log" 2>&1
 echo "resnet50 bench: exit $?" >> "$OUT/resnet50.log"
+
+timeout 240 "$PYTHON" bench/n_m_inference.py --batch 1024 --rounds 5 --no-write \
+    --json "$OUT/n_m.json" > "$OUT/n_m.log" 2>&1
+echo "n:m bench: exit $?" >> "$OUT/n_m.log"

@@ -150,8 +150,8 @@ class PruneSettings:
     # residual-coupled channels together (docs/CRITERIA.md); `app-dist export` then writes a
     # physically smaller dense model. Criteria: snip, magnitude, random; scope global.
     # N:M (2:4, 4:8, any 0 < N < M with M 4 or 8): at most N of every M consecutive weights
-    # along a layer's input dimension, progressive as N falls (app: M-1, ..., N over the
-    # megabatches; osp: N at t=1); the density follows from N, so no target_density. Export
+    # along a layer's input dimension, progressive as N falls (app: M at t=1 down to N at
+    # t=T; osp: N at t=1); the density follows from N, so no target_density. Export
     # marks the 2:4 Linear layers for torch's semi-structured sparse GPU kernels.
     structure: str = "unstructured"
 

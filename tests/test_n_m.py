@@ -50,16 +50,17 @@ def digits_batches(count: int = 2, size: int = 32):
              torch.randint(0, 10, (size,), generator=generator)) for _ in range(count)]
 
 
-def test_n_falls_from_m_minus_1_to_n_spread_over_the_megabatches():
+def test_n_falls_from_m_to_n_spread_over_the_megabatches():
     two_four, four_eight = NMPattern(2, 4), NMPattern(4, 8)
-    assert n_m_steps("app", 4, two_four) == [3, 3, 2, 2]
-    assert n_m_steps("app", 3, two_four) == [3, 2, 2]
+    assert n_m_steps("app", 3, two_four) == [4, 3, 2]  # 4:4 -> 3:4 -> 2:4
+    assert n_m_steps("app", 4, two_four) == [4, 3, 3, 2]
+    assert n_m_steps("app", 8, two_four) == [4, 4, 3, 3, 3, 3, 2, 2]
     assert n_m_steps("app", 1, two_four) == [2]
-    assert n_m_steps("app", 8, four_eight) == [7, 7, 6, 6, 5, 5, 4, 4]
-    assert n_m_steps("app", 2, four_eight) == [6, 4]
+    assert n_m_steps("app", 8, four_eight) == [8, 7, 7, 6, 6, 5, 5, 4]
+    assert n_m_steps("app", 2, four_eight) == [8, 4]
     assert n_m_steps("osp", 3, two_four) == [2, 2, 2]
     assert n_m_steps("dense", 2, two_four) == [4, 4]
-    assert n_m_density_schedule("app", 2, two_four) == [0.75, 0.5]
+    assert n_m_density_schedule("app", 3, two_four) == [1.0, 0.75, 0.5]
     assert parse_structure("2:4") == two_four and parse_structure("channel") is None
 
 
@@ -181,17 +182,17 @@ def test_two_rank_vit_2_4_run_ends_with_identical_valid_masks_and_exports_them(
     run_dir = tmp_path / "n_m"
     result = run_trainer(digits_run_args(digits_shards, run_dir, "model.name=vit_digits",
                                          "prune.include_linear=true", "prune.structure=2:4",
-                                         "data.megabatches=2", "train.epochs=1"), nproc=2)
+                                         "data.megabatches=3", "train.epochs=1"), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cannot trace" not in result.stderr
     records = read_metrics(run_dir)
-    assert [r["target_density"] for r in records] == [0.75, 0.5]
-    assert [r["n_m"] for r in records] == ["3:4", "2:4"]
-    assert [r["n_m_density"] for r in records] == [0.75, 0.5]
+    assert [r["target_density"] for r in records] == [1.0, 0.75, 0.5]
+    assert [r["n_m"] for r in records] == ["4:4", "3:4", "2:4"]
+    assert [r["n_m_density"] for r in records] == [1.0, 0.75, 0.5]
     for record in records:  # exact per layer; the 1-channel patch embedding stays dense
         assert {v for k, v in record["layer_density"].items()
                 if k != "net.patch_embed.weight"} == {record["target_density"]}
-    final = checkpoint_folder(run_dir, 2)
+    final = checkpoint_folder(run_dir, 3)
     rank_masks = [torch.load(final / CheckpointFiles.rank(r), weights_only=True)["masks"]
                   for r in (0, 1)]
     assert all(torch.equal(rank_masks[0][n], rank_masks[1][n]) for n in rank_masks[0])

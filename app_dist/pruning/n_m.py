@@ -67,20 +67,21 @@ def parse_structure(text: str) -> NMPattern | None:
 def n_m_steps(method: str, megabatches: int, pattern: NMPattern) -> list[int]:
     """N for megabatch t = 1..T (the density of megabatch t is N_t / M).
 
-    app: the values M-1, M-2, ..., N (S = M - N steps; M:M is the dense start, as density 1
-    is APP's start and its first step already prunes, to 0.8) spread evenly over T, each held
-    for T/S megabatches, the final N reached at t = T: N_t = steps[ceil(t S / T) - 1].
-    For 2:4 with T = 4: 3, 3, 2, 2; T = 3: 3, 2, 2; T = 1: 2. With T < S some values are
-    skipped (nesting holds all the same: 4:8 with T = 2 is 6, 4).
+    app: N falls from M (dense) at t = 1 to the target N at t = T in equal steps, rounded:
+    N_t = M - floor((t - 1) (M - N) / (T - 1) + 1/2). For 2:4 with T = 3: 4:4, 3:4, 2:4 (the
+    issue's progression); T = 4: 4, 3, 3, 2; T = 8: 4, 4, 3, 3, 3, 3, 2, 2; T = 1: 2. The
+    first megabatch is trained dense so the first N:M step is scored on trained weights (an
+    unstructured APP step to 0.8 has no N:M counterpart: 3:4 is already 0.75). With T - 1 <
+    M - N some values are skipped (nesting holds all the same: 4:8 with T = 2 is 8, 4).
     osp: N from t = 1 on. dense: M (nothing pruned)."""
     if method == "dense":
         return [pattern.m] * megabatches
-    if method == "osp":
+    if method == "osp" or (method == "app" and megabatches == 1):
         return [pattern.n] * megabatches
     if method != "app":
         raise ValueError(f"unknown pruning method '{method}'")
-    steps = list(range(pattern.m - 1, pattern.n - 1, -1))
-    return [steps[math.ceil(t * len(steps) / megabatches) - 1]
+    fall = pattern.m - pattern.n
+    return [pattern.m - math.floor((t - 1) * fall / (megabatches - 1) + 0.5)
             for t in range(1, megabatches + 1)]
 
 

@@ -153,6 +153,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def rewound_copy(run_dir: Path, target: Path, megabatch: int) -> Path:
+    """A copy of the finished run `run_dir` as it stood after `megabatch`: later checkpoints
+    removed, so the same command on the copy resumes there (as after a crash)."""
+    shutil.copytree(run_dir, target)
+    for folder in RunLayout(target).checkpoint_folders():
+        if folder.completed > megabatch or folder.partial:
+            shutil.rmtree(folder.path)
+    return target
+
+
 def digits_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A small real run: 3 megabatches of digits, 2 epochs each, every checkpoint kept."""
     return ["--config", str(REPO / "configs/digits.yaml"), f"data.shards={shards}",

@@ -21,7 +21,13 @@ from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks
 from app_dist.pruning.scores import magnitude_scores
 from app_dist.results.channel_export import channel_model, export_onnx, load_channel_export
 
-from .conftest import checkpoint_folder, digits_run_args, read_metrics, run_trainer
+from .conftest import (
+    checkpoint_folder,
+    digits_run_args,
+    read_metrics,
+    rewound_copy,
+    run_trainer,
+)
 
 CIFAR = {"name": "resnet20s", "num_classes": 10, "in_channels": 3, "stem": "cifar",
          "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
@@ -188,6 +194,19 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     rank_masks = [torch.load(final / CheckpointFiles.rank(r), weights_only=True)["masks"]
                   for r in (0, 1)]
     assert all(torch.equal(rank_masks[0][n], rank_masks[1][n]) for n in rank_masks[0])
+
+    # Resumed after megabatch 1 (its BatchNorm channel masks rebuilt from the saved weight
+    # masks), the run ends where the uninterrupted one did.
+    resumed = rewound_copy(run_dir, tmp_path / "resumed", megabatch=1)
+    result = run_trainer(digits_run_args(digits_shards, resumed, "prune.structure=channel",
+                                         "data.megabatches=2", "train.epochs=1"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resum" in result.stdout + result.stderr
+    assert read_metrics(resumed) == records
+    for name, key in ((CheckpointFiles.ENGINE, "model"), (CheckpointFiles.STATE, "masks")):
+        want, got = [torch.load(folder / name, weights_only=True)[key]
+                     for folder in (final, checkpoint_folder(resumed, 2))]
+        assert all(torch.equal(got[n], want[n]) for n in want), name
 
     out, onnx_path = tmp_path / "small.pt", tmp_path / "small.onnx"
     assert cli_main(["export", str(run_dir), "--out", str(out), "--onnx", str(onnx_path)]) == 0

@@ -32,7 +32,13 @@ from app_dist.pruning.n_m import (
 from app_dist.pruning.pruner import prune_step
 from app_dist.results.n_m_export import load_semi_structured, n_m_source
 
-from .conftest import checkpoint_folder, digits_run_args, read_metrics, run_trainer
+from .conftest import (
+    checkpoint_folder,
+    digits_run_args,
+    read_metrics,
+    rewound_copy,
+    run_trainer,
+)
 
 SINGLE = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -180,9 +186,9 @@ def test_two_rank_vit_2_4_run_ends_with_identical_valid_masks_and_exports_them(
     from app_dist.cli import main as cli_main
 
     run_dir = tmp_path / "n_m"
-    result = run_trainer(digits_run_args(digits_shards, run_dir, "model.name=vit_digits",
-                                         "prune.include_linear=true", "prune.structure=2:4",
-                                         "data.megabatches=3", "train.epochs=1"), nproc=2)
+    options = ("model.name=vit_digits", "prune.include_linear=true", "prune.structure=2:4",
+               "data.megabatches=3", "train.epochs=1")
+    result = run_trainer(digits_run_args(digits_shards, run_dir, *options), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cannot trace" not in result.stderr
     records = read_metrics(run_dir)
@@ -198,6 +204,16 @@ def test_two_rank_vit_2_4_run_ends_with_identical_valid_masks_and_exports_them(
     assert all(torch.equal(rank_masks[0][n], rank_masks[1][n]) for n in rank_masks[0])
     assert all(is_n_m(mask, 2, 4) for name, mask in rank_masks[0].items()
                if name != "net.patch_embed.weight")
+
+    # Resumed after megabatch 2 (at 3:4), the last step to 2:4 gives the same run.
+    resumed = rewound_copy(run_dir, tmp_path / "resumed", megabatch=2)
+    result = run_trainer(digits_run_args(digits_shards, resumed, *options), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(resumed) == records
+    for name, key in ((CheckpointFiles.ENGINE, "model"), (CheckpointFiles.STATE, "masks")):
+        want, got = [torch.load(folder / name, weights_only=True)[key]
+                     for folder in (final, checkpoint_folder(resumed, 3))]
+        assert all(torch.equal(got[n], want[n]) for n in want), name
 
     assert cli_main(["export", str(run_dir)]) == 0
     assert "semi-structured" in capsys.readouterr().out

@@ -3,6 +3,7 @@ export (density 0.366: zeros in dense tensors) vs a channel-pruned ResNet-20 at 
 the dense FLOPs (fewer channels), on this CPU, side by side in one process.
 
     python bench/structured_inference.py [--flops 0.333] [--rounds 5] [--threads N] [--no-write]
+        [--run RUN_DIR]   # also a trained channel run's export (RUN_DIR/model-channel.pt)
 
 Speed does not depend on the weights' values, only on the shapes (channel) or on nothing
 (unstructured), so the models are pruned once at initialisation: unstructured by magnitude,
@@ -18,6 +19,7 @@ to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="a finished prune.structure=channel run exported with app-dist "
+                             "export: its model-channel.pt is timed as 'trained'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +103,12 @@ def main() -> None:
         models = {"dense": fresh().eval(),
                   "unstructured": unstructured_export(Path(folder), args.density),
                   "channel": small}
+    trained = ""
+    if args.run is not None:
+        models["trained"] = load_channel_export(args.run / "model-channel.pt")
+        last = json.loads((args.run / "metrics.jsonl").read_text().splitlines()[-1])
+        trained = (f"; trained: {args.run.name} (density {last['density']:.3f} = "
+                   f"{last['flops_fraction']:.3f} of the conv FLOPs)")
     parameters = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     timings = compare_inference(models, (3, 32, 32), batches=(1, 256), rounds=args.rounds)
     parts = []
@@ -105,11 +116,14 @@ def main() -> None:
         speed = {name: batch / (value / 1e3) for name, value in ms.items()}
         parts.append(f"batch {batch}: dense {speed['dense']:.0f} img/s, unstructured "
                      f"{speed['unstructured']:.0f} ({speed['unstructured'] / speed['dense']:.2f}x)"
-                     f", channel {speed['channel']:.0f} ({speed['channel'] / speed['dense']:.2f}x)")
+                     f", channel {speed['channel']:.0f} ({speed['channel'] / speed['dense']:.2f}x)"
+                     + (f", trained {speed['trained']:.0f} "
+                        f"({speed['trained'] / speed['dense']:.2f}x)" if "trained" in speed
+                        else ""))
     result = (f"resnet20s, {torch.get_num_threads()} threads; unstructured export at density "
               f"{args.density:.3f}; channel at density {density:.3f} = {fraction:.3f} of the "
-              f"conv FLOPs, {parameters['channel']:,} of {parameters['dense']:,} parameters; "
-              + "; ".join(parts))
+              f"conv FLOPs, {parameters['channel']:,} of {parameters['dense']:,} parameters"
+              + trained + "; " + "; ".join(parts))
     print(result)
     if not args.no_write:
         append_row("inference: dense vs unstructured vs channel export (CPU)",

@@ -21,7 +21,12 @@ from app_dist.foundations import run_lock
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock, check_free, read_holder
 from app_dist.training.checkpoint import verify
-from app_dist.training.launcher import build_parser, launcher_command, run_exit_code
+from app_dist.training.launcher import (
+    build_parser,
+    launcher_command,
+    launcher_environment,
+    run_exit_code,
+)
 
 from .conftest import (
     REPO,
@@ -158,6 +163,20 @@ def test_launcher_command_lines():
                              "--num_nodes", "2", "--hostfile", "h", "--node_rank", "1",
                              "--master_addr", "head", "--master_port", "29600", "--no_ssh",
                              "/x/train.py", "--config", "c.yaml", "k=v"]
+
+
+def test_the_wrapper_gives_c10d_nodes_a_store_per_round_unless_the_user_chose():
+    def environment(*args: str, **given: str) -> dict[str, str]:
+        parsed = build_parser().parse_args(["--nproc-per-node", "1", *args, "--config", "c"])
+        return launcher_environment(parsed, {"PATH": "/bin", **given})
+
+    c10d = ("--nnodes", "2", "--rdzv-endpoint", "head:29500")
+    assert environment(*c10d) == {"PATH": "/bin", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    assert environment(*c10d, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")[
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
+    assert environment() == {"PATH": "/bin"}
+    assert environment("--nnodes", "2", "--master-addr", "head", "--node-rank", "1") == {
+        "PATH": "/bin"}
 
 
 @pytest.mark.parametrize("launcher_code, outcome, expected", [

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,22 +86,63 @@ def _pick_device(setting: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _store_for_this_attempt(world_size: int,
-                            timeout: datetime.timedelta) -> dist.Store | None:
-    """torchrun's store, namespaced by restart attempt; None when torchrun is not the launcher.
+def _store_for_this_round(rank: int, world_size: int,
+                          timeout: datetime.timedelta) -> dist.Store | None:
+    """The launcher's shared store, namespaced for this round of workers; None unless an
+    elastic agent (torchrun) shares its store with the workers.
 
-    With torchrun's default (static) rendezvous the agent keeps one store across
-    `--max-restarts` attempts and the workers' keys carry no attempt prefix, so a restarted
-    rank can read a dead peer's gloo address from the previous attempt and fail with
-    "connectFullMesh ... Connection refused". A per-attempt prefix makes every attempt start
-    from a clean namespace.
+    torchrun's agent keeps one store for the whole job (c10d rendezvous: the store at the
+    rendezvous endpoint; static: the agent's own), and the process group's keys in it carry no
+    round, so a restarted rank could read a dead peer's gloo address from a previous round and
+    fail with "connectFullMesh ... Connection refused". TORCHELASTIC_RESTART_COUNT cannot name
+    the round: each node's agent counts its own restarts, so after one node's workers failed
+    (or a killed node was started again, counting from 0) the nodes' counts differ, and a
+    prefix built from them splits the ranks into namespaces where they wait for each other
+    until the timeout. The ranks of a round agree on a fresh namespace instead
+    (_agree_on_round).
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                            world_size, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"app_dist/attempt-{attempt}", shared)
+    return dist.PrefixStore(f"app_dist/round-{_agree_on_round(shared, rank, world_size, timeout)}",
+                            shared)
+
+
+_LEADER_KEY = "app_dist/leader"
+
+
+def _agree_on_round(store: dist.Store, rank: int, world_size: int,
+                    timeout: datetime.timedelta) -> str:
+    """A token every rank of this round returns, new in every round (every rank calls it).
+
+    Rank 0 draws the token and publishes it under one key; every other rank answers under that
+    token with a token of its own, and goes on once rank 0 has acknowledged that answer. The
+    store still holds the keys of earlier rounds, whose processes are dead (an agent stops its
+    workers before it joins the next rendezvous): a rank that read an earlier round's token
+    gets no acknowledgement of its own fresh answer, and reads the leader key again until it
+    holds this round's token.
+    """
+    if rank == 0:
+        token = uuid.uuid4().hex
+        store.set(_LEADER_KEY, token)
+        for peer in range(1, world_size):
+            answer = f"app_dist/{token}/rank-{peer}"
+            store.wait([answer], timeout)
+            store.set(f"app_dist/{token}/ack-{store.get(answer).decode()}", b"1")
+        return token
+    mine = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        token = store.get(_LEADER_KEY).decode()
+        store.set(f"app_dist/{token}/rank-{rank}", mine)
+        while store.get(_LEADER_KEY).decode() == token:
+            if store.check([f"app_dist/{token}/ack-{mine}"]):
+                return token
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: rank 0 of this round did not answer within "
+                                   f"{timeout.total_seconds():.0f} s")
+            time.sleep(0.05)
 
 
 def start_platform(device: str = "auto", timeout_s: int = 600) -> Platform:
@@ -115,7 +158,7 @@ def start_platform(device: str = "auto", timeout_s: int = 600) -> Platform:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = _store_for_this_attempt(world_size, timeout)
+        store = _store_for_this_round(rank, world_size, timeout)
         if store is None:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:

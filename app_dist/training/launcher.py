@@ -137,6 +137,24 @@ def launcher_command(args: argparse.Namespace, script: Path) -> list[str]:
     return [*command, *extra, str(script), *run]
 
 
+# torchrun's c10d rendezvous shares one store server, created by the first round's rank-0 agent,
+# with every later round, and an agent builds its bootstrap information (the store's address)
+# only in its first round. A node started again after it was lost joins a later round for the
+# first time and waits for an address the surviving rank-0 agent never publishes again: both
+# agents fail 60 s later (torch 2.14). Without the shared store, rank 0 publishes a fresh
+# address in every round and its rank hosts the process group's store itself.
+C10D_ENVIRONMENT = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def launcher_environment(args: argparse.Namespace,
+                         environment: dict[str, str]) -> dict[str, str]:
+    """The launcher's environment: `environment` with C10D_ENVIRONMENT under torchrun's c10d
+    rendezvous (where the user has not set those variables)."""
+    if (args.launcher or "torchrun") == "torchrun" and args.rdzv_endpoint:
+        return {**C10D_ENVIRONMENT, **environment}
+    return dict(environment)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -202,7 +220,7 @@ def run_exit_code(launcher_code: int, outcome: dict | None) -> int:
     return launcher_code
 
 
-def supervise(command: list[str]) -> int:
+def supervise(command: list[str], environment: dict[str, str] | None = None) -> int:
     """Run `command` in a process group of its own until it ends, forwarding SIGTERM, SIGINT
     and SIGHUP to that group; its exit code (128 + N when signal N ended it)."""
     child: subprocess.Popen | None = None
@@ -219,7 +237,7 @@ def supervise(command: list[str]) -> int:
 
     previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
     try:
-        child = subprocess.Popen(command, start_new_session=True)
+        child = subprocess.Popen(command, start_new_session=True, env=environment)
         for signum in pending:
             forward(signum, None)
         code = child.wait()
@@ -245,7 +263,7 @@ def launch(args: argparse.Namespace) -> int:
         outcome.unlink(missing_ok=True)  # an earlier launch's: it must not speak for this one
     command = launcher_command(args, Path(trainer.__file__).resolve())
     print(f"[app-dist] {shlex.join(command)}", flush=True)
-    launcher_code = supervise(command)
+    launcher_code = supervise(command, launcher_environment(args, dict(os.environ)))
     ended = read_outcome(outcome)
     code = run_exit_code(launcher_code, ended)
     if code != launcher_code:

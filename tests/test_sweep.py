@@ -1,5 +1,6 @@
 """Ray Tune sweeps over distributed trials: the sweep file, checkpoint hand-over, the result
-table and the cluster file without Ray; then real sweeps on a local 2-CPU Ray cluster."""
+table and the cluster file without Ray; then real sweeps on a local 2-CPU Ray cluster and on a
+Ray cluster of two nodes started with `ray start` (one of them lost mid-trial)."""
 
 from __future__ import annotations
 
@@ -282,14 +283,126 @@ def reported_to_ray_train(experiment: Path, trial_id: str) -> int:
     return max((int(f.name.split("-")[1]) for f in folders), default=0)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    children = [int(child) for child in found.stdout.split()]
+    return [grandchild for child in children for grandchild in [child, *descendants(child)]]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL to `process` and everything below it at once, as a machine that loses power
+    (a Ray node's raylet and worker processes run in sessions of their own)."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+class TwoNodeRay:
+    """A Ray cluster of two nodes on this machine: `ray start --head` (node A) and
+    `ray start --address` (node B), each its own `--block` process with its own temp dir,
+    1 CPU and a custom resource naming it, so that a trial's 2 one-CPU workers are placed one
+    per node. Every port is a free one (two nodes on one machine, other Ray instances beside
+    them); token authentication with a token of this cluster's own."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.address = f"127.0.0.1:{free_port()}"
+        # Every node imports this checkout (on a cluster: the project installed on every node).
+        self.env = {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_ADDRESS": self.address}
+        self.temp_dirs: list[str] = []
+        self.head = self._start("a", ["--head", "--port", self.address.split(":")[1],
+                                      "--include-dashboard=false"])
+        self.worker_node = self._start("b", ["--address", self.address])
+
+    def _start(self, name: str, role: list[str]) -> subprocess.Popen:
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # socket paths must be short
+        self.temp_dirs.append(temp_dir)
+        ports = [port for flag in ("--node-manager-port", "--object-manager-port",
+                                   "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                   "--runtime-env-agent-port", "--metrics-export-port")
+                 for port in (flag, str(free_port()))]
+        command = [str(Path(sys.executable).parent / "ray"), "start", *role, "--block",
+                   "--temp-dir", temp_dir, "--num-cpus", "1", "--resources",
+                   json.dumps({f"node_{name}": 1}), "--object-store-memory", str(80 * 2**20),
+                   "--disable-usage-stats", *ports]
+        log = (self.folder / f"node-{name}.log").open("a")
+        return launch(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for_nodes(self, *names: str, timeout: float = 120) -> None:
+        """Until `ray status` lists the custom resource of every named node."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.head.poll() is None, (self.folder / "node-a.log").read_text()[-3000:]
+            status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status"],
+                                    env={**os.environ, **self.env}, capture_output=True,
+                                    text=True, timeout=60).stdout
+            if all(f"node_{name}" in status for name in names):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"ray nodes {names} not up after {timeout} s")
+
+    def trains_on_worker_node(self) -> bool:
+        """Whether a Ray Train worker runs on node B (its process title names the actor)."""
+        def title(pid: int) -> str:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_text()
+            except OSError:
+                return ""
+        return any("RayTrainWorker" in title(pid) for pid in descendants(self.worker_node.pid))
+
+    def lose_worker_node(self) -> None:
+        kill_tree(self.worker_node)
+
+    def restart_worker_node(self) -> None:
+        self.worker_node = self._start("b", ["--address", self.address])
+
+    def stop(self) -> None:
+        for node in (self.worker_node, self.head):
+            if node.poll() is None:
+                kill_tree(node)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_node_ray(tmp_path: Path):
+    cluster = TwoNodeRay(tmp_path)
+    try:
+        cluster.wait_for_nodes("a", "b")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.distributed
-def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_finished_ones(
-        ray_cluster, digits_shards, tmp_path):
+def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
+        two_node_ray, digits_shards, tmp_path):
+    """3 trials x 2 workers on a real two-node Ray cluster (one worker per node). Once trial 1
+    has reported megabatch 1's checkpoint, node B is lost (its `ray start`, raylet and workers
+    SIGKILLed) and started again at once, as an autoscaler replaces a node: the trial, which
+    cannot be placed on what is left (2 workers of 1 CPU, 1 CPU left), runs again once the
+    node is back, Ray Train restarting its worker group from the last reported megabatch
+    checkpoint. Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and
+    trial 3 can only start if the stopped trial's workers gave their CPUs back. The sweep's
+    driver is interrupted (SIGINT, as Ctrl-C) while trial 3 is half way; the same command
+    restores the experiment without rerunning finished trials, and the sweep ends with every
+    trial's result."""
     megabatches = 4
-    # Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and trial 3 can
-    # only start if the stopped trial's Ray Train workers gave their CPUs back.
     path = sweep_file(
         tmp_path, digits_shards,
         overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
@@ -299,23 +412,39 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
                    "grace_period": 2, "reduction_factor": 2})
     experiment = tmp_path / "storage" / "digits-test"
     runs = experiment / "runs"
-    first = launch([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)],
-                   env={"RAY_ADDRESS": ray_cluster}, cwd=tmp_path, stdout=subprocess.PIPE,
-                   stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
+    driver_log = tmp_path / "driver.log"
+    first = launch(command, env=two_node_ray.env, cwd=tmp_path, stdout=driver_log.open("w"),
+                   stderr=subprocess.STDOUT)
 
     def trial_dirs() -> list[str]:
         return sorted(d.name for d in runs.glob("*"))
+
+    def first_trial_reported() -> bool:
+        trials = trial_dirs()
+        return bool(trials) and reported_to_ray_train(experiment, trials[0]) >= 1
 
     def third_trial_halfway() -> bool:
         trials = trial_dirs()
         return len(trials) == 3 and reported_to_ray_train(experiment, trials[2]) in (2, 3)
 
-    # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
-    wait_for(third_trial_halfway, first, timeout=300, interval=0.2)
-    trials = trial_dirs()
-    assert first.poll() is None, first.communicate()[0][-3000:]
-    first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
+    try:
+        if not wait_for(first_trial_reported, first, timeout=300, interval=0.1):
+            raise AssertionError(driver_log.read_text()[-3000:])
+        assert two_node_ray.trains_on_worker_node()
+        two_node_ray.lose_worker_node()
+        lost_at = time.time()
+        two_node_ray.restart_worker_node()
+        # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
+        assert wait_for(third_trial_halfway, first, timeout=300, interval=0.2), (
+            driver_log.read_text()[-3000:])
+        trials = trial_dirs()
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+        output = driver_log.read_text()
+    finally:
+        if first.poll() is None:
+            kill_tree(first)
     assert first.returncode == 1, output[-3000:]  # an unfinished trial: run it again
     assert "unfinished" in output
     interrupted = trials[2]
@@ -324,7 +453,10 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
     modified = {t: (runs / t / "metrics.jsonl").stat().st_mtime_ns for t in trials[:2]}
 
     restored_at = int(time.time())
-    assert main(["--config", str(path)]) == 0  # the same command again: restores
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, **two_node_ray.env},
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:]  # the same command again: restores
+    assert "restoring sweep digits-test" in again.stdout
 
     rows = json.loads((experiment / "results.json").read_text())
     assert [r["train.lr"] for r in rows] in ([0.05, 0.04, 1e-6], [0.04, 0.05, 1e-6])
@@ -353,6 +485,19 @@ def test_interrupted_sweep_of_three_two_worker_trials_restores_without_redoing_f
         config = load_config(run_dir / "config.yaml")
         assert (config.run.name, config.log.wandb.group) == (row["trial_id"], "digits-test")
         assert list((run_dir / "wandb").glob("offline-run-*"))
+    # The trial that lost a node resumed after the last megabatch Tune had heard of (which
+    # may lag the checkpoint the test waited for): every megabatch reported once, and those
+    # reported before the loss were not computed again.
+    lost = trials[0]
+    reports = tune_reports(experiment, lost)
+    logged = [json.loads(line) for line in (runs / lost / "metrics.jsonl").read_text().splitlines()]
+    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == [1, 2, 3, 4]
+    before = [r for r in reports if r["timestamp"] <= lost_at]
+    assert all(logged[r["megabatch"] - 1]["seconds"] == r["seconds"] for r in before)
+    seen = len(before)
+    if seen < megabatches:
+        print(f"trial {lost}: node lost after Tune had megabatch {seen}; megabatch {seen + 1} "
+              f"reported {reports[seen]['timestamp'] - lost_at:.0f} s after the loss")
 
 
 # (signal, where rank 1 pauses for the test to signal it, checkpoints set aside on restart)

@@ -105,6 +105,7 @@ def test_relative_shards_become_absolute_for_trials_running_in_rays_folders(tmp_
     ("data.shards=/nonexistent", "data.shards"),
     ("resources_per_worker.CPU=0", "resources_per_worker"),
     ("trial_driver.memory_mb=0", "trial_driver.memory_mb"),
+    ("min_workers_per_trial=3", "min_workers_per_trial"),
     ("unknown_key=1", "unknown_key"),
 ])
 def test_bad_sweep_input_is_one_line_naming_the_key_and_exits_2(argument, named, tmp_path,
@@ -130,6 +131,42 @@ def test_perf_keys_are_training_keys_of_every_trial_and_of_the_search_space(tmp_
                                                   "perf.cache_decoded": True})
     config = load_config(sweep.base_config, overrides)
     assert config.perf.persistent_workers is True and config.perf.cache_decoded is True
+
+
+def test_elastic_trials_resume_on_any_size_and_every_size_must_divide_the_batch(
+        tmp_path, digits_shards):
+    fixed = load_sweep(sweep_file(tmp_path, digits_shards), root=REPO)
+    assert list(fixed.world_sizes) == [2]
+    assert not any("allow_world_size_change" in o
+                   for o in fixed.trial_overrides("t", {"prune.method": "app"}))
+    batch_60 = [f"data.shards={digits_shards}", "train.batch_size=60"]
+    elastic = load_sweep(sweep_file(tmp_path, digits_shards, workers_per_trial=4,
+                                    min_workers_per_trial=2, overrides=batch_60), root=REPO)
+    assert list(elastic.world_sizes) == [2, 3, 4]
+    overrides = elastic.trial_overrides("t", {"prune.method": "app"})
+    assert load_config(elastic.base_config, overrides).checkpoint.allow_world_size_change
+    with pytest.raises(ConfigError, match="'min_workers_per_trial' = 2: .* on 3 workers"):
+        load_sweep(sweep_file(tmp_path, digits_shards, workers_per_trial=4,
+                              min_workers_per_trial=2), root=REPO)  # batch 64
+
+
+def test_a_sweep_saved_before_a_setting_existed_restores_while_that_setting_is_default(
+        tmp_path, digits_shards):
+    from omegaconf import OmegaConf
+
+    from app_dist.sweep.runner import SETTINGS_FILE, _settings_record, check_same_sweep
+
+    sweep = load_sweep(sweep_file(tmp_path, digits_shards), root=REPO)
+    record = _settings_record(sweep)
+    for added in ("min_workers_per_trial", "resize_interval_s"):  # settings added later
+        record.pop(added)
+    sweep.experiment_path.mkdir(parents=True)
+    (sweep.experiment_path / SETTINGS_FILE).write_text(OmegaConf.to_yaml(record))
+    check_same_sweep(sweep)
+    elastic = load_sweep(sweep_file(tmp_path, digits_shards), ["min_workers_per_trial=1"],
+                         root=REPO)
+    with pytest.raises(ConfigError, match="min_workers_per_trial: 0 -> 1"):
+        check_same_sweep(elastic)
 
 
 def test_sweep_subcommand_is_registered_with_the_cli():
@@ -315,13 +352,13 @@ class TwoNodeRay:
     per node. Every port is a free one (two nodes on one machine, other Ray instances beside
     them); token authentication with a token of this cluster's own."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, env: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.address = f"127.0.0.1:{free_port()}"
         # Every node imports this checkout (on a cluster: the project installed on every node).
         self.env = {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_ADDRESS": self.address}
+                    "RAY_ADDRESS": self.address, **(env or {})}
         self.temp_dirs: list[str] = []
         self.head = self._start("a", ["--head", "--port", self.address.split(":")[1],
                                       "--include-dashboard=false"])
@@ -354,32 +391,74 @@ class TwoNodeRay:
             time.sleep(0.5)
         raise AssertionError(f"ray nodes {names} not up after {timeout} s")
 
-    def trains_on_worker_node(self) -> bool:
-        """Whether a Ray Train worker runs on node B (its process title names the actor)."""
+    def worker_node_pids(self) -> list[int]:
+        """Node B's processes: its `ray start`, every process started with its temp dir on
+        the command line (the raylet may not be a child of `ray start`), and everything
+        below them (the raylet's workers)."""
+        temp_dir = self.temp_dirs[-1]
+        found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+        roots = {self.worker_node.pid, *(int(pid) for pid in found.stdout.split())}
+        return sorted({pid for root in roots for pid in [root, *descendants(root)]})
+
+    def worker_node_processes(self) -> list[str]:
+        """The command lines (Ray sets a worker's to its actor and task) of node B."""
         def title(pid: int) -> str:
             try:
-                return Path(f"/proc/{pid}/cmdline").read_text()
+                return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
             except OSError:
                 return ""
-        return any("RayTrainWorker" in title(pid) for pid in descendants(self.worker_node.pid))
+        return [title(pid) for pid in self.worker_node_pids()]
+
+    def trains_on_worker_node(self) -> bool:
+        """Whether a Ray Train worker runs on node B."""
+        return any("RayTrainWorker" in title for title in self.worker_node_processes())
 
     def lose_worker_node(self) -> None:
-        kill_tree(self.worker_node)
+        """SIGKILL to all of node B's processes at once."""
+        for pid in self.worker_node_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.worker_node.wait(timeout=30)
 
     def restart_worker_node(self) -> None:
         self.worker_node = self._start("b", ["--address", self.address])
 
     def stop(self) -> None:
+        """Both nodes' processes killed (found by their own temp dirs too), temp dirs removed."""
         for node in (self.worker_node, self.head):
             if node.poll() is None:
                 kill_tree(node)
         for temp_dir in self.temp_dirs:
+            found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+            for pid in (int(pid) for pid in found.stdout.split()):
+                for each in [pid, *descendants(pid)]:
+                    try:
+                        os.kill(each, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def registered_by_ray_train(experiment: Path, trial_id: str) -> int:
+    """The newest megabatch whose report Ray Train's controller has registered (its
+    checkpoint manager's snapshot; 0 before the first). A worker group restarted now resumes
+    from it: a checkpoint already in Ray Train's storage but not yet registered (the
+    controller collects reports at its next poll of the workers, every 2 s) is not used."""
+    snapshot = experiment / "train" / trial_id / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
+    return max((r["metrics"]["megabatch"] for r in results), default=0)
+
+
 @pytest.fixture
-def two_node_ray(tmp_path: Path):
-    cluster = TwoNodeRay(tmp_path)
+def two_node_ray(request: pytest.FixtureRequest, tmp_path: Path):
+    """A TwoNodeRay; a test may give every node's environment through indirect
+    parametrization."""
+    cluster = TwoNodeRay(tmp_path, getattr(request, "param", None))
     try:
         cluster.wait_for_nodes("a", "b")
         yield cluster
@@ -392,8 +471,8 @@ def two_node_ray(tmp_path: Path):
 @pytest.mark.distributed
 def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
         two_node_ray, digits_shards, tmp_path):
-    """3 trials x 2 workers on a real two-node Ray cluster (one worker per node). Once trial 1
-    has reported megabatch 1's checkpoint, node B is lost (its `ray start`, raylet and workers
+    """3 trials x 2 workers on a real two-node Ray cluster (one worker per node). Once Ray
+    Train has registered trial 1's megabatch 1, node B is lost (its `ray start`, raylet and workers
     SIGKILLed) and started again at once, as an autoscaler replaces a node: the trial, which
     cannot be placed on what is left (2 workers of 1 CPU, 1 CPU left), runs again once the
     node is back, Ray Train restarting its worker group from the last reported megabatch
@@ -422,7 +501,7 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
 
     def first_trial_reported() -> bool:
         trials = trial_dirs()
-        return bool(trials) and reported_to_ray_train(experiment, trials[0]) >= 1
+        return bool(trials) and registered_by_ray_train(experiment, trials[0]) >= 1
 
     def third_trial_halfway() -> bool:
         trials = trial_dirs()
@@ -498,6 +577,65 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
     if seen < megabatches:
         print(f"trial {lost}: node lost after Tune had megabatch {seen}; megabatch {seen + 1} "
               f"reported {reports[seen]['timestamp'] - lost_at:.0f} s after the loss")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.distributed
+# A worker group that cannot be placed is given up after 15 s instead of Ray Train's 60 s (and
+# tried again): after a node loss the controller still counts the dead node's CPU for a while,
+# and an elastic trial's first tries ask for both workers. (Not in the sweep test above: there
+# a node comes back, and a start given up while its placement group was still pending once
+# left that group created later and never released, holding both CPUs: the trial waited
+# forever.)
+@pytest.mark.parametrize("two_node_ray", [{"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}],
+                         indirect=True, ids=["start-timeout-15s"])
+def test_elastic_trial_goes_on_with_the_workers_left_when_a_ray_node_is_lost(
+        two_node_ray, digits_shards, tmp_path):
+    """An elastic trial (min_workers_per_trial=1, workers_per_trial=2) on the two-node
+    cluster: once Ray Train has registered its megabatch 1, node B is lost for good. Instead
+    of waiting for it, Ray Train restarts the worker group with the one worker that fits,
+    from the last reported megabatch checkpoint; the trial completes, each megabatch reported
+    once, and metrics.jsonl records the world size of each megabatch (2 first, 1 last)."""
+    megabatches = 6
+    path = sweep_file(
+        tmp_path, digits_shards, name="digits-elastic",
+        overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
+                   "train.epochs=1", "train.milestones=[1]", "log.progress=false",
+                   "log.wandb.mode=disabled"],
+        search_space={"prune.method": {"grid": ["app"]}}, min_workers_per_trial=1,
+        scheduler={"kind": "fifo"})
+    experiment = tmp_path / "storage" / "digits-elastic"
+    driver_log = tmp_path / "driver.log"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
+    sweep = launch(command, env=two_node_ray.env, cwd=tmp_path, stdout=driver_log.open("w"),
+                   stderr=subprocess.STDOUT)
+
+    def registered_one() -> bool:
+        # Not Tune's own record, which lags the trial by seconds (here by the whole trial).
+        trials = sorted(d.name for d in (experiment / "runs").glob("*"))
+        return bool(trials) and registered_by_ray_train(experiment, trials[0]) >= 1
+
+    try:
+        assert wait_for(registered_one, sweep, timeout=300, interval=0.1), (
+            driver_log.read_text()[-3000:])
+        assert two_node_ray.trains_on_worker_node(), two_node_ray.worker_node_processes()
+        two_node_ray.lose_worker_node()
+        assert sweep.wait(timeout=300) == 0, driver_log.read_text()[-3000:]
+    finally:
+        if sweep.poll() is None:
+            kill_tree(sweep)
+    (row,) = json.loads((experiment / "results.json").read_text())
+    assert (row["status"], row["megabatch"]) == ("completed", megabatches)
+    reports = tune_reports(experiment, row["trial_id"])
+    logged = [json.loads(line) for line in
+              (experiment / "runs" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == list(
+        range(1, megabatches + 1))
+    sizes = [r["world_size"] for r in logged]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes
+    assert [r["world_size"] for r in reports] == sizes
+    print(f"elastic trial: world sizes {sizes}")
 
 
 # (signal, where rank 1 pauses for the test to signal it, checkpoints set aside on restart)

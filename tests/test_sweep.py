@@ -296,8 +296,11 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
+    # The workers import this checkout, as the test process does (an installed app_dist may
+    # be another checkout's).
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-                       log_to_driver=False)
+                       log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -3,6 +3,7 @@ launcher wrapper whose exit code is the run's own: real launches, from outside."
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -11,13 +12,16 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from torch.distributed import TCPStore
 
 from app_dist.cli import main as cli_main
 from app_dist.foundations import run_lock
+from app_dist.foundations.distributed import _agree_on_round
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock, check_free, read_holder
 from app_dist.training.checkpoint import verify
@@ -489,3 +493,38 @@ def test_the_wrapper_launches_deepspeed_ranks(digits_shards, zero_runs, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "deepspeed.launcher.runner" in result.stdout
     assert read_metrics(run_dir) == read_metrics(zero_runs(2))
+
+
+# --- one store namespace per rendezvous round ------------------------------------------------
+
+def test_the_ranks_of_a_round_agree_on_a_fresh_namespace_whatever_an_earlier_round_left():
+    """A real TCPStore holding what a dead earlier round wrote (its leader token, its ranks'
+    answers and rank 0's acknowledgements): the three ranks of the new round, started in any
+    order (rank 0 last), agree on one token that is not the dead round's."""
+    timeout = datetime.timedelta(seconds=30)
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+
+    def client() -> TCPStore:
+        return TCPStore("127.0.0.1", server.port, is_master=False, timeout=timeout)
+
+    old = _run_ranks(client, 2, timeout)
+    assert len(set(old)) == 1
+    new = _run_ranks(client, 3, timeout, rank_0_delay=0.5)
+    assert len(set(new)) == 1 and new[0] != old[0]
+
+
+def _run_ranks(client, world_size: int, timeout, rank_0_delay: float = 0.0) -> list[str]:
+    """Every rank of one round in a thread of its own; the token each returned."""
+    tokens: list[str] = [""] * world_size
+
+    def rank(number: int) -> None:
+        if number == 0:
+            time.sleep(rank_0_delay)  # the others read the earlier round's leader token first
+        tokens[number] = _agree_on_round(client(), number, world_size, timeout)
+
+    threads = [threading.Thread(target=rank, args=(number,)) for number in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return tokens

@@ -1,8 +1,10 @@
 """Ray Tune sweeps over distributed trials: the sweep file, checkpoint hand-over, the result
-table and the cluster file without Ray; then real sweeps on a local 2-CPU Ray cluster."""
+table and the cluster file without Ray; then real sweeps on a local 2-CPU Ray cluster and on a
+Ray cluster of two nodes started with `ray start` (one of them lost mid-trial)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -117,6 +119,7 @@ def test_a_bucket_as_storage_path_holds_the_experiment_and_run_directories_stay_
     ("data.shards=/nonexistent", "data.shards"),
     ("resources_per_worker.CPU=0", "resources_per_worker"),
     ("trial_driver.memory_mb=0", "trial_driver.memory_mb"),
+    ("min_workers_per_trial=3", "min_workers_per_trial"),
     ("unknown_key=1", "unknown_key"),
 ])
 def test_bad_sweep_input_is_one_line_naming_the_key_and_exits_2(argument, named, tmp_path,
@@ -142,6 +145,41 @@ def test_perf_keys_are_training_keys_of_every_trial_and_of_the_search_space(tmp_
                                                   "perf.cache_decoded": True})
     config = load_config(sweep.base_config, overrides)
     assert config.perf.persistent_workers is True and config.perf.cache_decoded is True
+
+
+def test_elastic_trials_resume_on_any_size_and_every_size_must_divide_the_batch(
+        tmp_path, digits_shards):
+    fixed = load_sweep(sweep_file(tmp_path, digits_shards), root=REPO)
+    assert list(fixed.world_sizes) == [2]
+    assert not any("allow_world_size_change" in o
+                   for o in fixed.trial_overrides("t", {"prune.method": "app"}))
+    batch_60 = [f"data.shards={digits_shards}", "train.batch_size=60"]
+    elastic = load_sweep(sweep_file(tmp_path, digits_shards, workers_per_trial=4,
+                                    min_workers_per_trial=2, overrides=batch_60), root=REPO)
+    assert list(elastic.world_sizes) == [2, 3, 4]
+    overrides = elastic.trial_overrides("t", {"prune.method": "app"})
+    assert load_config(elastic.base_config, overrides).checkpoint.allow_world_size_change
+    with pytest.raises(ConfigError, match="'min_workers_per_trial' = 2: .* on 3 workers"):
+        load_sweep(sweep_file(tmp_path, digits_shards, workers_per_trial=4,
+                              min_workers_per_trial=2), root=REPO)  # batch 64
+
+
+def test_a_sweep_saved_before_a_setting_existed_restores_while_that_setting_is_default(
+        tmp_path, digits_shards):
+    from omegaconf import OmegaConf
+
+    from app_dist.sweep.runner import SETTINGS_FILE, _settings_record, check_same_sweep
+
+    sweep = load_sweep(sweep_file(tmp_path, digits_shards), root=REPO)
+    record = _settings_record(sweep)
+    for added in ("min_workers_per_trial", "resize_interval_s"):  # settings added later
+        record.pop(added)
+    sweep.experiment_folder().write_text(SETTINGS_FILE, OmegaConf.to_yaml(record))
+    check_same_sweep(sweep)
+    elastic = load_sweep(sweep_file(tmp_path, digits_shards), ["min_workers_per_trial=1"],
+                         root=REPO)
+    with pytest.raises(ConfigError, match="min_workers_per_trial: 0 -> 1"):
+        check_same_sweep(elastic)
 
 
 def test_sweep_subcommand_is_registered_with_the_cli():
@@ -267,36 +305,16 @@ def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the
 
 
 @pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on 127.0.0.1, for a sweep whose storage_path is a bucket."""
-    require("s3fs")
-    require("moto")
-    server = S3Server()
-    server.start()
-    server.make_bucket("sweeps")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """A private local Ray on 2 CPUs (never `ray start`: it would be shared with anyone). Its
-    processes find the S3 server as a cluster's nodes find their object store: through the
-    environment each node was started with (AWS_ENDPOINT_URL and credentials)."""
+def ray_cluster():
+    """A private local Ray on 2 CPUs (never `ray start`: it would be shared with anyone)."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
-    saved = {name: os.environ.get(name) for name in s3_server.env}
-    os.environ.update(s3_server.env)
-    try:
-        context = ray.init(address="local", num_cpus=2, include_dashboard=False,
-                           _temp_dir=temp_dir, log_to_driver=False)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
+    # The workers import this checkout, as the test process does (an installed app_dist may
+    # be another checkout's).
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+                       log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -325,6 +343,19 @@ class Experiment:
         folders = self.fs.glob(f"{self.path}/train/{trial_id}/megabatch-[0-9][0-9][0-9][0-9]")
         return max((int(f.rsplit("-", 1)[1]) for f in folders), default=0)
 
+    def registered_by_ray_train(self, trial_id: str) -> int:
+        """The newest megabatch whose report Ray Train's controller has registered (its
+        checkpoint manager's snapshot; 0 before the first). A worker group restarted now
+        resumes from it: a checkpoint already in Ray Train's storage but not yet registered
+        (the controller collects reports at its next poll of the workers, every 2 s) is not
+        used."""
+        try:
+            snapshot = self.read_json(f"train/{trial_id}/checkpoint_manager_snapshot.json")
+            results = snapshot["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+            return 0
+        return max((r["metrics"]["megabatch"] for r in results), default=0)
+
 
 def local_experiment(path: Path) -> Experiment:
     import fsspec
@@ -337,21 +368,188 @@ def megabatches_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["megabatch"] for line in lines]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    children = [int(child) for child in found.stdout.split()]
+    return [grandchild for child in children for grandchild in [child, *descendants(child)]]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL to `process` and everything below it at once, as a machine that loses power
+    (a Ray node's raylet and worker processes run in sessions of their own)."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+class TwoNodeRay:
+    """A Ray cluster of two nodes on this machine: `ray start --head` (node A) and
+    `ray start --address` (node B), each its own `--block` process with its own temp dir,
+    1 CPU and a custom resource naming it, so that a trial's 2 one-CPU workers are placed one
+    per node. Every port is a free one (two nodes on one machine, other Ray instances beside
+    them); token authentication with a token of this cluster's own."""
+
+    def __init__(self, folder: Path, env: dict[str, str] | None = None) -> None:
+        self.folder = folder
+        self.address = f"127.0.0.1:{free_port()}"
+        # Every node imports this checkout (on a cluster: the project installed on every node).
+        self.env = {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_ADDRESS": self.address, **(env or {})}
+        self.temp_dirs: list[str] = []
+        self.head = self._start("a", ["--head", "--port", self.address.split(":")[1],
+                                      "--include-dashboard=false"])
+        self.worker_node = self._start("b", ["--address", self.address])
+
+    def _start(self, name: str, role: list[str]) -> subprocess.Popen:
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # socket paths must be short
+        self.temp_dirs.append(temp_dir)
+        ports = [port for flag in ("--node-manager-port", "--object-manager-port",
+                                   "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                   "--runtime-env-agent-port", "--metrics-export-port")
+                 for port in (flag, str(free_port()))]
+        command = [str(Path(sys.executable).parent / "ray"), "start", *role, "--block",
+                   "--temp-dir", temp_dir, "--num-cpus", "1", "--resources",
+                   json.dumps({f"node_{name}": 1}), "--object-store-memory", str(80 * 2**20),
+                   "--disable-usage-stats", *ports]
+        log = (self.folder / f"node-{name}.log").open("a")
+        return launch(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for_nodes(self, *names: str, timeout: float = 120) -> None:
+        """Until `ray status` lists the custom resource of every named node."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.head.poll() is None, (self.folder / "node-a.log").read_text()[-3000:]
+            status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status"],
+                                    env={**os.environ, **self.env}, capture_output=True,
+                                    text=True, timeout=60).stdout
+            if all(f"node_{name}" in status for name in names):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"ray nodes {names} not up after {timeout} s")
+
+    def worker_node_pids(self) -> list[int]:
+        """Node B's processes: its `ray start`, every process started with its temp dir on
+        the command line (the raylet may not be a child of `ray start`), and everything
+        below them (the raylet's workers)."""
+        temp_dir = self.temp_dirs[-1]
+        found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+        roots = {self.worker_node.pid, *(int(pid) for pid in found.stdout.split())}
+        return sorted({pid for root in roots for pid in [root, *descendants(root)]})
+
+    def worker_node_processes(self) -> list[str]:
+        """The command lines (Ray sets a worker's to its actor and task) of node B."""
+        def title(pid: int) -> str:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+            except OSError:
+                return ""
+        return [title(pid) for pid in self.worker_node_pids()]
+
+    def trains_on_worker_node(self) -> bool:
+        """Whether a Ray Train worker runs on node B."""
+        return any("RayTrainWorker" in title for title in self.worker_node_processes())
+
+    def lose_worker_node(self) -> None:
+        """SIGKILL to all of node B's processes at once."""
+        for pid in self.worker_node_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.worker_node.wait(timeout=30)
+
+    def restart_worker_node(self) -> None:
+        self.worker_node = self._start("b", ["--address", self.address])
+
+    def stop(self) -> None:
+        """Both nodes' processes killed (found by their own temp dirs too), temp dirs removed."""
+        for node in (self.worker_node, self.head):
+            if node.poll() is None:
+                kill_tree(node)
+        for temp_dir in self.temp_dirs:
+            found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+            for pid in (int(pid) for pid in found.stdout.split()):
+                for each in [pid, *descendants(pid)]:
+                    try:
+                        os.kill(each, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def two_node_cluster(folder: Path, env: dict[str, str] | None = None):
+    cluster = TwoNodeRay(folder, env)
+    try:
+        cluster.wait_for_nodes("a", "b")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def two_node_ray(request: pytest.FixtureRequest, tmp_path: Path):
+    """A TwoNodeRay; a test may give every node's environment through indirect
+    parametrization."""
+    with two_node_cluster(tmp_path, getattr(request, "param", None)) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3 server on 127.0.0.1, with a bucket for sweeps and one for datasets."""
+    require("s3fs")
+    require("moto")
+    server = S3Server()
+    server.start()
+    server.make_bucket("sweeps")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def two_node_ray_on_s3(s3_server, tmp_path: Path):
+    """A TwoNodeRay whose nodes find the S3 server as a cluster's nodes find their object
+    store: through the environment each node was started with (AWS_ENDPOINT_URL, keys)."""
+    with two_node_cluster(tmp_path, s3_server.env) as cluster:
+        yield cluster
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.distributed
-def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_ones(
-        ray_cluster, s3_server, digits_shards, tmp_path, monkeypatch):
-    """A sweep of three 2-worker trials whose storage_path and shards are in an S3 bucket
-    (moto's server): interrupted by Ctrl-C while its third trial runs, that trial's run
-    directory then lost (as a node's scratch disk is), the same command again restores the
-    Tune experiment from the bucket and the trial resumes from the megabatch checkpoint Ray
-    Train copied there."""
+def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
+        two_node_ray_on_s3, s3_server, digits_shards, tmp_path):
+    """3 trials x 2 workers on a real two-node Ray cluster (one worker per node). Once Ray
+    Train has registered trial 1's megabatch 1, node B is lost (its `ray start`, raylet and workers
+    SIGKILLed) and started again at once, as an autoscaler replaces a node: the trial, which
+    cannot be placed on what is left (2 workers of 1 CPU, 1 CPU left), runs again once the
+    node is back, Ray Train restarting its worker group from the last reported megabatch
+    checkpoint. Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and
+    trial 3 can only start if the stopped trial's workers gave their CPUs back. The sweep's
+    driver is interrupted (SIGINT, as Ctrl-C) while trial 3 is half way; the same command
+    restores the experiment without rerunning finished trials, and the sweep ends with every
+    trial's result.
+
+    The sweep's storage_path and its shards are in an S3 bucket (moto's server): Tune's
+    experiment, the result table and Ray Train's checkpoint copies live there, and before the
+    restore the interrupted trial's run directory is deleted (as a node's scratch disk is
+    lost): only the bucket still holds its checkpoints."""
+    two_node_ray = two_node_ray_on_s3
     megabatches = 4
-    # Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and trial 3 can
-    # only start if the stopped trial's Ray Train workers gave their CPUs back.
     runs = tmp_path / "runs"
-    # The trials read their shards from the object store too, through the node's shard cache.
     shards = s3_server.upload(digits_shards, "datasets", "digits")
     path = sweep_file(
         tmp_path, digits_shards,
@@ -363,23 +561,39 @@ def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_o
                    "grace_period": 2, "reduction_factor": 2},
         storage_path="s3://sweeps/storage", run_root=str(runs))
     experiment = Experiment(s3_server.filesystem(), "sweeps/storage/digits-test")
-    first = launch([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)],
-                   env={"RAY_ADDRESS": ray_cluster, **s3_server.env}, cwd=tmp_path,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
+    driver_log = tmp_path / "driver.log"
+    first = launch(command, env=two_node_ray.env, cwd=tmp_path, stdout=driver_log.open("w"),
+                   stderr=subprocess.STDOUT)
 
     def trial_dirs() -> list[str]:
         return sorted(d.name for d in runs.glob("*"))
+
+    def first_trial_reported() -> bool:
+        trials = trial_dirs()
+        return bool(trials) and experiment.registered_by_ray_train(trials[0]) >= 1
 
     def third_trial_halfway() -> bool:
         trials = trial_dirs()
         return len(trials) == 3 and experiment.reported_to_ray_train(trials[2]) in (2, 3)
 
-    # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
-    wait_for(third_trial_halfway, first, timeout=300, interval=0.2)
-    trials = trial_dirs()
-    assert first.poll() is None, first.communicate()[0][-3000:]
-    first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
+    try:
+        if not wait_for(first_trial_reported, first, timeout=300, interval=0.1):
+            raise AssertionError(driver_log.read_text()[-3000:])
+        assert two_node_ray.trains_on_worker_node()
+        two_node_ray.lose_worker_node()
+        lost_at = time.time()
+        two_node_ray.restart_worker_node()
+        # Interrupt it (as Ctrl-C does) once the third trial has reported megabatch 2 but not 4.
+        assert wait_for(third_trial_halfway, first, timeout=300, interval=0.2), (
+            driver_log.read_text()[-3000:])
+        trials = trial_dirs()
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+        output = driver_log.read_text()
+    finally:
+        if first.poll() is None:
+            kill_tree(first)
     assert first.returncode == 1, output[-3000:]  # an unfinished trial: run it again
     assert "unfinished" in output
     interrupted = trials[2]
@@ -389,9 +603,10 @@ def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_o
     shutil.rmtree(runs / interrupted)  # only the bucket still holds its checkpoints
 
     restored_at = int(time.time())
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    assert main(["--config", str(path)]) == 0  # the same command again: restores
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, **two_node_ray.env},
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:]  # the same command again: restores
+    assert "restoring sweep digits-test" in again.stdout
 
     rows = experiment.read_json("results.json")
     assert [r["train.lr"] for r in rows] in ([0.05, 0.04, 1e-6], [0.04, 0.05, 1e-6])
@@ -412,9 +627,9 @@ def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_o
         if row["trial_id"] == interrupted:
             # Tune restarted the trial and Ray Train resumed it after its last reported
             # megabatch, not from scratch (or at it, when the interruption came while that
-            # checkpoint was being copied): from the bucket, the run directory being gone.
-            # Tune's own counter restarts at 1 here, which is why ASHA keys on the reported
-            # megabatch.
+            # checkpoint was being copied): from the bucket, its run directory being gone.
+            # Tune's own counter restarts at 1 here, which is
+            # why ASHA keys on the reported megabatch.
             after = [r["megabatch"] for r in reports if r["timestamp"] >= restored_at]
             assert after[0] in (reached, reached + 1) and after[0] >= 2
             assert after == list(range(after[0], megabatches + 1))
@@ -424,6 +639,79 @@ def test_interrupted_sweep_in_object_storage_restores_without_redoing_finished_o
         config = load_config(run_dir / "config.yaml")
         assert (config.run.name, config.log.wandb.group) == (row["trial_id"], "digits-test")
         assert list((run_dir / "wandb").glob("offline-run-*"))
+    # The trial that lost a node resumed after the last megabatch Tune had heard of (which
+    # may lag the checkpoint the test waited for): every megabatch reported once, and those
+    # reported before the loss were not computed again.
+    lost = trials[0]
+    reports = experiment.tune_reports(lost)
+    logged = [json.loads(line) for line in (runs / lost / "metrics.jsonl").read_text().splitlines()]
+    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == [1, 2, 3, 4]
+    before = [r for r in reports if r["timestamp"] <= lost_at]
+    assert all(logged[r["megabatch"] - 1]["seconds"] == r["seconds"] for r in before)
+    seen = len(before)
+    if seen < megabatches:
+        print(f"trial {lost}: node lost after Tune had megabatch {seen}; megabatch {seen + 1} "
+              f"reported {reports[seen]['timestamp'] - lost_at:.0f} s after the loss")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.distributed
+# A worker group that cannot be placed is given up after 15 s instead of Ray Train's 60 s (and
+# tried again): after a node loss the controller still counts the dead node's CPU for a while,
+# and an elastic trial's first tries ask for both workers. (Not in the sweep test above: there
+# a node comes back, and a start given up while its placement group was still pending once
+# left that group created later and never released, holding both CPUs: the trial waited
+# forever.)
+@pytest.mark.parametrize("two_node_ray", [{"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}],
+                         indirect=True, ids=["start-timeout-15s"])
+def test_elastic_trial_goes_on_with_the_workers_left_when_a_ray_node_is_lost(
+        two_node_ray, digits_shards, tmp_path):
+    """An elastic trial (min_workers_per_trial=1, workers_per_trial=2) on the two-node
+    cluster: once Ray Train has registered its megabatch 1, node B is lost for good. Instead
+    of waiting for it, Ray Train restarts the worker group with the one worker that fits,
+    from the last reported megabatch checkpoint; the trial completes, each megabatch reported
+    once, and metrics.jsonl records the world size of each megabatch (2 first, 1 last)."""
+    megabatches = 6
+    path = sweep_file(
+        tmp_path, digits_shards, name="digits-elastic",
+        overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
+                   "train.epochs=1", "train.milestones=[1]", "log.progress=false",
+                   "log.wandb.mode=disabled"],
+        search_space={"prune.method": {"grid": ["app"]}}, min_workers_per_trial=1,
+        scheduler={"kind": "fifo"})
+    experiment = local_experiment(tmp_path / "storage" / "digits-elastic")
+    runs = tmp_path / "storage" / "digits-elastic" / "runs"
+    driver_log = tmp_path / "driver.log"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
+    sweep = launch(command, env=two_node_ray.env, cwd=tmp_path, stdout=driver_log.open("w"),
+                   stderr=subprocess.STDOUT)
+
+    def registered_one() -> bool:
+        # Not Tune's own record, which lags the trial by seconds (here by the whole trial).
+        trials = sorted(d.name for d in runs.glob("*"))
+        return bool(trials) and experiment.registered_by_ray_train(trials[0]) >= 1
+
+    try:
+        assert wait_for(registered_one, sweep, timeout=300, interval=0.1), (
+            driver_log.read_text()[-3000:])
+        assert two_node_ray.trains_on_worker_node(), two_node_ray.worker_node_processes()
+        two_node_ray.lose_worker_node()
+        assert sweep.wait(timeout=300) == 0, driver_log.read_text()[-3000:]
+    finally:
+        if sweep.poll() is None:
+            kill_tree(sweep)
+    (row,) = experiment.read_json("results.json")
+    assert (row["status"], row["megabatch"]) == ("completed", megabatches)
+    reports = experiment.tune_reports(row["trial_id"])
+    logged = [json.loads(line) for line in
+              (runs / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == list(
+        range(1, megabatches + 1))
+    sizes = [r["world_size"] for r in logged]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes
+    assert [r["world_size"] for r in reports] == sizes
+    print(f"elastic trial: world sizes {sizes}")
 
 
 # (signal, where rank 1 pauses for the test to signal it, checkpoints set aside on restart)

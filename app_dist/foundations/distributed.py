@@ -110,6 +110,7 @@ def _store_for_this_round(rank: int, world_size: int,
 
 
 _LEADER_KEY = "app_dist/leader"
+_ACK_WAIT = datetime.timedelta(seconds=1)  # how long a rank waits before it reads the leader again
 
 
 def _agree_on_round(store: dist.Store, rank: int, world_size: int,
@@ -134,15 +135,19 @@ def _agree_on_round(store: dist.Store, rank: int, world_size: int,
     mine = uuid.uuid4().hex
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
-        token = store.get(_LEADER_KEY).decode()
+        token = store.get(_LEADER_KEY).decode()  # blocks until some round's rank 0 wrote it
         store.set(f"app_dist/{token}/rank-{rank}", mine)
-        while store.get(_LEADER_KEY).decode() == token:
-            if store.check([f"app_dist/{token}/ack-{mine}"]):
+        while True:
+            try:  # the store answers when the key appears: no polling load on it
+                store.wait([f"app_dist/{token}/ack-{mine}"], _ACK_WAIT)
                 return token
+            except dist.DistStoreError:  # not yet: is `token` still the leader's?
+                pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {rank}: rank 0 of this round did not answer within "
                                    f"{timeout.total_seconds():.0f} s")
-            time.sleep(0.05)
+            if store.get(_LEADER_KEY).decode() != token:
+                break  # an earlier round's token: answer this round's rank 0
 
 
 def start_platform(device: str = "auto", timeout_s: int = 600) -> Platform:

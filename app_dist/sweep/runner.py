@@ -27,6 +27,7 @@ from app_dist.sweep.results import (
 from app_dist.sweep.settings import (
     Dimension,
     Sweep,
+    SweepSettings,
     find_sweep_file,
     load_sweep,
     project_root,
@@ -38,6 +39,7 @@ log = logging.getLogger("app_dist")
 SETTINGS_FILE = "sweep.yaml"
 # Settings a restored sweep may change: how it is run, not what its trials compute.
 RESTORE_NEUTRAL = ("max_concurrent_trials", "max_failures", "worker_env", "trial_driver.",
+                   "resize_interval_s",
                    "resources_per_worker.", "storage_path", "run_root")
 
 
@@ -112,10 +114,15 @@ def check_same_sweep(sweep: Sweep) -> None:
         return
     saved = OmegaConf.to_container(OmegaConf.create(folder.read_text(SETTINGS_FILE)),
                                    resolve=True)
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"  # type: ignore[union-attr]
-               for k in sorted(set(saved) | set(current))  # type: ignore[arg-type]
+    # A setting added since the sweep started is absent from its saved record: at its
+    # default it changes nothing.
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(SweepSettings())))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved},  # type: ignore[operator]
+             **saved}  # type: ignore[dict-item]
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+               for k in sorted(set(saved) | set(current))
                if not k.startswith(RESTORE_NEUTRAL)
-               and saved.get(k) != current.get(k)]  # type: ignore[union-attr]
+               and saved.get(k) != current.get(k)]
     if changed:
         raise ConfigError(f"sweep '{sweep.settings.name}' in {folder} was "
                           f"started with other settings ({'; '.join(changed[:4])}); give the "

@@ -100,6 +100,13 @@ class SweepSettings:
     num_samples: int = 1  # grid: repeats of the whole grid; otherwise: trials drawn
     search_seed: int = 0  # seeds the draws of choice/uniform/...: the same file, the same trials
     workers_per_trial: int = 2
+    # 0: every trial trains on exactly workers_per_trial workers and waits while the cluster
+    # cannot place them. k > 0: an elastic trial (Ray Train elastic scaling) on k to
+    # workers_per_trial workers: it starts with as many as fit and, when a worker or node is
+    # lost or resize_interval_s later more fit, restarts its worker group at the new size from
+    # its last reported megabatch checkpoint (so a megabatch is trained on one size).
+    min_workers_per_trial: int = 0
+    resize_interval_s: float = 60.0  # elastic trials: how often Ray Train looks for more room
     resources_per_worker: WorkerResources = field(default_factory=WorkerResources)
     trial_driver: DriverResources = field(default_factory=DriverResources)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -152,15 +159,24 @@ class Sweep:
         """The experiment folder, for the sweep's own files (settings, result table)."""
         return folder_at(self.experiment_path, Retry(), key="storage_path")
 
+    @property
+    def world_sizes(self) -> range:
+        """The numbers of workers a trial may train on."""
+        fewest = self.settings.min_workers_per_trial or self.settings.workers_per_trial
+        return range(fewest, self.settings.workers_per_trial + 1)
+
     def trial_overrides(self, trial_id: str, sampled: dict[str, Any]) -> list[str]:
         """The training overrides of one trial: fixed ones, its sampled values, and its
-        identity (run directory, run name = trial id, wandb group = sweep name)."""
+        identity (run directory, run name = trial id, wandb group = sweep name); an elastic
+        trial resumes its megabatch checkpoints on whatever number of workers it has."""
         chosen = [sampled_override(d.key, sampled[d.key], self.root) for d in self.dimensions]
         identity = [f"run.dir={override_value(str(self.run_root / trial_id))}",
                     f"run.name={override_value(trial_id)}"]
         if not any(o.startswith("log.wandb.group=") for o in self.overrides):
             identity.append(f"log.wandb.group={override_value(self.settings.name)}")
-        return [*self.overrides, *chosen, *identity]
+        elastic = (["checkpoint.allow_world_size_change=true"]
+                   if len(self.world_sizes) > 1 else [])
+        return [*self.overrides, *chosen, *elastic, *identity]
 
 
 def project_root() -> Path:
@@ -242,6 +258,11 @@ def _check_scalars(settings: SweepSettings) -> None:
     _require(settings.num_samples >= 1, "num_samples", settings.num_samples, "must be >= 1")
     _require(settings.workers_per_trial >= 1, "workers_per_trial", settings.workers_per_trial,
              "must be >= 1")
+    _require(0 <= settings.min_workers_per_trial <= settings.workers_per_trial,
+             "min_workers_per_trial", settings.min_workers_per_trial,
+             f"must be 0 (not elastic) or 1..workers_per_trial ({settings.workers_per_trial})")
+    _require(settings.resize_interval_s >= 0, "resize_interval_s", settings.resize_interval_s,
+             "must be >= 0")
     _require(settings.resources_per_worker.CPU >= 0, "resources_per_worker.CPU",
              settings.resources_per_worker.CPU, "must be >= 0")
     _require(settings.resources_per_worker.GPU >= 0, "resources_per_worker.GPU",
@@ -445,6 +466,16 @@ def _searched_key_named(message: str, keys: list[str]) -> str | None:
 
 
 def _check_world(settings: SweepSettings, config: Config) -> None:
-    if config.train.batch_size % settings.workers_per_trial:
+    """Every number of workers a trial may train on divides the batch (an elastic trial's
+    range, else workers_per_trial)."""
+    batch = config.train.batch_size
+    if batch % settings.workers_per_trial:
         raise ConfigError(f"sweep key 'workers_per_trial' = {settings.workers_per_trial}: "
-                          f"does not divide train.batch_size = {config.train.batch_size}")
+                          f"does not divide train.batch_size = {batch}")
+    for workers in range(settings.min_workers_per_trial or settings.workers_per_trial,
+                         settings.workers_per_trial):
+        if batch % workers:
+            raise ConfigError(f"sweep key 'min_workers_per_trial' = "
+                              f"{settings.min_workers_per_trial}: an elastic trial may train "
+                              f"on {workers} workers, which does not divide "
+                              f"train.batch_size = {batch}")

@@ -57,12 +57,14 @@ def run_trial(sweep: Sweep, sampled: dict[str, Any]) -> None:
     if settings.resources_per_worker.GPU > 0:
         per_worker["GPU"] = settings.resources_per_worker.GPU
     worker_env = dict(settings.worker_env)
+    sizes = sweep.world_sizes  # several: an elastic trial, (fewest, most) workers
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"base_config": str(sweep.base_config), "overrides": overrides},
-        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers_per_trial,
-                                               use_gpu="GPU" in per_worker,
-                                               resources_per_worker=per_worker),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.workers_per_trial if len(sizes) == 1 else (sizes[0], sizes[-1]),
+            elastic_resize_monitor_interval_s=settings.resize_interval_s,
+            use_gpu="GPU" in per_worker, resources_per_worker=per_worker),
         torch_config=TorchConfig(timeout_s=config.engine.timeout_s),
         run_config=ray.train.RunConfig(
             name=trial_id,

@@ -145,7 +145,7 @@ class MegabatchLoop:
             total_parameters=sum(p.numel() for p in engine.module.parameters()),
             target_density=self.schedule[megabatch - 1],
             train_samples=len(self.stream.train_selection(megabatch)),
-            val_samples=len(val_selection))
+            val_samples=len(val_selection), world_size=self.platform.world_size)
 
     def _min_gain(self) -> float:
         """How much an epoch must beat the best validation accuracy by to become the best

@@ -13,11 +13,15 @@ from app_dist.training.state import MegabatchProgress
 
 def training_record(progress: MegabatchProgress, best: dict[str, Any], masks: MaskSet,
                     total_parameters: int, target_density: float, train_samples: int,
-                    val_samples: int) -> dict[str, Any]:
+                    val_samples: int, world_size: int) -> dict[str, Any]:
     """The record of a trained megabatch, before its test pass: densities, the
-    best-validation epoch's accuracies, the training throughput."""
+    best-validation epoch's accuracies, the training throughput, and the number of ranks
+    that trained it."""
     return {
         "megabatch": progress.megabatch,
+        # An elastic sweep trial (or a resume with checkpoint.allow_world_size_change) may
+        # train its megabatches on different numbers of ranks.
+        "world_size": world_size,
         "target_density": target_density,
         "density": masks.density(),
         "kept_parameters": masks.kept,

@@ -336,10 +336,18 @@ def app_dist_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_inspect_exits_3_when_the_run_is_not_resumable(finished_run, tmp_path):
+def test_inspect_exits_3_when_the_run_is_not_resumable(finished_run, tmp_path, capsys):
+    """The damaged run through the command line as a user runs it; the other cases through
+    the same command's main in this process (each would otherwise pay a Python start-up)."""
+    from app_dist.cli import main as cli_main
+
+    def inspect(*args: str) -> tuple[int, str]:
+        code = cli_main(["inspect", *args])
+        return code, capsys.readouterr().out
+
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    assert app_dist_cli("inspect", str(run_dir)).returncode == 0
+    assert inspect(str(run_dir))[0] == 0
     newest = RunLayout(run_dir).checkpoint(2)
     with (newest / CheckpointFiles.STATE).open("r+b") as state:
         state.truncate(100)  # what a crash of the disk under a finished write leaves
@@ -347,13 +355,12 @@ def test_inspect_exits_3_when_the_run_is_not_resumable(finished_run, tmp_path):
     damaged_run = app_dist_cli("inspect", str(run_dir))
     assert damaged_run.returncode == 3, damaged_run.stderr
     assert "unusable" in damaged_run.stdout and "fall back to megabatch-0001" in damaged_run.stdout
-    damaged_folder = app_dist_cli("inspect", str(newest), "--json")
-    assert damaged_folder.returncode == 3
-    assert json.loads(damaged_folder.stdout)["resumable"] is False
-    assert app_dist_cli("inspect", str(RunLayout(run_dir).checkpoint(1))).returncode == 0
+    code, out = inspect(str(newest), "--json")
+    assert code == 3 and json.loads(out)["resumable"] is False
+    assert inspect(str(RunLayout(run_dir).checkpoint(1)))[0] == 0
     empty = tmp_path / "not-started"
     RunLayout(empty).checkpoints.mkdir(parents=True)
-    assert app_dist_cli("inspect", str(empty)).returncode == 3  # nothing to resume from
-    assert app_dist_cli("inspect", str(tmp_path / "nope")).returncode == 2  # bad input
+    assert inspect(str(empty))[0] == 3  # nothing to resume from
+    assert inspect(str(tmp_path / "nope"))[0] == 2  # bad input
     help_text = app_dist_cli("inspect", "--help").stdout
     assert "3 not resumable" in " ".join(help_text.split())

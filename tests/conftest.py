@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +110,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (a node's ranks and their DataLoader workers, a Ray node's
+    raylet and workers)."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    children = [int(child) for child in found.stdout.split()]
+    return [grandchild for child in children for grandchild in [child, *descendants(child)]]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL to `process` and everything below it at once, as a machine that loses power.
+    (Its process group is not enough: torchrun starts every rank in a session of its own, and
+    so does Ray its raylet and workers.)"""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
 
 
 def copy_shards(source: Path, target: Path) -> Path:

@@ -31,7 +31,7 @@ from app_dist.sweep.results import TrialOutcome, format_table, trial_rows, write
 from app_dist.sweep.resume import restore_reported_checkpoint
 from app_dist.training.checkpoint import Checkpointer, verify
 
-from .conftest import REPO, launch, wait_for
+from .conftest import REPO, descendants, free_port, kill_tree, launch, wait_for
 from .storage_servers import S3Server, require
 
 
@@ -366,31 +366,6 @@ def local_experiment(path: Path) -> Experiment:
 def megabatches_logged(run_dir: Path) -> list[int]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["megabatch"] for line in lines]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    children = [int(child) for child in found.stdout.split()]
-    return [grandchild for child in children for grandchild in [child, *descendants(child)]]
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL to `process` and everything below it at once, as a machine that loses power
-    (a Ray node's raylet and worker processes run in sessions of their own)."""
-    for pid in [process.pid, *descendants(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
 
 
 class TwoNodeRay:

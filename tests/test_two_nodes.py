@@ -28,6 +28,7 @@ from .conftest import (
     deepspeed_run_args,
     digits_run_args,
     free_port,
+    kill_tree,
     launch,
     rank_processes,
     read_metrics,
@@ -53,25 +54,6 @@ def run_nodes(commands: list[list[str]], tmp_path: Path, timeout: int = 400) -> 
                 node.kill()
     for code, log in zip(codes, logs):
         assert code == 0, log.read_text()[-3000:]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (a node's ranks and their DataLoader workers)."""
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    children = [int(child) for child in found.stdout.split()]
-    return [grandchild for child in children for grandchild in [child, *descendants(child)]]
-
-
-def kill_node(agent: subprocess.Popen) -> None:
-    """A node's loss: SIGKILL to its torchrun agent and everything below it at once. (The
-    agent's process group is not enough: torchrun starts every rank in a session of its own,
-    so a rank would outlive its agent and go on training.)"""
-    for pid in [agent.pid, *descendants(agent.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    agent.wait(timeout=30)
 
 
 def wait_for_listener(port: int, process: subprocess.Popen, timeout: float) -> bool:
@@ -172,7 +154,7 @@ def test_two_nodes_resume_after_a_killed_rank_and_after_a_lost_node_is_started_a
         second = checkpoint_folder(run_dir, 2) / CheckpointFiles.MARKER
         assert wait_for(second, node_a, timeout=300), output()
         lost = time.monotonic()
-        kill_node(node_b)
+        kill_tree(node_b)
         nodes.append(start(logs[2]))
         codes = [nodes[0].wait(timeout=300), nodes[2].wait(timeout=300)]
         print(f"killed rank -> megabatch 2 checkpointed: {lost - killed:.1f} s; lost node -> "
@@ -180,7 +162,7 @@ def test_two_nodes_resume_after_a_killed_rank_and_after_a_lost_node_is_started_a
     finally:
         for node in nodes:
             if node.poll() is None:
-                kill_node(node)
+                kill_tree(node)
     assert codes == [0, 0], output()
     text = "".join(log.read_text() for log in logs)
     assert "resuming after megabatch 1" in text and "resuming after megabatch 2" in text, output()

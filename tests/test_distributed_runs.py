@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,18 @@ def test_sigkill_of_one_rank_does_not_leave_the_job_hanging(digits_shards, tmp_p
     assert launcher.wait(timeout=120) != 0
 
 
+def runs_on_rank_counts(shards: Path, tmp_path: Path, counts: tuple[int, ...],
+                        *extra: str) -> dict[int, Path]:
+    """The same run on each number of ranks (run directories ranks-N); each must succeed."""
+    runs = {}
+    for ranks in counts:
+        run_dir = tmp_path / f"ranks-{ranks}"
+        result = run_trainer(args_for(shards, run_dir, *extra), nproc=ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[ranks] = run_dir
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_whole_sample_scoring_gives_the_same_masks_on_one_two_and_four_ranks(digits_shards,
@@ -159,16 +172,11 @@ def test_whole_sample_scoring_gives_the_same_masks_on_one_two_and_four_ranks(dig
     batches, so the first pruning step's masks (from the seeded initial weights) are the same
     whatever the number of ranks. (Later steps score trained weights, and training itself
     depends on the number of ranks: docs/CRITERIA.md.)"""
-    masks = {}
-    for ranks in (1, 2, 4):
-        run_dir = tmp_path / f"ranks-{ranks}"
-        result = run_trainer(args_for(digits_shards, run_dir, "prune.scoring=whole",
-                                      "data.megabatches=1", "train.epochs=1",
-                                      "prune.target_density=0.5", "data.val_fraction=0.5"),
-                             nproc=ranks)
-        assert result.returncode == 0, result.stderr[-3000:]
-        masks[ranks] = torch.load(checkpoint(run_dir, 1) / "state.pt",
-                                  weights_only=True)["masks"]
+    runs = runs_on_rank_counts(digits_shards, tmp_path, (1, 2, 4), "prune.scoring=whole",
+                               "data.megabatches=1", "train.epochs=1",
+                               "prune.target_density=0.5", "data.val_fraction=0.5")
+    masks = {ranks: torch.load(checkpoint(run_dir, 1) / "state.pt", weights_only=True)["masks"]
+             for ranks, run_dir in runs.items()}
     for ranks in (2, 4):
         assert masks[ranks].keys() == masks[1].keys()
         assert all(torch.equal(masks[ranks][name], masks[1][name]) for name in masks[1]), ranks
@@ -189,15 +197,9 @@ def test_sync_batchnorm_with_whole_scoring_gives_the_same_run_on_one_and_two_ran
 
     shards = tmp_path / "one-sample-shards"
     write_shards("digits", None, str(shards), samples_per_shard=1, seed=0)
-    runs = {}
-    for ranks in (1, 2):
-        run_dir = tmp_path / f"ranks-{ranks}"
-        result = run_trainer(args_for(shards, run_dir, "model.sync_batchnorm=true",
-                                      "prune.scoring=whole", "data.megabatches=2",
-                                      "data.shuffle_buffer=1", "perf.channels_last=false"),
-                             nproc=ranks)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[ranks] = run_dir
+    runs = runs_on_rank_counts(shards, tmp_path, (1, 2), "model.sync_batchnorm=true",
+                               "prune.scoring=whole", "data.megabatches=2",
+                               "data.shuffle_buffer=1", "perf.channels_last=false")
     for t in (1, 2):
         masks = [torch.load(checkpoint(runs[r], t) / "state.pt", weights_only=True)["masks"]
                  for r in (1, 2)]

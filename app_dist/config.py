@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.storage import check_location
 from app_dist.models.registry import MODEL_NAMES, STEMS
-from app_dist.pruning.channels import CHANNEL_CRITERIA
+from app_dist.pruning.channels import BUDGETS, CHANNEL_CRITERIA
 from app_dist.pruning.n_m import N_M_CRITERIA, parse_structure
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
@@ -154,6 +154,12 @@ class PruneSettings:
     # t=T; osp: N at t=1); the density follows from N, so no target_density. Export
     # marks the 2:4 Linear layers for torch's semi-structured sparse GPU kernels.
     structure: str = "unstructured"
+    # What the density schedule counts with prune.structure=channel. weights: the kept share
+    # of the convolutions' weights (as unstructured runs). flops: their kept share of
+    # multiply-accumulates on the stream's image size, which inference time follows (a
+    # weight of a 32x32 layer costs 16 times one of an 8x8 layer); target_density=0.333 then
+    # means a third of the dense FLOPs.
+    budget: str = "weights"
 
 
 @dataclass
@@ -342,6 +348,10 @@ def validate(config: Config) -> None:
     _one_of("prune.scope", prune.scope, SCOPES)
     _one_of("prune.scoring", prune.scoring, SCORINGS)
     _validate_structure(config)
+    _one_of("prune.budget", prune.budget, BUDGETS)
+    _require(prune.budget == "weights" or prune.structure == "channel", "prune.budget",
+             prune.budget, "flops needs prune.structure=channel (unstructured and N:M zeros "
+             "do not make convolutions cheaper)")
     if prune.structure == "channel":
         _require(prune.criterion in CHANNEL_CRITERIA, "prune.criterion", prune.criterion,
                  "has no channel form with prune.structure=channel (GraSP's signed per-weight "

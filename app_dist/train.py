@@ -259,7 +259,8 @@ def _mask_set(config: Config, model: torch.nn.Module, manifest: Manifest) -> Mas
     if config.prune.structure == "channel":
         size = manifest.image_size or (config.data.image_size, config.data.image_size)
         try:
-            plan = build_channel_plan(model, torch.zeros(1, manifest.channels, *size))
+            plan = build_channel_plan(model, torch.zeros(1, manifest.channels, *size),
+                                      config.prune.budget)
         except ChannelGroupingError as error:
             raise ConfigError(f"config key 'prune.structure' = 'channel': model "
                               f"{config.model.name}: {error}") from None

@@ -10,10 +10,10 @@ Speed does not depend on the weights' values, only on the shapes (channel) or on
 channel by the random criterion (one draw per channel group), which thins every layer about
 evenly, as a trained SNIP run's masks roughly do; magnitude at initialisation would instead
 follow the layers' init scales (Kaiming: smaller weights where fan-in is larger) and empty
-whole stages. The channel density is searched so that the convolutions' FLOPs fraction is
-closest to --flops. Models
-take turns round by round (app_dist/results/latency.py); figures are medians. Appends a row
-to docs/BENCHMARKS.md.
+whole stages. The channels are pruned with the FLOPs budget (prune.budget=flops) to --flops
+of the convolutions' FLOPs. Every model is timed as exported and as deployed (BatchNorm
+folded, channels-last). Models take turns round by round (app_dist/results/latency.py);
+figures are medians. Appends a row to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy  # noqa: E402
 from app_dist.models import build_model  # noqa: E402
 from app_dist.models.sparse_file import load_exported, sparse_model  # noqa: E402
 from app_dist.pruning.channels import (  # noqa: E402
@@ -63,24 +64,26 @@ def unstructured_export(folder: Path, density: float) -> torch.nn.Module:
 
 
 def channel_export(folder: Path, flops: float) -> tuple[torch.nn.Module, float, float]:
-    """(small model, parameter density, FLOPs fraction) at the density whose FLOPs fraction
-    is closest to `flops` (bisection: the fraction grows with the density)."""
+    """(small model, parameter density, FLOPs fraction) with whole channels pruned to the
+    `flops` fraction of the convolutions' FLOPs (prune.budget=flops: the plan meets it as
+    closely as whole channel groups allow)."""
     model = fresh()
-    plan = build_channel_plan(model, torch.zeros(1, 3, 32, 32))
+    plan = build_channel_plan(model, torch.zeros(1, 3, 32, 32), budget="flops")
     attach_channel_masks(model, plan)
     masks = MaskSet(model, attach_masks(model), plan)
     ones = {name: torch.ones_like(mask) for name, mask in masks.masks.items()}
-    scores = random_group_scores(plan, seed=0)
-    low, high = 0.05, 1.0
-    for _ in range(20):
-        middle = (low + high) / 2
-        fraction = plan.flops_fraction(channel_masks_from_scores(plan, scores, ones, middle))
-        low, high = (middle, high) if fraction < flops else (low, middle)
-    chosen = channel_masks_from_scores(plan, scores, ones, high)
+    chosen = channel_masks_from_scores(plan, random_group_scores(plan, seed=0), ones, flops)
     masks.update(chosen, None)
     path = folder / "channel.pt"
     torch.save(channel_model(model.state_dict(), masks.state_dict(), ARCHITECTURE, {}), path)
     return load_channel_export(path), masks.density(), plan.flops_fraction(chosen)
+
+
+def deployed(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as one deploys it for CPU inference: BatchNorms folded into the convolutions
+    (app_dist/engine/folding.py, as perf.fold_batchnorm evaluates) and channels-last weights."""
+    return folded_copy(model, conv_batchnorm_pairs(model)).to(
+        memory_format=torch.channels_last)
 
 
 def main() -> None:
@@ -110,16 +113,20 @@ def main() -> None:
         trained = (f"; trained: {args.run.name} (density {last['density']:.3f} = "
                    f"{last['flops_fraction']:.3f} of the conv FLOPs)")
     parameters = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    # Every model twice: as exported, and folded + channels-last (what a deployment does to
+    # dense and pruned models alike), all taking turns in the same rounds.
+    models.update({f"{name} folded": deployed(model) for name, model in list(models.items())})
     timings = compare_inference(models, (3, 32, 32), batches=(1, 256), rounds=args.rounds)
     parts = []
     for batch, ms in timings.items():
         speed = {name: batch / (value / 1e3) for name, value in ms.items()}
-        parts.append(f"batch {batch}: dense {speed['dense']:.0f} img/s, unstructured "
-                     f"{speed['unstructured']:.0f} ({speed['unstructured'] / speed['dense']:.2f}x)"
-                     f", channel {speed['channel']:.0f} ({speed['channel'] / speed['dense']:.2f}x)"
-                     + (f", trained {speed['trained']:.0f} "
-                        f"({speed['trained'] / speed['dense']:.2f}x)" if "trained" in speed
-                        else ""))
+        for form in ("", " folded"):
+            dense = speed["dense" + form]
+            others = ", ".join(
+                f"{name} {speed[name + form]:.0f} ({speed[name + form] / dense:.2f}x)"
+                for name in ("unstructured", "channel", "trained") if name + form in speed)
+            parts.append(f"batch {batch}{form or ' as exported'}: dense {dense:.0f} img/s, "
+                         f"{others}")
     result = (f"resnet20s, {torch.get_num_threads()} threads; unstructured export at density "
               f"{args.density:.3f}; channel at density {density:.3f} = {fraction:.3f} of the "
               f"conv FLOPs, {parameters['channel']:,} of {parameters['dense']:,} parameters"

@@ -33,12 +33,14 @@ CIFAR = {"name": "resnet20s", "num_classes": 10, "in_channels": 3, "stem": "cifa
          "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
 
 
-def channel_model_and_masks(architecture: dict = CIFAR, size: int = 32):
+def channel_model_and_masks(architecture: dict = CIFAR, size: int = 32,
+                            budget: str = "weights"):
     torch.manual_seed(0)
     model = build_model(architecture["name"], architecture["num_classes"],
                         in_channels=architecture["in_channels"], stem=architecture["stem"],
                         mean=architecture["mean"], std=architecture["std"])
-    plan = build_channel_plan(model, torch.zeros(1, architecture["in_channels"], size, size))
+    plan = build_channel_plan(model, torch.zeros(1, architecture["in_channels"], size, size),
+                              budget)
     attach_channel_masks(model, plan)
     return model, MaskSet(model, attach_masks(model), plan)
 
@@ -108,6 +110,30 @@ def test_masks_are_nested_whole_channels_near_the_schedule_and_pruned_channels_a
     assert torch.count_nonzero(outputs["out"][:, channel]) == 0
 
 
+def test_a_flops_budget_meets_the_flops_target_and_prunes_where_the_flops_are():
+    stage_1 = [f"net.layer1.{block}.conv{i}.weight" for block in range(3) for i in (1, 2)]
+    by_budget = {}
+    for budget in ("weights", "flops"):
+        _, masks = channel_model_and_masks(budget=budget)
+        previous = {name: mask.clone() for name, mask in masks.masks.items()}
+        for density in (0.8, 0.5, 1 / 3):
+            prune_to(masks, density)
+            record = masks.structure_record()
+            reached = record["flops_fraction"] if budget == "flops" else masks.density()
+            assert abs(reached - density) < 0.01, (budget, density, reached)
+            assert all(bool((m <= previous[n]).all()) for n, m in masks.masks.items())
+            previous = {name: mask.clone() for name, mask in masks.masks.items()}
+        by_budget[budget] = (masks.density(), record["flops_fraction"],
+                             sum(float(masks.masks[n].sum()) for n in stage_1)
+                             / sum(masks.masks[n].numel() for n in stage_1))
+    (weights_density, weights_flops, weights_stage_1) = by_budget["weights"]
+    (flops_density, flops_flops, flops_stage_1) = by_budget["flops"]
+    # At the same target the weights budget keeps more FLOPs than asked for: it spares the
+    # 32x32 stage, whose weights are few but cost 16 times an 8x8 stage's each.
+    assert weights_flops > 0.4 and flops_stage_1 < weights_stage_1
+    assert flops_density > weights_density  # the FLOPs budget keeps more weights instead
+
+
 def test_no_convolution_loses_all_its_channels():
     _, masks = channel_model_and_masks()
     prune_to(masks, 0.01)
@@ -167,6 +193,7 @@ def test_folded_evaluation_keeps_pruned_channels_zero():
     ("prune.criterion=synflow", "prune.criterion"),
     ("prune.scope=local", "prune.scope"),
     ("prune.include_linear=true", "prune.include_linear"),
+    ("prune.budget=params", "prune.budget"),
 ])
 def test_unsupported_channel_combinations_are_refused_in_one_line(override, key):
     with pytest.raises(ConfigError) as error:
@@ -181,15 +208,18 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     from app_dist.cli import main as cli_main
     from app_dist.data.manifest import Manifest
 
+    # The FLOPs budget: the schedule's densities are FLOPs fractions (the weights budget's
+    # steps are the unstructured runs' and test_masks_are_nested_... checks its masks).
+    settings = ("prune.structure=channel", "prune.budget=flops", "data.megabatches=2",
+                "train.epochs=1")
     run_dir = tmp_path / "channel"
-    result = run_trainer(digits_run_args(digits_shards, run_dir, "prune.structure=channel",
-                                         "data.megabatches=2", "train.epochs=1"), nproc=2)
+    result = run_trainer(digits_run_args(digits_shards, run_dir, *settings), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [round(r["target_density"], 3) for r in records] == [0.8, 0.366]
     for record in records:
-        assert abs(record["density"] - record["target_density"]) < 0.02
-        assert 0 < record["flops_fraction"] < 1
+        assert abs(record["flops_fraction"] - record["target_density"]) < 0.03
+        assert record["density"] > record["flops_fraction"]
     final = checkpoint_folder(run_dir, 2)
     rank_masks = [torch.load(final / CheckpointFiles.rank(r), weights_only=True)["masks"]
                   for r in (0, 1)]
@@ -198,8 +228,7 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     # Resumed after megabatch 1 (its BatchNorm channel masks rebuilt from the saved weight
     # masks), the run ends where the uninterrupted one did.
     resumed = rewound_copy(run_dir, tmp_path / "resumed", megabatch=1)
-    result = run_trainer(digits_run_args(digits_shards, resumed, "prune.structure=channel",
-                                         "data.megabatches=2", "train.epochs=1"), nproc=2)
+    result = run_trainer(digits_run_args(digits_shards, resumed, *settings), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resum" in result.stdout + result.stderr
     assert read_metrics(resumed) == records
@@ -236,3 +265,8 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     assert set(summary["latency_ms"]) == {"1", "256"}
     section = "".join(_export_section(run_dir))
     assert "ms per batch of 256" in section and "file bytes" in section
+
+
+def test_a_flops_budget_without_channel_structure_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"'prune\.budget' = 'flops'.*prune\.structure=channel"):
+        load_config(None, ["prune.budget=flops"])

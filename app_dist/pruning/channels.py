@@ -42,6 +42,11 @@ INDEX_SHIFTS: dict[type[nn.Module], Callable[[nn.Module], int]] = {
 
 CHANNEL_CRITERIA = ("snip", "magnitude", "random")
 
+# What a channel run's density schedule counts (prune.budget): the convolutions' weights, as
+# unstructured runs do, or their multiply-accumulates (a weight costs its layer's output
+# pixels), which is what inference time follows.
+BUDGETS = ("weights", "flops")
+
 
 class ChannelGroupingError(ValueError):
     """The model has a layer channel pruning cannot handle consistently."""
@@ -64,10 +69,22 @@ class ChannelGroup:
 
 @dataclass
 class ChannelPlan:
-    """The channel groups of a model and the output size of each convolution (for FLOPs)."""
+    """The channel groups of a model, the output size of each convolution (for FLOPs) and
+    what the density budget counts (BUDGETS)."""
 
     groups: list[ChannelGroup]
     output_pixels: dict[str, int]  # conv weight name -> H * W of its output for the traced input
+    budget: str = "weights"
+
+    def cost(self, name: str) -> int:
+        """What one kept weight of layer `name` costs in the budget's unit."""
+        return self.output_pixels[name] if self.budget == "flops" else 1
+
+    def kept_fraction(self, masks: dict[str, torch.Tensor]) -> float:
+        """The masks' kept share of the budget: weight density, or the FLOPs fraction."""
+        return self.flops_fraction(masks) if self.budget == "flops" else (
+            sum(float(mask.sum()) for mask in masks.values())
+            / sum(mask.numel() for mask in masks.values()))
 
     def group_alive(self, masks: dict[str, torch.Tensor]) -> list[bool]:
         """A group is pruned when every one of its filters is all zeros in the masks."""
@@ -84,22 +101,23 @@ class ChannelPlan:
         return out
 
     def group_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per group: the mean of the per-weight scores over all its masked slices (a weight
-        shared by two groups, filter of one and input channel of the other, counts in both).
+        """Per group: the sum of the per-weight scores over all its masked slices divided by
+        what the slices cost in the budget (a weight shared by two groups, filter of one and
+        input channel of the other, counts in both).
 
-        The mean, not the sum: the density budget counts weights, so the greedy choice that
-        keeps the most score per kept weight ranks groups by score per weight. A sum ranks by
-        size as much as by score: residual groups (10 filters and 9 readers in ResNet-20)
-        always outrank a block's inner channel, which then collapse to 1 of 16 while the
-        residual stream stays whole (measured: 1/3 of the FLOPs ran only 1.5x faster)."""
+        Score per cost, not the sum: the greedy choice that keeps the most score per unit of
+        budget ranks groups by it. A sum ranks by size as much as by score: residual groups
+        (10 filters and 9 readers in ResNet-20) always outrank a block's inner channel, which
+        then collapse to 1 of 16 while the residual stream stays whole (measured: 1/3 of the
+        FLOPs ran only 1.5x faster). With the weights budget this is the mean score."""
         values = []
         for group in self.groups:
-            total = count = 0.0
+            total = cost = 0.0
             for name, dim, index in group.weight_slices():
                 part = scores[name].select(dim, index)
                 total += float(part.double().sum())
-                count += part.numel()
-            values.append(total / count)
+                cost += part.numel() * self.cost(name)
+            values.append(total / cost)
         return torch.tensor(values, dtype=torch.float64)
 
     def flops_fraction(self, masks: dict[str, torch.Tensor]) -> float:
@@ -112,9 +130,11 @@ class ChannelPlan:
         return kept / total if total else 1.0
 
 
-def build_channel_plan(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
+def build_channel_plan(model: nn.Module, example_input: torch.Tensor,
+                       budget: str = "weights") -> ChannelPlan:
     """Trace `model` (unchanged; a copy is traced) on `example_input` (1, C, H, W) and return
-    its channel groups. Raises ChannelGroupingError naming a layer it cannot prune."""
+    its channel groups, their densities counted in `budget` (BUDGETS). Raises
+    ChannelGroupingError naming a layer it cannot prune."""
     import torch_pruning as tp  # imported here: only channel runs need it
 
     model = copy.deepcopy(model).eval()
@@ -152,7 +172,7 @@ def build_channel_plan(model: nn.Module, example_input: torch.Tensor) -> Channel
             group = _group_of(graph, tp, conv, channel, names, boundary)
             seen.update(group.filters)
             raw.append(group)
-    return ChannelPlan(_join_shifted(raw, model), _output_pixels(model, example_input))
+    return ChannelPlan(_join_shifted(raw, model), _output_pixels(model, example_input), budget)
 
 
 def _group_of(graph, tp, conv: nn.Conv2d, channel: int, names: dict[nn.Module, str],
@@ -239,17 +259,17 @@ def channel_masks_from_scores(plan: ChannelPlan, group_scores: torch.Tensor,
                               masks: dict[str, torch.Tensor], density: float
                               ) -> dict[str, torch.Tensor]:
     """New nested masks: whole groups pruned, lowest score first (ties: lower group index
-    first), until the kept prunable weights are as close to `density` as whole groups allow.
+    first), until the kept share of the plan's budget (weights or FLOPs of the prunable
+    convolutions) is as close to `density` as whole groups allow.
 
     Pruned groups stay pruned. A group whose removal would leave a convolution without any
-    output channel is skipped (the network would output a constant). Density counts the
-    prunable (convolution) weights, as in unstructured runs; a group removes its filters
-    and the readers' input channels, so it weighs more than its filters alone.
+    output channel is skipped (the network would output a constant). A group removes its
+    filters and the readers' input channels, so it weighs more than its filters alone.
     """
     current = {name: mask.detach().cpu().bool().clone() for name, mask in masks.items()}
-    total = sum(mask.numel() for mask in current.values())
-    target = int(round(density * total))
-    kept = sum(int(mask.sum()) for mask in current.values())
+    total = sum(mask.numel() * plan.cost(name) for name, mask in current.items())
+    target = density * total
+    kept = float(sum(int(mask.sum()) * plan.cost(name) for name, mask in current.items()))
     alive = plan.group_alive(current)
     live_filters: dict[str, int] = {}
     for group, is_alive in zip(plan.groups, alive):
@@ -257,6 +277,8 @@ def channel_masks_from_scores(plan: ChannelPlan, group_scores: torch.Tensor,
             live_filters[name] = live_filters.get(name, 0) + 1
     order = sorted((index for index, a in enumerate(alive) if a),
                    key=lambda index: (float(group_scores[index]), index))
+    if plan.budget == "weights":  # whole weights: the target is a count, as in unstructured
+        target = round(target)
     for index in order:
         if kept <= target:
             break
@@ -266,7 +288,8 @@ def channel_masks_from_scores(plan: ChannelPlan, group_scores: torch.Tensor,
             removes[name] = removes.get(name, 0) + 1
         if any(live_filters[name] - count <= 0 for name, count in removes.items()):
             continue
-        removed = sum(int(current[n].select(d, i).sum()) for n, d, i in group.weight_slices())
+        removed = sum(int(current[n].select(d, i).sum()) * plan.cost(n)
+                      for n, d, i in group.weight_slices())
         # Stop above the target when that is closer than the step below it.
         if kept - target < target - (kept - removed):
             break

@@ -88,7 +88,11 @@ class MegabatchLoop:
         """Prune to the schedule's density when it is below the current one; True if it was."""
         masks = self.engine.masks
         density = self.schedule[megabatch - 1]
-        if keep_count(density, masks.total) >= masks.kept:
+        plan = masks.channel_plan
+        if plan is not None and plan.budget == "flops":  # d_t is a FLOPs fraction
+            if plan.kept_fraction({n: m.cpu() for n, m in masks.masks.items()}) <= density:
+                return False
+        elif keep_count(density, masks.total) >= masks.kept:
             return False
         # Whole channels (prune.structure=channel) meet d_t only approximately, maybe from
         # above, and N:M layers without groups stay dense: a step whose density did not fall

@@ -6,6 +6,7 @@ physically smaller export (plain nn.Module and ONNX) equal to the masked model, 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -220,6 +221,10 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     for record in records:
         assert abs(record["flops_fraction"] - record["target_density"]) < 0.03
         assert record["density"] > record["flops_fraction"]
+    logged = re.findall(r"pruned to density ([0-9.]+), FLOPs ([0-9.]+)",
+                        result.stdout + result.stderr)
+    assert [(round(float(d), 3), round(float(f), 3)) for d, f in logged] == [
+        (round(r["density"], 3), round(r["flops_fraction"], 3)) for r in records]
     final = checkpoint_folder(run_dir, 2)
     rank_masks = [torch.load(final / CheckpointFiles.rank(r), weights_only=True)["masks"]
                   for r in (0, 1)]

@@ -31,8 +31,11 @@ class LogLines(Callback):
 
     def after_prune(self, megabatch: int, masks: MaskSet, pruned: bool) -> None:
         if pruned:
-            log.info("megabatch %d: pruned to density %.4f (%s, %s) in %.2f s", megabatch,
-                     masks.density(), self.prune.criterion, self.prune.scope,
+            # Channel runs also say the FLOPs kept: with prune.budget=flops that is d_t.
+            flops = masks.structure_record().get("flops_fraction")
+            log.info("megabatch %d: pruned to density %.4f%s (%s, %s) in %.2f s", megabatch,
+                     masks.density(), "" if flops is None else f", FLOPs {flops:.4f}",
+                     self.prune.criterion, self.prune.scope,
                      time.perf_counter() - self._pruning_started)
 
     def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:

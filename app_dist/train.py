@@ -233,9 +233,10 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
                           config.run.seed, perf=config.perf)
     listeners = run_callbacks(config, manifest, platform, run_dir, state, schedule,
                               callbacks or [])
-    log.info("run %s: %s/%s on %s, %d rank(s) on %s, %d megabatches, final density %.3f",
+    log.info("run %s: %s/%s on %s, %d rank(s) on %s, %d megabatches, final %s %.3f",
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
              platform.world_size, platform.device, config.data.megabatches,
+             "FLOPs" if config.prune.budget == "flops" else "density",
              schedule[-1] if config.prune.method != "dense" else 1.0)
     log.info("speed switches: %s", describe_perf(configured, config.perf))
     loop = MegabatchLoop(config, platform, stream, reader, engine, schedule, checkpointer,

@@ -221,6 +221,7 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     for record in records:
         assert abs(record["flops_fraction"] - record["target_density"]) < 0.03
         assert record["density"] > record["flops_fraction"]
+    assert "megabatches, final FLOPs 0.366" in result.stdout + result.stderr
     logged = re.findall(r"pruned to density ([0-9.]+), FLOPs ([0-9.]+)",
                         result.stdout + result.stderr)
     assert [(round(float(d), 3), round(float(f), 3)) for d, f in logged] == [

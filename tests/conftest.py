@@ -26,16 +26,6 @@ from app_dist.foundations.run_layout import RunLayout
 REPO = Path(__file__).resolve().parent.parent
 
 
-# The longest files (Ray sweeps, the pre-emption matrix) first: `make test` runs two files at
-# a time (pytest-xdist --dist loadfile, in collection order), and a long file started last
-# would leave one worker running it alone at the end.
-LONGEST_FIRST = ("test_sweep.py", "test_preemption.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable otherwise
-
-
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's real 8x8 digits as shards of 25 samples (60 train, 12 test shards)."""

@@ -23,14 +23,11 @@ data/digits/manifest.json: | setup
 demo: setup data/digits/manifest.json
 	$(VENV)/bin/torchrun --nproc_per_node 2 app_dist/train.py --config configs/digits.yaml
 
-# The whole suite, slowest 25 tests listed at the end (CI runs this through .ci/run). Two
-# test files at a time (pytest-xdist; a file's tests share its fixtures on one worker): most
-# tests wait on process start-up, signals and Ray, so two keep 2 cores busy.
-TEST_WORKERS ?= 2
+# The whole suite, slowest 25 tests listed at the end (CI runs this through .ci/run).
 test: setup
 	$(VENV)/bin/ruff check app_dist tests bench launch
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(VENV)/bin/pytest --durations=25
 
 # While editing: ruff and every test not marked slow (no trainer processes), under 2 minutes.
 test-fast: setup

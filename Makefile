@@ -29,7 +29,7 @@ test: setup
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/pytest --durations=25
 
-# While editing: ruff and every test not marked slow (no trainer processes), under 2 minutes.
+# While editing: ruff and every test not marked slow (no trainer processes), about 2 minutes.
 test-fast: setup
 	$(VENV)/bin/ruff check app_dist tests bench launch
 	$(VENV)/bin/pytest -m "not slow"

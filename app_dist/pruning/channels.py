@@ -80,12 +80,6 @@ class ChannelPlan:
         """What one kept weight of layer `name` costs in the budget's unit."""
         return self.output_pixels[name] if self.budget == "flops" else 1
 
-    def kept_fraction(self, masks: dict[str, torch.Tensor]) -> float:
-        """The masks' kept share of the budget: weight density, or the FLOPs fraction."""
-        return self.flops_fraction(masks) if self.budget == "flops" else (
-            sum(float(mask.sum()) for mask in masks.values())
-            / sum(mask.numel() for mask in masks.values()))
-
     def group_alive(self, masks: dict[str, torch.Tensor]) -> list[bool]:
         """A group is pruned when every one of its filters is all zeros in the masks."""
         return [any(bool(masks[n][i].any()) for n, i in group.filters) for group in self.groups]
@@ -269,6 +263,8 @@ def channel_masks_from_scores(plan: ChannelPlan, group_scores: torch.Tensor,
     current = {name: mask.detach().cpu().bool().clone() for name, mask in masks.items()}
     total = sum(mask.numel() * plan.cost(name) for name, mask in current.items())
     target = density * total
+    if plan.budget == "weights":  # whole weights: the target is a count, as in unstructured
+        target = round(target)
     kept = float(sum(int(mask.sum()) * plan.cost(name) for name, mask in current.items()))
     alive = plan.group_alive(current)
     live_filters: dict[str, int] = {}
@@ -277,8 +273,6 @@ def channel_masks_from_scores(plan: ChannelPlan, group_scores: torch.Tensor,
             live_filters[name] = live_filters.get(name, 0) + 1
     order = sorted((index for index, a in enumerate(alive) if a),
                    key=lambda index: (float(group_scores[index]), index))
-    if plan.budget == "weights":  # whole weights: the target is a count, as in unstructured
-        target = round(target)
     for index in order:
         if kept <= target:
             break

@@ -23,6 +23,7 @@ from torch import nn
 from app_dist.models import classifier_of
 from app_dist.pruning.channels import ChannelPlan
 from app_dist.pruning.n_m import NMPattern, grouped, has_groups
+from app_dist.pruning.threshold import keep_count
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -136,6 +137,15 @@ class MaskSet:
 
     def density(self) -> float:
         return self.kept / self.total
+
+    def keeps_at_most(self, density: float) -> bool:
+        """Whether the masks keep no more than `density` of the budget: of the weights
+        (rounded to whole weights), or of the convolutions' FLOPs with a FLOPs-budget
+        channel plan (prune.budget=flops)."""
+        plan = self.channel_plan
+        if plan is not None and plan.budget == "flops":
+            return plan.flops_fraction({n: m.cpu() for n, m in self.masks.items()}) <= density
+        return keep_count(density, self.total) >= self.kept
 
     def layer_densities(self) -> dict[str, float]:
         return {name: float(mask.mean()) for name, mask in self.masks.items()}

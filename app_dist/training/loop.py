@@ -22,7 +22,6 @@ from app_dist.engine import Engine
 from app_dist.engine.acceleration import eager
 from app_dist.foundations.distributed import Platform
 from app_dist.pruning.pruner import prune_step
-from app_dist.pruning.threshold import keep_count
 from app_dist.training.arrival import await_megabatch
 from app_dist.training.checkpoint import Checkpointer
 from app_dist.training.evaluation import Evaluation, Evaluator
@@ -88,11 +87,7 @@ class MegabatchLoop:
         """Prune to the schedule's density when it is below the current one; True if it was."""
         masks = self.engine.masks
         density = self.schedule[megabatch - 1]
-        plan = masks.channel_plan
-        if plan is not None and plan.budget == "flops":  # d_t is a FLOPs fraction
-            if plan.kept_fraction({n: m.cpu() for n, m in masks.masks.items()}) <= density:
-                return False
-        elif keep_count(density, masks.total) >= masks.kept:
+        if masks.keeps_at_most(density):
             return False
         # Whole channels (prune.structure=channel) meet d_t only approximately, maybe from
         # above, and N:M layers without groups stay dense: a step whose density did not fall

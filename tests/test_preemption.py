@@ -120,13 +120,15 @@ GRACE_SECONDS = 15
 
 
 DELIVERIES = ("launcher", "tree", "rank")
-# Each cell costs about a minute on 2 cores, so CI runs two Latin squares: per engine every
-# delivery and every moment once, and across the engines every (delivery, moment) pair once.
-# APP_DIST_FULL_MATRIX=1 runs all 18 cells (as docs/RELIABILITY.md reports).
+# Each cell costs 25-60 s on 2 cores, so CI runs 5 of the 18: for DDP a Latin square (every
+# delivery and every moment once); for DeepSpeed the two cells whose code is its own: its
+# runner's process group signalled (the launcher does not forward SIGTERM) and its checkpoint
+# files cut off mid-write. What a signalled rank does and a mid-epoch pre-emption checkpoint
+# are the same code under both engines (DDP's rank and mid-epoch cells). APP_DIST_FULL_MATRIX=1
+# runs all 18 cells (as docs/RELIABILITY.md reports).
 IN_CI = {"ddp": {("launcher", "mid-epoch"), ("tree", "validation"),
                  ("rank", "checkpoint-write")},
-         "deepspeed": {("launcher", "validation"), ("tree", "checkpoint-write"),
-                       ("rank", "mid-epoch")}}
+         "deepspeed": {("launcher", "validation"), ("tree", "checkpoint-write")}}
 FULL_MATRIX = os.environ.get("APP_DIST_FULL_MATRIX") == "1"
 CELLS = [pytest.param(engine, delivery, moment,
                       marks=[pytest.mark.deepspeed] if engine == "deepspeed" else [])

@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-fast lint bench clean-runs
+.PHONY: setup deepspeed-ops demo test test-fast lint bench clean-runs
 
 setup: $(VENV)/.installed
 
@@ -23,8 +23,16 @@ data/digits/manifest.json: | setup
 demo: setup data/digits/manifest.json
 	$(VENV)/bin/torchrun --nproc_per_node 2 app_dist/train.py --config configs/digits.yaml
 
+# DeepSpeed compiles its CPU communication op (shm) the first time a DeepSpeed process starts
+# (about 30 s on 2 cores, cached in ~/.cache/torch_extensions): compiled here, as part of the
+# setup, rather than inside whichever test starts DeepSpeed first.
+deepspeed-ops: setup
+	$(PYTHON) -c "import deepspeed.ops; from deepspeed.accelerator import get_accelerator; \
+	b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
+	b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False) and b.load()"
+
 # The whole suite, slowest 25 tests listed at the end (CI runs this through .ci/run).
-test: setup
+test: setup deepspeed-ops
 	$(VENV)/bin/ruff check app_dist tests bench launch
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/pytest --durations=25

@@ -363,9 +363,6 @@ def validate(config: Config) -> None:
         _require(not prune.include_linear, "prune.include_linear", prune.include_linear,
                  "must be false with prune.structure=channel (channels are convolution "
                  "filters)")
-        _require(config.engine.kind == "ddp", "prune.structure", prune.structure,
-                 "channel is built and tested with engine.kind=ddp only (its export reads "
-                 "DDP checkpoints); use engine.kind=ddp")
     if prune.target_density is not None:
         _require(0 < prune.target_density <= 1, "prune.target_density", prune.target_density,
                  "density must be in (0, 1]")

@@ -41,7 +41,13 @@ from app_dist.data.stream import MegabatchStream
 from app_dist.data.workers import stop_readers
 from app_dist.engine import build_engine
 from app_dist.engine.acceleration import describe_perf, resolve_perf
-from app_dist.foundations.commands import BAD_INPUT, ArgumentParser, command, missing_config
+from app_dist.foundations.commands import (
+    BAD_INPUT,
+    ArgumentParser,
+    command,
+    exit_without_teardown,
+    missing_config,
+)
 from app_dist.foundations.distributed import Platform, start_platform
 from app_dist.foundations.errors import (
     AppDistError,
@@ -374,4 +380,7 @@ def _outcome(status: str, exit_code: int, message: str) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A run that returns has written and closed everything (main's finally stopped its
+    # readers and process group, train's released the lock and finished wandb): what is left
+    # of an exit is the interpreter's teardown, which only costs time.
+    exit_without_teardown(main())

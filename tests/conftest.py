@@ -209,16 +209,25 @@ def deepspeed_run_args(shards: Path, run_dir: Path, stage: int, *extra: str) -> 
 @pytest.fixture(scope="session")
 def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> Callable[[int], Path]:
-    """stage -> run directory of the uninterrupted 2-rank DeepSpeed run (deepspeed launcher,
-    gloo), made on first use and shared by every test that compares with or copies one."""
+    """stage -> run directory of the uninterrupted 2-rank DeepSpeed run (gloo), made on first
+    use and shared by every test that compares with or copies one. It is launched as users
+    launch DeepSpeed through the project, `app-dist train --nproc-per-node 2 --launcher
+    deepspeed` (the wrapper starts the deepspeed launcher), so every comparison with it also
+    checks that the wrapper's launch computes what the deepspeed launcher's own does (the
+    runs started with `deepspeed` directly: test_deepspeed.py, test_preemption.py)."""
     runs: dict[int, Path] = {}
 
     def get(stage: int) -> Path:
         if stage not in runs:
             run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-            result = run_trainer(deepspeed_run_args(digits_shards, run_dir, stage), nproc=2,
-                                 launcher="deepspeed", timeout=400)
+            command = [sys.executable, "-m", "app_dist.cli", "train", "--nproc-per-node", "2",
+                       "--launcher", "deepspeed",
+                       *deepspeed_run_args(digits_shards, run_dir, stage,
+                                           "log.wandb.mode=disabled")]
+            result = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True,
+                                    text=True, timeout=400)
             assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+            assert "deepspeed.launcher.runner" in result.stdout  # the wrapper's command line
             runs[stage] = run_dir
         return runs[stage]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,7 +208,6 @@ def test_unsupported_channel_combinations_are_refused_in_one_line(override, key)
 def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_model(
         digits_shards, tmp_path, capsys):
     from app_dist.cli import main as cli_main
-    from app_dist.data.manifest import Manifest
 
     # The FLOPs budget: the schedule's densities are FLOPs fractions (the weights budget's
     # steps are the unstructured runs' and test_masks_are_nested_... checks its masks).
@@ -246,22 +246,8 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     out, onnx_path = tmp_path / "small.pt", tmp_path / "small.onnx"
     assert cli_main(["export", str(run_dir), "--out", str(out), "--onnx", str(onnx_path)]) == 0
     assert "parameters" in capsys.readouterr().out
-    small = load_channel_export(out)
-    manifest = Manifest.load(digits_shards)
-    architecture = {"name": "digits_cnn", "num_classes": manifest.num_classes,
-                    "in_channels": 1, "stem": "cifar", "mean": [0.305], "std": [0.375]}
-    masked, masks = channel_model_and_masks(architecture, size=8)
-    masks.load_state_dict(torch.load(final / "state.pt", weights_only=True)["masks"])
-    masked.load_state_dict(torch.load(final / "engine.pt", weights_only=True)["model"])
-    assert sum(p.numel() for p in small.parameters()) < sum(
-        p.numel() for p in masked.parameters())
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images[:256] / 16.0, dtype=torch.float32).unsqueeze(1)
-    with torch.no_grad():
-        expected = masked.eval()(images)
-        torch.testing.assert_close(small(images), expected, rtol=1e-5, atol=1e-5)
+    assert_export_equals_masked_model(out, final, digits_shards,
+                                      torch.load(final / "engine.pt", weights_only=True)["model"])
     assert onnx_path.is_file()
     # The run report shows the export: parameters, file size, measured speed vs dense.
     from app_dist.results.report import _export_section
@@ -271,6 +257,65 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     assert set(summary["latency_ms"]) == {"1", "256"}
     section = "".join(_export_section(run_dir))
     assert "ms per batch of 256" in section and "file bytes" in section
+
+
+def assert_export_equals_masked_model(exported: Path, final: Path, shards: Path,
+                                      module_state: dict) -> None:
+    """The channel export at `exported` is smaller than the digits CNN masked with the masks
+    of checkpoint `final` and holding `module_state`, and computes what it computes."""
+    from sklearn.datasets import load_digits
+
+    from app_dist.data.manifest import Manifest
+
+    small = load_channel_export(exported)
+    architecture = {"name": "digits_cnn", "num_classes": Manifest.load(shards).num_classes,
+                    "in_channels": 1, "stem": "cifar", "mean": [0.305], "std": [0.375]}
+    masked, masks = channel_model_and_masks(architecture, size=8)
+    masks.load_state_dict(torch.load(final / "state.pt", weights_only=True)["masks"])
+    masked.load_state_dict(module_state)
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in masked.parameters())
+    images = torch.tensor(load_digits().images[:256] / 16.0, dtype=torch.float32).unsqueeze(1)
+    with torch.no_grad():
+        torch.testing.assert_close(small(images), masked.eval()(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
+def test_a_deepspeed_channel_run_keeps_pruned_channels_zero_in_every_copy_and_exports(
+        digits_shards, tmp_path):
+    """ZeRO-2 on 2 ranks under the deepspeed launcher: the FLOPs schedule is met, both ranks
+    hold the same masks, the pruned weights are zero in the model, the fp32 master and the
+    momentum (each rank's audit), and `app-dist export` reads DeepSpeed's checkpoint into the
+    smaller model, equal to the masked one."""
+    from app_dist.cli import main as cli_main
+    from app_dist.engine.deepspeed_engine import saved_module_state
+
+    run_dir = tmp_path / "channel-zero2"
+    result = run_trainer(digits_run_args(
+        digits_shards, run_dir, "prune.structure=channel", "prune.budget=flops",
+        "data.megabatches=2", "train.epochs=1", "engine.kind=deepspeed", "engine.zero_stage=2"),
+        nproc=2, launcher="deepspeed", timeout=400)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    records = read_metrics(run_dir)
+    assert [round(r["target_density"], 3) for r in records] == [0.8, 0.366]
+    assert all(abs(r["flops_fraction"] - r["target_density"]) < 0.03 for r in records)
+    final = checkpoint_folder(run_dir, 2)
+    audits = [torch.load(final / CheckpointFiles.rank(r), weights_only=True) for r in (0, 1)]
+    masks = torch.load(final / CheckpointFiles.STATE, weights_only=True)["masks"]
+    for audit in audits:
+        assert all(torch.equal(audit["masks"][n], masks[n]) for n in masks)
+        assert audit["pruned_residue"] == {"weights": 0.0, "master_weights": 0.0,
+                                           "optimizer_state": 0.0}
+    module_state = saved_module_state(final)
+    assert any(not mask.all() for mask in masks.values())
+    for name, mask in masks.items():
+        assert not module_state[name][~mask.bool()].any(), name
+
+    out = tmp_path / "small.pt"
+    assert cli_main(["export", str(run_dir), "--out", str(out), "--no-latency"]) == 0
+    assert_export_equals_masked_model(out, final, digits_shards, module_state)
 
 
 def test_a_flops_budget_without_channel_structure_is_refused_in_one_line():

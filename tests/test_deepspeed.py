@@ -286,6 +286,28 @@ def test_deepspeed_computes_what_ddp_computes(zero_runs, ddp_without_channels_la
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.distributed
+def test_export_reads_the_deepspeed_checkpoint_into_the_masked_model(zero_runs, tmp_path):
+    """`app-dist export` of a ZeRO-2 run: the module DeepSpeed saved, masks folded in."""
+    from app_dist.engine.deepspeed_engine import saved_module_state
+    from app_dist.models.sparse_file import load_exported
+    from app_dist.results.export import export_run
+
+    run_dir = zero_runs(2)
+    exported = export_run(run_dir, tmp_path / "model.pt", latency=False)
+    final = checkpoint_folder(run_dir, 3)
+    masks = torch.load(final / CheckpointFiles.STATE, weights_only=True)["masks"]
+    module_state = saved_module_state(final)
+    assert exported.density == pytest.approx(
+        sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()))
+    weights = load_exported(exported.path).state_dict()
+    for name, value in weights.items():
+        want = module_state[name] * masks[name] if name in masks else module_state[name]
+        assert torch.equal(value, want), name
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.distributed
 def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_shards,
                                                                          zero_runs, tmp_path):
     reference = zero_runs(2)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_dist.foundations.run_layout import CheckpointFiles
+from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
+from app_dist.foundations.run_lock import read_holder
 from app_dist.pruning.schedule import density_schedule
 
 from .conftest import checkpoint_folder as checkpoint
@@ -105,10 +106,16 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uni
     subprocess.run(["pkill", "-9", "-f", f"run.dir={run_dir}"], check=False)
     launcher.wait(timeout=30)
     assert not checkpoint(run_dir, 3).exists()
+    # Rank 0's lock is left behind, naming a process that no longer runs: the rerun takes it.
+    left = read_holder(RunLayout(run_dir).lock)
+    assert left is not None
 
     resumed = run_trainer(args_for(digits_shards, run_dir), nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"taking over the stale lock of {run_dir} (pid {left.pid} on host"
+            in resumed.stdout) and "no longer runs" in resumed.stdout
     assert "resuming after megabatch" in resumed.stdout
+    assert not RunLayout(run_dir).lock.exists()
     assert read_metrics(run_dir) == read_metrics(uninterrupted)
     for file, key in (("state.pt", "masks"), ("engine.pt", "model")):
         final = [torch.load(checkpoint(d, 3) / file, weights_only=True)[key]

@@ -35,7 +35,6 @@ from app_dist.training.launcher import (
 from .conftest import (
     REPO,
     checkpoint_folder,
-    deepspeed_run_args,
     digits_run_args,
     launch,
     launch_trainer,
@@ -380,28 +379,6 @@ def test_a_second_launch_on_a_running_run_directory_is_refused_and_the_first_is_
 
 
 @pytest.mark.slow
-def test_the_lock_of_a_sigkilled_run_is_taken_over_by_the_rerun_which_resumes(digits_shards,
-                                                                              tmp_path):
-    run_dir = tmp_path / "killed"
-    args = digits_run_args(digits_shards, run_dir, NO_WANDB)
-    crashed = launch_trainer(args, nproc=1)
-    assert wait_for(checkpoint_folder(run_dir, 1) / CheckpointFiles.MARKER, crashed,
-                    timeout=300)
-    os.killpg(crashed.pid, signal.SIGKILL)  # the trainer and its reader processes
-    crashed.wait(timeout=30)
-    left = read_holder(RunLayout(run_dir).lock)
-    assert left is not None and left.pid == crashed.pid
-
-    rerun = run_trainer(args, nproc=1)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"taking over the stale lock of {run_dir} (pid {crashed.pid} on host" in rerun.stdout
-    assert "no longer runs" in rerun.stdout
-    assert "resuming after megabatch" in rerun.stdout
-    assert [record["megabatch"] for record in read_metrics(run_dir)] == [1, 2, 3]
-    assert not RunLayout(run_dir).lock.exists()
-
-
-@pytest.mark.slow
 def test_a_lock_left_on_a_dead_host_is_taken_over_once_its_heartbeat_is_old(digits_shards,
                                                                             tmp_path):
     run_dir = tmp_path / "from-a-dead-host"
@@ -444,17 +421,6 @@ def test_torchrun_max_restarts_after_rank_0_is_sigkilled_restarts_with_the_lock(
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_the_wrapper_runs_two_ranks_like_torchrun(digits_shards, uninterrupted, tmp_path):
-    run_dir = tmp_path / "wrapped"
-    result = app_dist_train("--nproc-per-node", "2",
-                            *digits_run_args(digits_shards, run_dir, NO_WANDB))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_metrics(run_dir) == read_metrics(uninterrupted)
-    assert json.loads(RunLayout(run_dir).outcome.read_text())["status"] == "finished"
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_sigterm_to_the_wrapper_mid_megabatch_exits_75_and_the_same_command_resumes(
         digits_shards, uninterrupted, tmp_path):
     run_dir = tmp_path / "preempted"
@@ -475,24 +441,12 @@ def test_sigterm_to_the_wrapper_mid_megabatch_exits_75_and_the_same_command_resu
     assert "pre-empted in megabatch 2" in stdout + stderr
     assert (RunLayout(run_dir).checkpoint(1, partial=True) / CheckpointFiles.MARKER).is_file()
 
+    # The same command again: the wrapper runs both ranks to the end, as torchrun does.
     resumed = app_dist_train(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming megabatch 2" in resumed.stdout
     assert read_metrics(run_dir) == read_metrics(uninterrupted)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.deepspeed
-def test_the_wrapper_launches_deepspeed_ranks(digits_shards, zero_runs, tmp_path):
-    """--launcher deepspeed: the deepspeed launcher starts the ranks (ZeRO-2 on gloo here),
-    which compute what the same run started by the deepspeed launcher itself computes."""
-    run_dir = tmp_path / "deepspeed"
-    result = app_dist_train("--nproc-per-node", "2", "--launcher", "deepspeed",
-                            *deepspeed_run_args(digits_shards, run_dir, 2, NO_WANDB))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "deepspeed.launcher.runner" in result.stdout
-    assert read_metrics(run_dir) == read_metrics(zero_runs(2))
+    assert json.loads(RunLayout(run_dir).outcome.read_text())["status"] == "finished"
 
 
 # --- one store namespace per rendezvous round ------------------------------------------------

@@ -368,6 +368,13 @@ def megabatches_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["megabatch"] for line in lines]
 
 
+# The head's GCS declares a node dead after 5 missed health checks 1 s apart. Ray's defaults
+# (3 s apart, 10 s timeouts) take about 30 s on these 2 cores, during which Ray Train still
+# counts the lost node's CPU and every restart of a trial asks for it and times out.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                   "RAY_health_check_failure_threshold": "5"}
+
+
 class TwoNodeRay:
     """A Ray cluster of two nodes on this machine: `ray start --head` (node A) and
     `ray start --address` (node B), each its own `--block` process with its own temp dir,
@@ -381,7 +388,7 @@ class TwoNodeRay:
         # Every node imports this checkout (on a cluster: the project installed on every node).
         self.env = {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_ADDRESS": self.address, **(env or {})}
+                    "RAY_ADDRESS": self.address, **FAST_NODE_DEATH, **(env or {})}
         self.temp_dirs: list[str] = []
         self.head = self._start("a", ["--head", "--port", self.address.split(":")[1],
                                       "--include-dashboard=false"])

@@ -100,6 +100,22 @@ def deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def saved_module_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The module state dict DeepSpeed saved in checkpoint `folder` (its rank-0 model-states
+    file, whole at ZeRO stages 0 to 2), floating tensors in float32: the weights the run
+    evaluated with. None when the folder holds no DeepSpeed checkpoint. Read like every
+    DeepSpeed file (weights_only with `deepspeed_safe_globals`)."""
+    files = sorted((folder / DeepSpeedEngine.CHECKPOINT_DIR / DeepSpeedEngine.TAG)
+                   .glob("*model_states.pt"))
+    if not files:
+        return None
+    saved = load_torch_file(files[0], "cpu", deepspeed_safe_globals())
+    if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
+        raise CheckpointError(f"{files[0]} holds no 'module' state dict")
+    return {name: value.float() if value.is_floating_point() else value
+            for name, value in saved["module"].items()}
+
+
 class VerifiedCheckpointFiles:
     """DeepSpeed's checkpoint engine with the project's file handling in place of torch's:
     every file is written atomically (a full disk raises OSError and leaves no partial file)

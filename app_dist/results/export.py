@@ -81,15 +81,23 @@ def last_complete_checkpoint(run_dir: Path) -> Checkpoint:
 
 
 def _model_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The module state dict the engine saved: engine.pt's "model" (DDP engine)."""
+    """The module state dict the engine saved: engine.pt's "model" (DDP engine), or the
+    module DeepSpeed saved (engine.kind=deepspeed)."""
     engine_file = folder / CheckpointFiles.ENGINE
-    if not engine_file.is_file():
-        raise ExportError(f"{folder} has no {CheckpointFiles.ENGINE}: export reads checkpoints "
-                          "of the DDP engine (engine.kind=ddp)")
-    state = load_torch_file(engine_file)
-    if "model" not in state:
-        raise ExportError(f"{engine_file} holds no 'model' state dict")
-    return state["model"]
+    if engine_file.is_file():
+        state = load_torch_file(engine_file)
+        if "model" not in state:
+            raise ExportError(f"{engine_file} holds no 'model' state dict")
+        return state["model"]
+    if (folder / CheckpointFiles.DEEPSPEED).is_dir():
+        # Imported here: deepspeed is imported only to read its own checkpoints.
+        from app_dist.engine.deepspeed_engine import saved_module_state
+
+        module_state = saved_module_state(folder)
+        if module_state is not None:
+            return module_state
+    raise ExportError(f"{folder} has neither {CheckpointFiles.ENGINE} (engine.kind=ddp) nor "
+                      f"a DeepSpeed model-states file (engine.kind=deepspeed)")
 
 
 def _architecture(settings: dict[str, Any], weights: dict[str, torch.Tensor],

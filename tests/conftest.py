@@ -71,6 +71,13 @@ def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+def app_dist_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """`app-dist train ARGS` as a user runs it (the launcher wrapper with --nproc-per-node),
+    waited for."""
+    return subprocess.run([sys.executable, "-m", "app_dist.cli", "train", *args], cwd=REPO,
+                          env=trainer_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def launch(command: list[str], env: dict[str, str] | None = None, cwd: Path = REPO,
            **popen: Any) -> subprocess.Popen:
     """Start `command` without waiting for it, in a session of its own (a test can signal
@@ -220,12 +227,9 @@ def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
     def get(stage: int) -> Path:
         if stage not in runs:
             run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-            command = [sys.executable, "-m", "app_dist.cli", "train", "--nproc-per-node", "2",
-                       "--launcher", "deepspeed",
-                       *deepspeed_run_args(digits_shards, run_dir, stage,
-                                           "log.wandb.mode=disabled")]
-            result = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True,
-                                    text=True, timeout=400)
+            result = app_dist_train("--nproc-per-node", "2", "--launcher", "deepspeed",
+                                    *deepspeed_run_args(digits_shards, run_dir, stage,
+                                                        "log.wandb.mode=disabled"), timeout=400)
             assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
             assert "deepspeed.launcher.runner" in result.stdout  # the wrapper's command line
             runs[stage] = run_dir

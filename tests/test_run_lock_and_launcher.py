@@ -34,6 +34,7 @@ from app_dist.training.launcher import (
 
 from .conftest import (
     REPO,
+    app_dist_train,
     checkpoint_folder,
     digits_run_args,
     launch,
@@ -63,12 +64,6 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
-
-
-def app_dist_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """`app-dist train ARGS` as a user runs it, waited for."""
-    return subprocess.run([sys.executable, "-m", "app_dist.cli", "train", *args], cwd=REPO,
-                          env=trainer_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def error_lines(stderr: str) -> list[str]:

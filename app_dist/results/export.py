@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app_dist.engine.deepspeed_engine import saved_module_state
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import CheckpointError
 from app_dist.foundations.files import atomic_torch_save, atomic_write_json, load_torch_file
@@ -89,13 +90,9 @@ def _model_state(folder: Path) -> dict[str, torch.Tensor]:
         if "model" not in state:
             raise ExportError(f"{engine_file} holds no 'model' state dict")
         return state["model"]
-    if (folder / CheckpointFiles.DEEPSPEED).is_dir():
-        # Imported here: deepspeed is imported only to read its own checkpoints.
-        from app_dist.engine.deepspeed_engine import saved_module_state
-
-        module_state = saved_module_state(folder)
-        if module_state is not None:
-            return module_state
+    module_state = saved_module_state(folder)
+    if module_state is not None:
+        return module_state
     raise ExportError(f"{folder} has neither {CheckpointFiles.ENGINE} (engine.kind=ddp) nor "
                       f"a DeepSpeed model-states file (engine.kind=deepspeed)")
 

@@ -29,6 +29,7 @@ from .conftest import (
     digits_run_args,
     launch_trainer,
     read_metrics,
+    rewound_copy,
     run_trainer,
     trainer_command,
     trainer_env,
@@ -389,20 +390,30 @@ if __name__ == "__main__":  # reader processes start from a fork server that imp
 @pytest.mark.deepspeed
 @pytest.mark.distributed
 @pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
-def test_zero2_checkpoint_resumes_on_another_number_of_ranks(digits_shards, tmp_path,
+def test_zero2_checkpoint_resumes_on_another_number_of_ranks(digits_shards, zero_runs, tmp_path,
                                                              saved_ranks, resumed_ranks):
-    """A ZeRO-2 run killed after megabatch 1 resumes on another number of ranks
+    """A ZeRO-2 checkpoint of megabatch 1 resumes on another number of ranks
     (checkpoint.allow_world_size_change): the restored engine holds exactly the saved masks,
     module state, fp32 master weights and momentum (read back from DeepSpeed's partition
     files of the saved run on one side, gathered from the live engine on the other), and the
-    run trains megabatch 2 on the new number of ranks with every copy still masked."""
+    run trains on to its end on the new number of ranks with every copy still masked. The
+    1-rank checkpoint comes from a run SIGKILLed after megabatch 1; the 2-rank one is the
+    shared ZeRO-2 run as it stood after megabatch 1 (its later checkpoints removed, as a
+    crash there leaves it)."""
     run_dir = tmp_path / "run"
-    args = ds_args(digits_shards, run_dir, 2) + ["data.megabatches=2", "train.epochs=1",
-                                                 "log.wandb.mode=disabled"]
-    first = launch_trainer(args, nproc=saved_ranks, launcher="deepspeed")
-    assert wait_for(checkpoint_folder(run_dir, 1) / CheckpointFiles.MARKER, first, timeout=300)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
+    if saved_ranks == 2:
+        args = ds_args(digits_shards, run_dir, 2) + ["log.wandb.mode=disabled"]
+        rewound_copy(zero_runs(2), run_dir, 1)
+        megabatches = 3
+    else:
+        args = ds_args(digits_shards, run_dir, 2) + ["data.megabatches=2", "train.epochs=1",
+                                                     "log.wandb.mode=disabled"]
+        first = launch_trainer(args, nproc=saved_ranks, launcher="deepspeed")
+        assert wait_for(checkpoint_folder(run_dir, 1) / CheckpointFiles.MARKER, first,
+                        timeout=300)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        megabatches = 2
     assert not checkpoint_folder(run_dir, 2).exists()
 
     script = tmp_path / "record_at_resume.py"
@@ -429,8 +440,8 @@ def test_zero2_checkpoint_resumes_on_another_number_of_ranks(digits_shards, tmp_
             assert torch.equal(record[kind][name], value), (kind, name)
     assert any(value.any() for value in saved["momentum"].values())  # momentum is real
 
-    assert [r["megabatch"] for r in read_metrics(run_dir)] == [1, 2]
-    final = checkpoint_folder(run_dir, 2)
+    assert [r["megabatch"] for r in read_metrics(run_dir)] == list(range(1, megabatches + 1))
+    final = checkpoint_folder(run_dir, megabatches)
     marker = json.loads((final / CheckpointFiles.MARKER).read_text())
     assert marker["world_size"] == resumed_ranks
     masks = torch.load(final / "state.pt", weights_only=True)["masks"]

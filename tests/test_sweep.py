@@ -1,5 +1,5 @@
 """Ray Tune sweeps over distributed trials: the sweep file, checkpoint hand-over, the result
-table and the cluster file without Ray; then real sweeps on a local 2-CPU Ray cluster and on a
+table and the cluster file without Ray; then real sweeps on a
 Ray cluster of two nodes started with `ray start` (one of them lost mid-trial)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -302,22 +303,6 @@ def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the
 
 
 # --- real sweeps on a local Ray cluster --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A private local Ray on 2 CPUs (never `ray start`: it would be shared with anyone)."""
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
-    # The workers import this checkout, as the test process does (an installed app_dist may
-    # be another checkout's).
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-                       log_to_driver=False,
-                       runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class Experiment:
@@ -636,82 +621,14 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
               f"reported {reports[seen]['timestamp'] - lost_at:.0f} s after the loss")
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.distributed
-# A worker group that cannot be placed is given up after 15 s instead of Ray Train's 60 s (and
-# tried again): after a node loss the controller still counts the dead node's CPU for a while,
-# and an elastic trial's first tries ask for both workers. (Not in the sweep test above: there
-# a node comes back, and a start given up while its placement group was still pending once
-# left that group created later and never released, holding both CPUs: the trial waited
-# forever.)
-@pytest.mark.parametrize("two_node_ray", [{"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}],
-                         indirect=True, ids=["start-timeout-15s"])
-def test_elastic_trial_goes_on_with_the_workers_left_when_a_ray_node_is_lost(
-        two_node_ray, digits_shards, tmp_path):
-    """An elastic trial (min_workers_per_trial=1, workers_per_trial=2) on the two-node
-    cluster: once Ray Train has registered its megabatch 1, node B is lost for good. Instead
-    of waiting for it, Ray Train restarts the worker group with the one worker that fits,
-    from the last reported megabatch checkpoint; the trial completes, each megabatch reported
-    once, and metrics.jsonl records the world size of each megabatch (2 first, 1 last)."""
-    megabatches = 4
-    path = sweep_file(
-        tmp_path, digits_shards, name="digits-elastic",
-        overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
-                   "train.epochs=1", "train.milestones=[1]", "log.progress=false",
-                   "log.wandb.mode=disabled"],
-        search_space={"prune.method": {"grid": ["app"]}}, min_workers_per_trial=1,
-        scheduler={"kind": "fifo"})
-    experiment = local_experiment(tmp_path / "storage" / "digits-elastic")
-    runs = tmp_path / "storage" / "digits-elastic" / "runs"
-    driver_log = tmp_path / "driver.log"
-    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
-    sweep = launch(command, env=two_node_ray.env, cwd=tmp_path, stdout=driver_log.open("w"),
-                   stderr=subprocess.STDOUT)
-
-    def registered_one() -> bool:
-        # Not Tune's own record, which lags the trial by seconds (here by the whole trial).
-        trials = sorted(d.name for d in runs.glob("*"))
-        return bool(trials) and experiment.registered_by_ray_train(trials[0]) >= 1
-
-    try:
-        assert wait_for(registered_one, sweep, timeout=300, interval=0.1), (
-            driver_log.read_text()[-3000:])
-        assert two_node_ray.trains_on_worker_node(), two_node_ray.worker_node_processes()
-        two_node_ray.lose_worker_node()
-        assert sweep.wait(timeout=300) == 0, driver_log.read_text()[-3000:]
-    finally:
-        if sweep.poll() is None:
-            kill_tree(sweep)
-    (row,) = experiment.read_json("results.json")
-    assert (row["status"], row["megabatch"]) == ("completed", megabatches)
-    reports = experiment.tune_reports(row["trial_id"])
-    logged = [json.loads(line) for line in
-              (runs / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == list(
-        range(1, megabatches + 1))
-    sizes = [r["world_size"] for r in logged]
-    assert sizes[0] == 2 and sizes[-1] == 1, sizes
-    assert [r["world_size"] for r in reports] == sizes
-    print(f"elastic trial: world sizes {sizes}")
-
-
-# (signal, where rank 1 pauses for the test to signal it, checkpoints set aside on restart)
-WORKER_FAULTS = {
-    # (A worker SIGKILLed mid-megabatch, restarted from the last reported checkpoint, is the
-    # two-node test's lost node.)
-    # Megabatch 2 checkpointed but not yet reported: Ray Train restarts from megabatch 1 and
-    # the unreported checkpoint is set aside and trained again.
-    "SIGTERM-before-report": (signal.SIGTERM, "megabatch=2,at=checkpointed", 1),
-}
-
-
-def signal_when_announced(announce: Path, signum: int, deadline: float) -> threading.Thread:
-    """A thread that sends `signum` to the process whose pid appears in `announce` (the
-    paused Ray Train worker) as soon as the file exists: the fault comes from outside."""
+def signal_when_announced(announce: Path, signum: int, ready: Callable[[], bool],
+                          deadline: float) -> threading.Thread:
+    """A thread that sends `signum` to the process whose pid appears in `announce` (a paused
+    Ray Train worker) as soon as the file exists and `ready()` holds: the fault comes from
+    outside."""
     def watch() -> None:
         while time.monotonic() < deadline:
-            if announce.is_file() and (pid := announce.read_text().strip()):
+            if announce.is_file() and (pid := announce.read_text().strip()) and ready():
                 os.kill(int(pid), signum)
                 return
             time.sleep(0.05)
@@ -724,35 +641,75 @@ def signal_when_announced(announce: Path, signum: int, deadline: float) -> threa
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.distributed
-@pytest.mark.parametrize("fault", WORKER_FAULTS)
-def test_trial_whose_worker_is_signalled_resumes_from_its_last_reported_megabatch(
-        fault, ray_cluster, digits_shards, tmp_path):
-    """SIGKILL or SIGTERM from outside to a Ray Train worker process of a sweep trial: Ray
-    Train restarts the worker group from the last reported megabatch checkpoint, the trial
-    finishes and the sweep ends with its result."""
-    signum, where, set_aside = WORKER_FAULTS[fault]
+# A worker group that cannot be placed is given up after 15 s instead of Ray Train's 60 s (and
+# tried again): after a node loss the controller still counts the dead node's CPU for a while,
+# and an elastic trial's first tries ask for both workers. (Not in the sweep test above: there
+# a node comes back, and a start given up while its placement group was still pending once
+# left that group created later and never released, holding both CPUs: the trial waited
+# forever.)
+@pytest.mark.parametrize("two_node_ray", [{"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}],
+                         indirect=True, ids=["start-timeout-15s"])
+def test_elastic_trial_goes_on_with_the_workers_left_and_resumes_from_its_last_report(
+        two_node_ray, digits_shards, tmp_path):
+    """An elastic trial (min_workers_per_trial=1, workers_per_trial=2) on the two-node
+    cluster, hit by two faults from outside:
+
+    1. once Ray Train has registered its megabatch 1, node B is lost for good. Instead of
+       waiting for it, Ray Train restarts the worker group with the one worker that fits, from
+       the last reported megabatch checkpoint;
+    2. that worker is SIGTERMed once it has written megabatch 3's checkpoint but before it
+       reported it (the fault hook only pauses it there for 5 s and names its pid). Ray Train
+       restarts from megabatch 2, the last one it registered; the unreported checkpoint is set
+       aside and megabatch 3 is trained again.
+
+    The trial completes with each megabatch reported once (restarting from scratch, or from an
+    unreported checkpoint, would report one twice), and metrics.jsonl records the world size
+    of each megabatch (2 first, 1 last)."""
+    megabatches = 4
     announce = tmp_path / "paused"
     path = sweep_file(
-        tmp_path, digits_shards, name="digits-kill",
-        overrides=[f"data.shards={digits_shards}", "data.megabatches=3", "train.epochs=1",
-                   "train.milestones=[1]", "log.progress=false", "log.wandb.mode=disabled"],
-        search_space={"prune.method": {"grid": ["app"]}}, max_failures=1,
-        # Only times the fault: rank 1 writes its pid to `announce` and sleeps there.
-        worker_env={"APP_DIST_FAULT": f"pause:rank=1,seconds=5,announce={announce},{where}"})
-    watcher = signal_when_announced(announce, signum, time.monotonic() + 600)
-    assert main(["--config", str(path)]) == 0
-    watcher.join(timeout=1)
-    assert not watcher.is_alive(), "the worker never reached the moment"
+        tmp_path, digits_shards, name="digits-elastic",
+        overrides=[f"data.shards={digits_shards}", f"data.megabatches={megabatches}",
+                   "train.epochs=1", "train.milestones=[1]", "log.progress=false",
+                   "log.wandb.mode=disabled"],
+        search_space={"prune.method": {"grid": ["app"]}}, min_workers_per_trial=1,
+        scheduler={"kind": "fifo"}, max_failures=2,
+        worker_env={"APP_DIST_FAULT": f"pause:rank=0,seconds=5,announce={announce},"
+                                      "megabatch=3,at=checkpointed"})
+    experiment = local_experiment(tmp_path / "storage" / "digits-elastic")
+    runs = tmp_path / "storage" / "digits-elastic" / "runs"
+    driver_log = tmp_path / "driver.log"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
+    sweep = launch(command, env=two_node_ray.env, cwd=tmp_path, stdout=driver_log.open("w"),
+                   stderr=subprocess.STDOUT)
 
-    experiment = local_experiment(tmp_path / "storage" / "digits-kill")
+    def registered(megabatch: int) -> bool:
+        # Not Tune's own record, which lags the trial by seconds (here by the whole trial).
+        trials = sorted(d.name for d in runs.glob("*"))
+        return bool(trials) and experiment.registered_by_ray_train(trials[0]) >= megabatch
+
+    try:
+        assert wait_for(lambda: registered(1), sweep, timeout=300, interval=0.1), (
+            driver_log.read_text()[-3000:])
+        assert two_node_ray.trains_on_worker_node(), two_node_ray.worker_node_processes()
+        two_node_ray.lose_worker_node()
+        watcher = signal_when_announced(announce, signal.SIGTERM, lambda: registered(2),
+                                        time.monotonic() + 300)
+        assert sweep.wait(timeout=300) == 0, driver_log.read_text()[-3000:]
+    finally:
+        if sweep.poll() is None:
+            kill_tree(sweep)
+    assert not watcher.is_alive(), "the worker never reached the moment"
     (row,) = experiment.read_json("results.json")
-    assert (row["status"], row["megabatch"]) == ("completed", 3)
+    assert (row["status"], row["megabatch"]) == ("completed", megabatches)
     reports = experiment.tune_reports(row["trial_id"])
-    # Restarting from scratch would have reported megabatch 1 twice.
-    assert [r["megabatch"] for r in reports] == [1, 2, 3]
-    run_dir = tmp_path / "storage" / "digits-kill" / "runs" / row["trial_id"]
-    unreported = list((run_dir / "checkpoints").glob("megabatch-0002.unreported-*"))
-    assert len(unreported) == set_aside
+    run_dir = runs / row["trial_id"]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["megabatch"] for r in logged] == [1, 2, 3]
-    assert logged[0]["seconds"] == reports[0]["seconds"]  # megabatch 1 was not recomputed
+    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == list(
+        range(1, megabatches + 1))
+    assert len(list((run_dir / "checkpoints").glob("megabatch-0003.unreported-*"))) == 1
+    assert logged[1]["seconds"] == reports[1]["seconds"]  # megabatch 2 was not recomputed
+    sizes = [r["world_size"] for r in logged]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes
+    assert [r["world_size"] for r in reports] == sizes
+    print(f"elastic trial: world sizes {sizes}")

@@ -12,9 +12,10 @@ megabatch M; the default), `validation` (as the validation pass after epoch E st
 starts) or `checkpointed` (once it is written, before the megabatch's end is announced: a Ray
 sweep trial has not yet reported it). Several faults, separated by `;`, each fire once at
 their own moment. Only on rank R and launcher attempt A
-(TORCHELASTIC_RESTART_COUNT, default 0), so a job restarted by torchrun does not fault again
-(workers Ray Train restarts do: a pause repeats, which costs only its seconds). Unset in
-normal use: the trainer then registers nothing.
+(TORCHELASTIC_RESTART_COUNT, default 0), so a job restarted by torchrun does not fault again.
+Workers Ray Train restarts have no attempt count: a pause that announces itself fires only
+while its announce file does not exist yet, so a restarted worker passes the moment the test
+already used. Unset in normal use: the trainer then registers nothing.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ class FaultInjector(Callback):
         self.armed = False
         if self.action == "pause":
             if self.announce:
-                Path(self.announce).write_text(str(os.getpid()))
+                announce = Path(self.announce)
+                if announce.exists():  # an earlier process (a restarted worker's) paused here
+                    return
+                announce.write_text(str(os.getpid()))
             time.sleep(self.seconds)
             return
         os.kill(os.getpid(), signal.SIGKILL if self.action == "sigkill" else signal.SIGTERM)

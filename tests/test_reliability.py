@@ -19,6 +19,7 @@ from app_dist.foundations.errors import CheckpointError
 from app_dist.foundations.files import file_sha256
 from app_dist.train import main as train_main
 from app_dist.training.checkpoint import Checkpointer, verify
+from app_dist.training.faults import FaultInjector
 
 from .conftest import (
     REPO,
@@ -242,3 +243,21 @@ def test_a_digest_taken_while_writing_is_used_only_for_the_unchanged_file(tmp_pa
     time.sleep(0.01)
     path.write_bytes(bytes(data))
     assert sha256_of_written(path) == file_sha256(path)
+
+
+# --- the fault hook itself -----------------------------------------------------------------
+
+def test_a_pause_fires_once_even_across_processes_that_share_its_announce_file(tmp_path):
+    """A worker Ray Train restarts has no attempt count: the pause a test used already (its
+    announce file written by the earlier worker) must not hold the restarted one again."""
+    announce = tmp_path / "paused"
+    spec = f"pause:rank=0,megabatch=1,at=checkpointed,seconds=2,announce={announce}"
+    timings = []
+    for _process in range(2):
+        injector = FaultInjector(spec, rank=0)
+        injector.megabatch_start(1)
+        started = time.monotonic()
+        injector.checkpoint_end(tmp_path, partial=False)
+        timings.append(time.monotonic() - started)
+    assert timings[0] >= 2 and timings[1] < 1, timings
+    assert announce.read_text() == str(os.getpid())

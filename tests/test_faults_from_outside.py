@@ -216,23 +216,24 @@ def test_a_damaged_shard_read_without_checksums_is_named(digits_shards, tmp_path
 
 # --- skipped_samples -----------------------------------------------------------------------
 
-def passes_meeting(args: list[str], split: str, index: int) -> list[int]:
-    """Per megabatch, how many passes of the run `args` describe read sample `index` of
-    `split`: each training epoch and each validation whose selection holds it, and the test
-    pass (the pruning scores' pass is not counted: its samples are the training set's)."""
+def passes_meeting(args: list[str], samples: list[tuple[str, int]]) -> list[int]:
+    """Per megabatch, how many passes of the run `args` describe read one of `samples`
+    ((split, index) pairs), summed over them: each training epoch and each validation whose
+    selection holds a sample, and the test pass (the pruning scores' pass is not counted: its
+    samples are the training set's)."""
     from app_dist.train import prepare
 
     config = load_config(args[1], args[2:])
-    _, stream = prepare(config)
+    _, stream = prepare(config)  # once: it reads and checks the manifest
     epochs = config.train.epochs
+    test = set(stream.test_selection().indices)
     counts = []
     for megabatch in range(1, config.data.megabatches + 1):
-        if split == "test":
-            counts.append(int(index in stream.test_selection().indices))
-            continue
-        in_train = index in stream.train_selection(megabatch).indices
-        in_val = index in stream.val_selection(megabatch).indices
-        counts.append(epochs * (int(in_train) + int(in_val)))
+        train = set(stream.train_selection(megabatch).indices)
+        val = set(stream.val_selection(megabatch).indices)
+        counts.append(sum(int(index in test) if split == "test" else
+                          epochs * (int(index in train) + int(index in val))
+                          for split, index in samples))
     return counts
 
 
@@ -259,8 +260,7 @@ def test_skipped_samples_counts_every_pass_that_met_a_bad_sample(digits_shards, 
     result = run_trainer(args, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    expected = [sum(counts) for counts in zip(*(passes_meeting(args, split, index)
-                                                for split, index in damaged))]
+    expected = passes_meeting(args, damaged)
     records = [json.loads(line) for line in RunLayout(tmp_path / "run").metrics.open()]
     assert [r["skipped_samples"] for r in records] == expected
     assert result.stdout.count("skipped a bad sample (data.bad_samples=skip)") == sum(expected)

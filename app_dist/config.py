@@ -18,9 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.storage import check_location
-from app_dist.models.registry import MODEL_NAMES, STEMS
-from app_dist.pruning.channels import BUDGETS, CHANNEL_CRITERIA
-from app_dist.pruning.n_m import N_M_CRITERIA, parse_structure
+from app_dist.models.names import MODEL_NAMES, STEMS
+from app_dist.pruning.structures import BUDGETS, CHANNEL_CRITERIA, N_M_CRITERIA, parse_structure
 
 REPLAY_POLICIES = ("full", "none", "window", "buffer")
 AUGMENTATIONS = ("none", "cifar", "imagenet")
@@ -29,7 +28,7 @@ PRUNE_METHODS = ("dense", "osp", "app")
 CRITERIA = ("snip", "magnitude", "random", "grasp", "synflow")
 SCORINGS = ("split", "whole")
 SCOPES = ("global", "local")
-# ... or an N:M pattern "N:M" (2:4, 4:8; app_dist/pruning/n_m.py parses and checks it).
+# ... or an N:M pattern "N:M" (2:4, 4:8; app_dist/pruning/structures.py parses and checks it).
 STRUCTURES = ("unstructured", "channel")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")

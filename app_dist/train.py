@@ -36,14 +36,13 @@ from app_dist.config import (
 )
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
-from app_dist.data.source import load_manifest, open_shards, verify_at_start
+from app_dist.data.source import open_shards, verify_at_start
 from app_dist.data.stream import MegabatchStream
 from app_dist.data.workers import stop_readers
 from app_dist.engine import build_engine
 from app_dist.engine.acceleration import describe_perf, resolve_perf
 from app_dist.foundations.commands import (
     BAD_INPUT,
-    ArgumentParser,
     command,
     exit_without_teardown,
     missing_config,
@@ -52,7 +51,6 @@ from app_dist.foundations.distributed import Platform, start_platform
 from app_dist.foundations.errors import (
     AppDistError,
     ConfigError,
-    DataError,
     ReportedElsewhere,
     agreed,
     one_line,
@@ -60,11 +58,12 @@ from app_dist.foundations.errors import (
 from app_dist.foundations.files import atomic_write_json, atomic_write_text
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import RunDirectoryInUse, RunLock
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.pruning.channels import ChannelGroupingError, build_channel_plan
 from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks
-from app_dist.pruning.n_m import has_groups, n_m_density_schedule, parse_structure
+from app_dist.pruning.n_m import has_groups, n_m_density_schedule
 from app_dist.pruning.schedule import density_schedule
+from app_dist.pruning.structures import parse_structure
 from app_dist.training.anytime import AnytimeModel, anytime_target
 from app_dist.training.callbacks import LogLines, ProgressBar
 from app_dist.training.checkpoint import Checkpointer
@@ -73,53 +72,10 @@ from app_dist.training.faults import FaultInjector
 from app_dist.training.loop import MegabatchLoop
 from app_dist.training.metrics import MetricsLog, WandbLog, summary_table
 from app_dist.training.preemption import Preempted
+from app_dist.training.run_input import build_parser, prepare
 from app_dist.training.state import RunState
 
 log = logging.getLogger("app_dist")
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="app-dist train", description="Train APP / OSP / dense under the megabatch stream.",
-        epilog="Overrides: key=value pairs, e.g. prune.method=osp train.epochs=2",
-    )
-    parser.add_argument("--config", help="YAML config file (see configs/), required")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # added by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser
-
-
-def prepare(config: Config, world_size: int | None = None
-            ) -> tuple[Manifest, MegabatchStream]:
-    """Everything that can reject the input before a process group exists. `world_size`:
-    the ranks the run will have (default: WORLD_SIZE, as the launcher sets it)."""
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.train.batch_size % world_size:
-        raise ConfigError(f"config key 'train.batch_size' = {config.train.batch_size}: not "
-                          f"divisible by the world size {world_size}")
-    if config.data.num_workers and config.data.num_workers > 64:
-        raise ConfigError("config key 'data.num_workers' is implausibly large (> 64)")
-    manifest = load_manifest(config.data.shards, config.data)
-    check_follow(config, manifest)
-    stream = MegabatchStream(manifest, config.data.megabatches, config.data.val_fraction,
-                             config.data.replay, config.data.replay_window,
-                             config.data.replay_buffer, config.run.seed,
-                             stream_seed=config.data.stream_seed)
-    return manifest, stream
-
-
-def check_follow(config: Config, manifest: Manifest) -> None:
-    """A stream still arriving is trained with data.follow=true; data.follow needs a stream."""
-    published = manifest.stream
-    if config.data.follow and published is None:
-        raise ConfigError(f"config key 'data.follow' = true: {config.data.shards} is not a "
-                          "stream (publish one with `app-dist shards append`)")
-    if published is not None and not published.complete and not config.data.follow:
-        raise DataError(f"{config.data.shards}: a stream with {published.published} of its "
-                        f"{published.megabatches} megabatches published; data.follow=true "
-                        "trains them as they arrive")
 
 
 def setup_logging(platform: Platform) -> None:

@@ -33,7 +33,7 @@ from app_dist.config import load_config  # noqa: E402
 from app_dist.engine import build_engine  # noqa: E402
 from app_dist.engine.acceleration import resolve_perf  # noqa: E402
 from app_dist.foundations.distributed import start_platform  # noqa: E402
-from app_dist.models import build_model  # noqa: E402
+from app_dist.models.registry import build_model  # noqa: E402
 from app_dist.pruning.masks import MaskSet, attach_masks  # noqa: E402
 from app_dist.pruning.threshold import masks_from_scores  # noqa: E402
 

@@ -91,7 +91,7 @@ def trained_images(shards: Path) -> list[int]:
 
 
 def resnet20s(masked: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from app_dist.models import build_model
+    from app_dist.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20s", 10, mean=[0.4914, 0.4822, 0.4465],

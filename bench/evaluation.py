@@ -33,7 +33,7 @@ ALL_OFF = ["perf.channels_last=false", "perf.fold_batchnorm=false", "perf.compil
 def model_for(name: str, channels_last: bool) -> torch.nn.Module:
     from app_dist.config import plain_perf
     from app_dist.engine.acceleration import accelerate
-    from app_dist.models import build_model
+    from app_dist.models.registry import build_model
     from app_dist.pruning.masks import MaskSet, attach_masks
 
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def trainer_parts(overrides: list[str]) -> tuple:
     from app_dist.engine import build_engine
     from app_dist.engine.acceleration import describe_perf, resolve_perf
     from app_dist.foundations.distributed import Platform
-    from app_dist.models import build_model
+    from app_dist.models.registry import build_model
     from app_dist.pruning.masks import MaskSet, attach_masks
     from app_dist.training.evaluation import Evaluator
 

@@ -99,7 +99,7 @@ def matrix_tflops() -> float:
 
 
 def resnet50(masked: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from app_dist.models import build_model
+    from app_dist.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet50", 1000, stem="imagenet", mean=[0.485, 0.456, 0.406],

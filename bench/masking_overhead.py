@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app_dist.models import build_model  # noqa: E402
+from app_dist.models.registry import build_model  # noqa: E402
 from app_dist.pruning.masks import MaskSet, attach_masks  # noqa: E402
 from app_dist.pruning.threshold import masks_from_scores  # noqa: E402
 

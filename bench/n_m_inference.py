@@ -29,12 +29,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app_dist.models import build_model  # noqa: E402
+from app_dist.models.registry import build_model  # noqa: E402
 from app_dist.models.sparse_file import load_exported, sparse_model  # noqa: E402
 from app_dist.models.vit import VIT_SHAPES  # noqa: E402
 from app_dist.pruning.masks import MaskSet, attach_masks  # noqa: E402
-from app_dist.pruning.n_m import NMPattern, n_m_masks_from_scores  # noqa: E402
+from app_dist.pruning.n_m import n_m_masks_from_scores  # noqa: E402
 from app_dist.pruning.scores import magnitude_scores  # noqa: E402
+from app_dist.pruning.structures import NMPattern  # noqa: E402
 from app_dist.results.latency import compare_inference  # noqa: E402
 from app_dist.results.n_m_export import load_semi_structured, n_m_source  # noqa: E402
 from bench.common import append_row, machine  # noqa: E402

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy  # noqa: E402
-from app_dist.models import build_model  # noqa: E402
+from app_dist.models.registry import build_model  # noqa: E402
 from app_dist.models.sparse_file import load_exported, sparse_model  # noqa: E402
 from app_dist.pruning.channels import (  # noqa: E402
     build_channel_plan,

@@ -53,7 +53,7 @@ def worker(rank: int, port: int, rounds: int, results: dict) -> None:
     from app_dist.engine.ddp import DDPEngine
     from app_dist.foundations.distributed import Platform
     from app_dist.foundations.files import file_sha256
-    from app_dist.models import build_model
+    from app_dist.models.registry import build_model
     from app_dist.pruning.masks import MaskSet, attach_masks
     from app_dist.pruning.pruner import _all_reduce_dict, verify_identical_masks
     from app_dist.pruning.threshold import masks_from_scores

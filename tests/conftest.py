@@ -289,7 +289,7 @@ def pruned_model(seed: int = 0, name: str = "resnet20s", stem: str = "cifar"
     scores (global threshold)."""
     import torch
 
-    from app_dist.models import build_model
+    from app_dist.models.registry import build_model
     from app_dist.pruning.masks import MaskSet, attach_masks
     from app_dist.pruning.threshold import masks_from_scores
 

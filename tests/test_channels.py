@@ -17,7 +17,7 @@ from app_dist.config import load_config
 from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.run_layout import CheckpointFiles
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.pruning.channels import build_channel_plan, channel_masks_from_scores
 from app_dist.pruning.masks import MaskSet, attach_channel_masks, attach_masks
 from app_dist.pruning.scores import magnitude_scores

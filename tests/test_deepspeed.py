@@ -18,7 +18,7 @@ from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, transla
 from app_dist.engine.deepspeed_engine import SHM_ALLREDUCE_PREFIX
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.run_layout import CheckpointFiles
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.schedule import density_schedule
 
@@ -146,7 +146,7 @@ from app_dist.config import load_config
 from app_dist.engine.acceleration import resolve_perf
 from app_dist.foundations.distributed import start_platform
 from app_dist.engine import build_engine
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 
 config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=1", "run.device=cpu",
@@ -349,7 +349,8 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 from app_dist.config import load_config
 from app_dist.data.workers import stop_readers
 from app_dist.foundations.distributed import start_platform
-from app_dist.train import prepare, setup_logging, train
+from app_dist.train import setup_logging, train
+from app_dist.training.run_input import prepare
 from app_dist.training.events import Callback
 
 

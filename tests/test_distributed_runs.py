@@ -80,7 +80,7 @@ def test_training_throughput_counts_every_ranks_images_once(uninterrupted):
 
     from app_dist.config import load_config
     from app_dist.data.plan import training_plan
-    from app_dist.train import prepare
+    from app_dist.training.run_input import prepare
 
     config = load_config(uninterrupted / "config.yaml")
     _, stream = prepare(config)

@@ -18,7 +18,7 @@ from app_dist.data.source import LocalShards
 from app_dist.data.stream import MegabatchStream
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.run_layout import CheckpointFiles
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.models.sparse_file import (
     ExportError,
     dense_state,

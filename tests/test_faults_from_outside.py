@@ -221,7 +221,7 @@ def passes_meeting(args: list[str], samples: list[tuple[str, int]]) -> list[int]
     ((split, index) pairs), summed over them: each training epoch and each validation whose
     selection holds a sample, and the test pass (the pruning scores' pass is not counted: its
     samples are the training set's)."""
-    from app_dist.train import prepare
+    from app_dist.training.run_input import prepare
 
     config = load_config(args[1], args[2:])
     _, stream = prepare(config)  # once: it reads and checks the manifest

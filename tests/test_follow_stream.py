@@ -20,7 +20,7 @@ from app_dist.data.manifest import Manifest
 from app_dist.data.prepare.stream import append_megabatch
 from app_dist.foundations.errors import ConfigError, DataError
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
-from app_dist.train import prepare
+from app_dist.training.run_input import prepare
 
 from .conftest import (
     REPO,

@@ -21,7 +21,7 @@ from app_dist.data.prepare.shards import write_shards
 from app_dist.engine.acceleration import accelerate, resolve_perf
 from app_dist.engine.ddp import DDPEngine
 from app_dist.foundations.distributed import Platform
-from app_dist.foundations.files import load_torch_file
+from app_dist.foundations.torch_files import load_torch_file
 from app_dist.pruning.masks import MaskSet
 from tests.conftest import (
     compiled_megabatches_do_not_recompile,

@@ -119,7 +119,8 @@ class Recorder(Callback):
 @pytest.mark.slow
 def test_a_run_fires_every_event_in_order_and_checkpoints_keep_their_format(
         digits_shards: Path, tmp_path: Path) -> None:
-    from app_dist.train import prepare, train
+    from app_dist.train import train
+    from app_dist.training.run_input import prepare
 
     config = load_config(REPO / "configs/digits.yaml", [
         f"data.shards={digits_shards}", f"run.dir={tmp_path}", "data.megabatches=2",

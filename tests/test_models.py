@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from app_dist.models import MODEL_NAMES, build_model, classifier_of
+from app_dist.models import registry
+from app_dist.models.registry import MODEL_NAMES, build_model, classifier_of
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -47,6 +48,7 @@ def test_model_names_are_the_documented_set() -> None:
         "vit_digits",
     }
     assert set(MODEL_NAMES) == expected
+    assert set(registry._BUILDERS) == expected  # config accepts a name only if it builds
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -16,20 +16,19 @@ from app_dist.config import load_config
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.run_layout import CheckpointFiles
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.models.sparse_file import ExportError, load_exported, sparse_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.n_m import (
-    NMPattern,
     grouped,
     has_groups,
     is_n_m,
     keep_best_n,
     n_m_density_schedule,
     n_m_steps,
-    parse_structure,
 )
 from app_dist.pruning.pruner import prune_step
+from app_dist.pruning.structures import NMPattern, parse_structure
 from app_dist.results.n_m_export import load_semi_structured, n_m_source
 
 from .conftest import (

@@ -51,7 +51,7 @@ from app_dist.engine.acceleration import (
 from app_dist.engine.ddp import DDPEngine
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, DataError
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from tests.conftest import (
     REPO,

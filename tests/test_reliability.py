@@ -232,7 +232,7 @@ def test_soak_20_megabatches_with_3_random_rank_kills(digits_shards, tmp_path):
 
 def test_a_digest_taken_while_writing_is_used_only_for_the_unchanged_file(tmp_path: Path) -> None:
     """Sealing trusts the sha256 computed as torch.save wrote the file, not a rewrite since."""
-    from app_dist.foundations.files import atomic_torch_save, sha256_of_written
+    from app_dist.foundations.torch_files import atomic_torch_save, sha256_of_written
 
     path = tmp_path / "engine.pt"
     atomic_torch_save({"weights": torch.arange(1000.0)}, path)

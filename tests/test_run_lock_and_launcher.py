@@ -218,6 +218,25 @@ def test_signals_to_the_wrapper_reach_the_launchers_process_group(tmp_path):
     assert (tmp_path / "rank-got").read_text() == str(int(signal.SIGTERM))
 
 
+def test_the_wrapper_checks_its_input_without_importing_torch(digits_shards, tmp_path):
+    """`app-dist train --nproc-per-node N` reads the config, the manifest and the data plan
+    and checks the run directory before any launcher starts; none of that needs torch, whose
+    import would add 2-3 s to every launch and to every bad input's one line. Here all of it
+    runs and the run directory (under a file) is what is refused."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["train", "--nproc-per-node", "2", "--config", str(REPO / "configs/digits.yaml"),
+            f"data.shards={digits_shards}", f"run.dir={blocker / 'run'}"]
+    script = ("import sys; from app_dist.cli import main; code = main(sys.argv[1:]); "
+              "print(code, [m for m in ('torch', 'torchvision', 'deepspeed', 'ray') "
+              "if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", script, *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "2 []", (result.stdout, result.stderr)
+    (line,) = error_lines(result.stderr)
+    assert "config key 'run.dir'" in line and "Not a directory" in line
+
+
 def app_dist_train_in_process(capsys: pytest.CaptureFixture[str],
                               *args: str) -> subprocess.CompletedProcess[str]:
     """`app-dist train ARGS` through the CLI's main in this process (for input the wrapper

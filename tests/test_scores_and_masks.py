@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app_dist.models import build_model
+from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.pruning.scores import (
     magnitude_scores,

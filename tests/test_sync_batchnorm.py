@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from app_dist.engine.folding import conv_batchnorm_pairs, folded_copy
-from app_dist.models import build_model
 from app_dist.models.batchnorm import (
     GlobalBatchNorm2d,
     per_rank_statistics,
     synchronise_batchnorm,
 )
+from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskedBatchNorm2d
 
 # Rank 0 gets 3 samples, rank 1 gets 5: unequal shares check that the statistics weigh

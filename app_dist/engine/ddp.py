@@ -16,8 +16,8 @@ from app_dist.engine.base import StepResult, module_state
 from app_dist.engine.batchnorm import average_batchnorm_statistics
 from app_dist.engine.optimization import restarted_schedule, sgd_optimizer
 from app_dist.foundations.distributed import Platform
-from app_dist.foundations.files import atomic_torch_save, load_torch_file
 from app_dist.foundations.run_layout import CheckpointFiles
+from app_dist.foundations.torch_files import atomic_torch_save, load_torch_file
 from app_dist.pruning.masks import MaskSet
 
 

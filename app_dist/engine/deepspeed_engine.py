@@ -43,8 +43,8 @@ from app_dist.engine.deepspeed_config import deepspeed_config, load_raw, precisi
 from app_dist.engine.optimization import restarted_schedule, sgd_optimizer
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
-from app_dist.foundations.files import atomic_torch_save, load_torch_file
 from app_dist.foundations.run_layout import CheckpointFiles
+from app_dist.foundations.torch_files import atomic_torch_save, load_torch_file
 from app_dist.pruning.masks import MaskSet, zero_optimizer_state
 
 log = logging.getLogger("app_dist")

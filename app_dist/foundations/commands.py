@@ -27,6 +27,7 @@ from typing import NoReturn
 from app_dist.foundations.errors import AppDistError, ReportedElsewhere, one_line
 
 BAD_INPUT = 2  # the documented exit code of bad input (README, docs/TROUBLESHOOTING.md)
+PREEMPTED = 75  # EX_TEMPFAIL: try again later; distinct from errors (1) and bad input (2)
 
 Body = Callable[[argparse.Namespace], int]
 Main = Callable[..., int]

@@ -1,6 +1,3 @@
-"""Network definitions for APP training; every model normalises its own input."""
+"""Network definitions for APP training; every model normalises its own input.
 
-from .normalization import InputNormalization, NormalizedModel
-from .registry import MODEL_NAMES, build_model, classifier_of
-
-__all__ = ["MODEL_NAMES", "InputNormalization", "NormalizedModel", "build_model", "classifier_of"]
+registry.py builds a model by name; names.py lists the names without importing torch."""

@@ -9,11 +9,10 @@ import torchvision
 from torch import nn
 
 from .cifar_resnet import cifar_resnet
+from .names import CIFAR_RESNET_DEPTHS, MODEL_NAMES, STEMS, TORCHVISION_RESNET_DEPTHS, VIT_NAMES
 from .normalization import InputNormalization, NormalizedModel
 from .small_cnn import digits_cnn, digits_cnn_mlp
-from .vit import VIT_SHAPES, vision_transformer
-
-STEMS = ("cifar", "imagenet")
+from .vit import vision_transformer
 
 
 def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, stem: str) -> nn.Module:
@@ -55,18 +54,16 @@ def _cifar_only(build: Callable[[int, int], nn.Module], name: str) -> Callable[.
 _BUILDERS: dict[str, Callable[[int, int, str], nn.Module]] = {
     **{
         f"resnet{d}s": _cifar_only(partial(cifar_resnet, d), f"resnet{d}s")
-        for d in (20, 32, 44, 56)
+        for d in CIFAR_RESNET_DEPTHS
     },
-    **{f"resnet{d}": partial(_torchvision_resnet, f"resnet{d}") for d in (18, 34, 50)},
+    **{f"resnet{d}": partial(_torchvision_resnet, f"resnet{d}") for d in TORCHVISION_RESNET_DEPTHS},
     "vgg16_bn": _vgg16_bn,
     "digits_cnn": _cifar_only(digits_cnn, "digits_cnn"),
     "digits_cnn_mlp": _cifar_only(digits_cnn_mlp, "digits_cnn_mlp"),
     # Small ViTs for fixed image sizes (vit_cifar 32x32, vit_digits 8x8): their Linear
     # layers are what N:M sparsity speeds up (prune.include_linear=true).
-    **{name: _cifar_only(partial(vision_transformer, name), name) for name in VIT_SHAPES},
+    **{name: _cifar_only(partial(vision_transformer, name), name) for name in VIT_NAMES},
 }
-
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_model(

@@ -40,14 +40,6 @@ INDEX_SHIFTS: dict[type[nn.Module], Callable[[nn.Module], int]] = {
     ShortcutA: lambda layer: layer.pad[0],
 }
 
-CHANNEL_CRITERIA = ("snip", "magnitude", "random")
-
-# What a channel run's density schedule counts (prune.budget): the convolutions' weights, as
-# unstructured runs do, or their multiply-accumulates (a weight costs its layer's output
-# pixels), which is what inference time follows.
-BUDGETS = ("weights", "flops")
-
-
 class ChannelGroupingError(ValueError):
     """The model has a layer channel pruning cannot handle consistently."""
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app_dist.models import classifier_of
+from app_dist.models.registry import classifier_of
 from app_dist.pruning.channels import ChannelPlan
-from app_dist.pruning.n_m import NMPattern, grouped, has_groups
+from app_dist.pruning.n_m import grouped, has_groups
+from app_dist.pruning.structures import NMPattern
 from app_dist.pruning.threshold import keep_count
 
 

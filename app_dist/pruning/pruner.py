@@ -17,12 +17,8 @@ from torch import nn
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, agreed
 from app_dist.foundations.seeding import derived_seed
-from app_dist.models import classifier_of
-from app_dist.pruning.channels import (
-    CHANNEL_CRITERIA,
-    channel_masks_from_scores,
-    random_group_scores,
-)
+from app_dist.models.registry import classifier_of
+from app_dist.pruning.channels import channel_masks_from_scores, random_group_scores
 from app_dist.pruning.masks import MaskSet, mask_checksums
 from app_dist.pruning.n_m import n_m_masks_from_scores
 from app_dist.pruning.scores import (
@@ -38,6 +34,7 @@ from app_dist.pruning.scores import (
     snip_scores_from_gradients,
     synflow_iterated_scores,
 )
+from app_dist.pruning.structures import CHANNEL_CRITERIA
 from app_dist.pruning.threshold import masks_from_scores
 
 ScoringBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]

@@ -25,9 +25,10 @@ from torch import nn
 from app_dist.engine.deepspeed_engine import saved_module_state
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import CheckpointError
-from app_dist.foundations.files import atomic_torch_save, atomic_write_json, load_torch_file
+from app_dist.foundations.files import atomic_write_json
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
-from app_dist.models import build_model, classifier_of
+from app_dist.foundations.torch_files import atomic_torch_save, load_torch_file
+from app_dist.models.registry import build_model, classifier_of
 from app_dist.models.sparse_file import (
     MASK_SUFFIX,
     ExportError,
@@ -36,7 +37,7 @@ from app_dist.models.sparse_file import (
     sparse_model,
 )
 from app_dist.models.vit import VIT_SHAPES
-from app_dist.pruning.n_m import NMPattern, parse_structure
+from app_dist.pruning.structures import NMPattern, parse_structure
 from app_dist.results.channel_export import (
     TRACE_SIZE,
     build_architecture,
@@ -49,7 +50,6 @@ from app_dist.results.n_m_export import load_semi_structured, n_m_source
 from app_dist.training.checkpoint import Checkpoint, examine
 
 DEFAULT_NAME = "model-sparse.pt"
-EXPORT_SUMMARY = "export-summary.json"  # the last channel / N:M export: sizes, measured speed
 CHANNEL_NAME = "model-channel.pt"  # prune.structure=channel: the physically smaller model
 
 
@@ -243,7 +243,7 @@ def write_export_summary(run_dir: Path, path: Path, dense_bytes: int, info: dict
         if gpu:
             summary["gpu_latency_ms"] = _gpu_latency(path, architecture, shape)
             summary["gpu"] = torch.cuda.get_device_name()
-    target = run_dir / EXPORT_SUMMARY
+    target = RunLayout(run_dir).export_summary
     atomic_write_json(target, summary)
     return target
 
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"RUN_DIR/{CHANNEL_NAME} for a prune.structure=channel run)")
     parser.add_argument("--no-latency", action="store_true",
                         help="channel and N:M runs: skip measuring inference speed against "
-                             f"the dense model (RUN_DIR/{EXPORT_SUMMARY} then holds sizes only)")
+                             "the dense model (RUN_DIR/export-summary.json then holds sizes "
+                             "only)")
     parser.add_argument("--onnx", default=None,
                         help="prune.structure=channel runs: also write the smaller model "
                              "as ONNX to this file (needs the onnx package)")
@@ -286,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
               + (f"; ONNX {exported.onnx}" if exported.onnx else ""))
         return 0
     if parse_structure(exported.structure) is not None:
-        summary = json.loads((Path(args.run_dir) / EXPORT_SUMMARY).read_text())
+        summary = json.loads(RunLayout(Path(args.run_dir)).export_summary.read_text())
         print(f"wrote {exported.path}: {exported.structure} at density {exported.density:.3f}"
               f", {exported.sparse_bytes:,} bytes; {len(summary['semi_structured'])} Linear "
               "weight(s) load as semi-structured sparse on a GPU (n_m_export."

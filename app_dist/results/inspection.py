@@ -21,8 +21,8 @@ import torch
 
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
-from app_dist.foundations.files import load_torch_file
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
+from app_dist.foundations.torch_files import load_torch_file
 from app_dist.results.runs import Run, describe_config, read_run
 from app_dist.training.checkpoint import MARKER, Checkpoint, scan_checkpoints, verify
 from app_dist.training.metrics import SUMMARY_COLUMNS, summary_table

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from app_dist.models.sparse_file import ExportError, load_exported
-from app_dist.pruning.n_m import NMPattern, n_m_summary
+from app_dist.pruning.n_m import n_m_summary
+from app_dist.pruning.structures import NMPattern
 
 # The strictest of torch's half-precision shape rules (CUTLASS: rows a multiple of 32,
 # columns of 64; cuSPARSELt takes multiples of 16), so the list holds on either backend.

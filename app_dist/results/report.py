@@ -23,7 +23,7 @@ from typing import Any
 
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import AppDistError
-from app_dist.results.export import EXPORT_SUMMARY
+from app_dist.foundations.run_layout import RunLayout
 from app_dist.results.plots import plot_layer_density, plot_runs
 from app_dist.results.runs import Run, describe_config, final_density_of, read_run
 
@@ -141,7 +141,7 @@ def _export_section(run_dir: Path) -> list[str]:
     parameters (N:M: values stored), file size and measured inference time against the dense
     model (N:M: also float16 on a GPU, when the export was made on one)."""
     try:
-        summary = json.loads((run_dir / EXPORT_SUMMARY).read_text())
+        summary = json.loads(RunLayout(run_dir).export_summary.read_text())
     except (OSError, ValueError):
         return []
     rows = [["parameters", f"{summary['dense_parameters']:,}", f"{summary['parameters']:,}",

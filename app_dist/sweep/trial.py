@@ -21,8 +21,9 @@ from app_dist.data.workers import stop_readers
 from app_dist.foundations.distributed import Platform, start_platform
 from app_dist.sweep.resume import restore_reported_checkpoint, set_aside_unreported
 from app_dist.sweep.settings import Sweep
-from app_dist.train import prepare, setup_logging, train
+from app_dist.train import setup_logging, train
 from app_dist.training.events import Callback
+from app_dist.training.run_input import prepare
 
 # The id of the placement group holding the trial's workers, reported with every megabatch so
 # the sweep can release it when Tune stops the trial (see runner.ReleaseTrainPlacementGroup).

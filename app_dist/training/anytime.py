@@ -27,8 +27,9 @@ from typing import Any
 from app_dist.config import Config
 from app_dist.engine.base import module_state
 from app_dist.foundations.errors import AppDistError
-from app_dist.foundations.files import atomic_torch_save, atomic_write_text, file_sha256
+from app_dist.foundations.files import atomic_write_text, file_sha256
 from app_dist.foundations.storage import RemoteFolder, Retry, is_remote
+from app_dist.foundations.torch_files import atomic_torch_save
 from app_dist.models.sparse_file import FORMAT, sparse_model
 from app_dist.training.events import Callback
 

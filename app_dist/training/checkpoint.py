@@ -27,15 +27,9 @@ import torch
 from app_dist.config import Config, changed_settings, computation_settings
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError
-from app_dist.foundations.files import (
-    atomic_torch_save,
-    atomic_write_json,
-    file_sha256,
-    fsync_directory,
-    load_torch_file,
-    sha256_of_written,
-)
+from app_dist.foundations.files import atomic_write_json, file_sha256, fsync_directory
 from app_dist.foundations.run_layout import CheckpointFiles, CheckpointFolder, RunLayout
+from app_dist.foundations.torch_files import atomic_torch_save, load_torch_file, sha256_of_written
 from app_dist.training.state import MegabatchProgress, RunState, rank_local_buffers
 
 log = logging.getLogger("app_dist")

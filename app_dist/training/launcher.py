@@ -10,7 +10,7 @@ a ~30-line ChildFailedError traceback (a pre-empted run's 75 and bad input's 2 i
 SIGTERMed torchrun exits 1 as well). The deepspeed launcher passes a rank's code through on one
 node (DeepSpeed 0.19); the wrapper gives both launchers one contract. It
 
-1. checks the input first, as app_dist/train.py's `prepare` does in every rank (config, data
+1. checks the input first, as run_input.py's `prepare` does in every rank (config, data
    plan, batch divisible by the world size), and that the run directory can be created and,
    on one node, that no live run holds it: bad input is one `error:` line and exit 2 before
    any launcher starts;
@@ -39,10 +39,10 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-import app_dist.train as trainer
 from app_dist.config import load_config, run_directory
 from app_dist.foundations.commands import (
     BAD_INPUT,
+    PREEMPTED,
     ArgumentParser,
     UsageError,
     missing_config,
@@ -51,12 +51,16 @@ from app_dist.foundations.commands import (
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import check_free
-from app_dist.training.preemption import Preempted
+from app_dist.training.run_input import build_parser as trainer_parser
+from app_dist.training.run_input import prepare
 
 LAUNCHERS = ("torchrun", "deepspeed")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # The outcome file's status -> the wrapper's exit code when the launcher failed.
-OUTCOME_EXIT_CODES = {"preempted": Preempted.exit_code, "bad_input": BAD_INPUT}
+OUTCOME_EXIT_CODES = {"preempted": PREEMPTED, "bad_input": BAD_INPUT}
+# What every rank runs (found by path: importing app_dist.train would import torch, which the
+# wrapper does not need; see the module docstring of run_input.py).
+TRAINER_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 
 # Flags that only mean something with --nproc-per-node: (attribute, flag).
 _LAUNCH_FLAGS = (("nnodes", "--nnodes"), ("node_rank", "--node-rank"),
@@ -67,7 +71,7 @@ _LAUNCH_FLAGS = (("nnodes", "--nnodes"), ("node_rank", "--node-rank"),
 
 
 def build_parser() -> ArgumentParser:
-    parser = trainer.build_parser()
+    parser = trainer_parser()
     parser.description = ("Train APP / OSP / dense under the megabatch stream: in this process, "
                           "or with --nproc-per-node on N ranks per node through torchrun or the "
                           "deepspeed launcher, exiting with the run's own code (0 finished, 2 "
@@ -253,7 +257,7 @@ def launch(args: argparse.Namespace) -> int:
         raise missing_config("app-dist train")
     nnodes = args.nnodes or 1
     config = load_config(args.config, args.overrides)
-    trainer.prepare(config, world_size=args.nproc_per_node * nnodes)
+    prepare(config, world_size=args.nproc_per_node * nnodes)
     run_dir = run_directory(config)
     check_writable(run_dir)
     if nnodes == 1:  # on several nodes rank 0 alone knows whether it got the lock
@@ -261,7 +265,7 @@ def launch(args: argparse.Namespace) -> int:
     outcome = RunLayout(run_dir).outcome
     with contextlib.suppress(OSError):  # an unwritable run.dir is rank 0's one-line error
         outcome.unlink(missing_ok=True)  # an earlier launch's: it must not speak for this one
-    command = launcher_command(args, Path(trainer.__file__).resolve())
+    command = launcher_command(args, TRAINER_SCRIPT)
     print(f"[app-dist] {shlex.join(command)}", flush=True)
     launcher_code = supervise(command, launcher_environment(args, dict(os.environ)))
     ended = read_outcome(outcome)
@@ -280,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         check_launch_flags(args)
         if args.nproc_per_node is None:
-            return trainer.main(argv)
+            from app_dist.train import main as train_here  # only now: it imports torch
+
+            return train_here(argv)
         return launch(args)
 
     return run_command(build_parser(), argv, body)

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from app_dist.foundations.commands import PREEMPTED
 from app_dist.foundations.distributed import Platform
 
 
 class Preempted(Exception):
     """SIGTERM arrived: the step in flight finished and a checkpoint was written."""
 
-    exit_code = 75  # EX_TEMPFAIL: try again later; distinct from errors (1) and bad input (2)
+    exit_code = PREEMPTED
 
 
 class PreemptionNotice:

@@ -193,7 +193,8 @@ def profile_run(config_path: str | None, overrides: list[str], megabatches: int
     """Train `megabatches` megabatches in a fresh temporary run directory, profiled."""
     from app_dist.config import AUTO, load_config
     from app_dist.foundations.distributed import start_platform
-    from app_dist.train import prepare, setup_logging, train
+    from app_dist.train import setup_logging, train
+    from app_dist.training.run_input import prepare
 
     with tempfile.TemporaryDirectory(prefix="app-dist-profile-") as run_dir:
         config = load_config(config_path, ["log.wandb.mode=disabled", "log.progress=false",

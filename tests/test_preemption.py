@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -32,6 +33,7 @@ from .conftest import digits_run_args, launch_trainer, read_metrics, run_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+MEGABATCHES = 3  # digits_run_args
 PAUSE = "pause:rank=0,seconds=3,announce={announce},"
 MOMENTS = {
     # (where rank 0 pauses, the checkpoint the pre-emption must leave)
@@ -44,30 +46,20 @@ ENGINES = {"ddp": ("torchrun", ()),
 
 
 def run_args(shards: Path, run_dir: Path, engine: str) -> list[str]:
-    # The decode-once cache off: every pass is read by reader processes (started from a fork
+    # The shared reference runs' settings (digits_run_args: 3 megabatches of 2 epochs), with
+    # the decode-once cache off: every pass is read by reader processes (started from a fork
     # server), which the signals then reach as well; digits is small enough to be decoded in
-    # the training process otherwise.
-    return digits_run_args(shards, run_dir, "data.megabatches=2", "train.epochs=1",
-                           "log.wandb.mode=disabled", "perf.cache_decoded=false",
-                           *ENGINES[engine][1])
+    # the training process otherwise. The cache changes no result (tests/test_perf_switches.py
+    # compares a cacheless 2-rank run with the same reference).
+    return digits_run_args(shards, run_dir, "log.wandb.mode=disabled",
+                           "perf.cache_decoded=false", *ENGINES[engine][1])
 
 
-@pytest.fixture(scope="module")
-def references(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """engine -> run directory of the uninterrupted 2-rank run, made on first use."""
-    made: dict[str, Path] = {}
-
-    def reference(engine: str) -> Path:
-        if engine not in made:
-            run_dir = tmp_path_factory.mktemp(f"reference-{engine}")
-            launcher = ENGINES[engine][0]
-            process = launch_trainer(run_args(digits_shards, run_dir, engine), nproc=2,
-                                     launcher=launcher)
-            assert process.wait(timeout=400) == 0
-            made[engine] = run_dir
-        return made[engine]
-
-    return reference
+@pytest.fixture
+def references(uninterrupted: Path, zero_runs) -> Callable[[str], Path]:
+    """engine -> the run directory of the shared uninterrupted 2-rank run (DDP under torchrun;
+    DeepSpeed ZeRO-2, launched through the wrapper) that every resumed run must equal."""
+    return lambda engine: uninterrupted if engine == "ddp" else zero_runs(2)
 
 
 def ranks_of(launcher_pid: int) -> list[psutil.Process]:
@@ -103,7 +95,7 @@ def deliver(delivery: str, launcher: subprocess.Popen, engine: str) -> None:
 
 
 def final_state(run_dir: Path, engine: str) -> tuple[dict, dict]:
-    folder = RunLayout(run_dir).checkpoint(2)
+    folder = RunLayout(run_dir).checkpoint(MEGABATCHES)
     masks = torch.load(folder / CheckpointFiles.STATE, weights_only=True)["masks"]
     if engine == "ddp":
         weights = torch.load(folder / CheckpointFiles.ENGINE, weights_only=True)["model"]

@@ -34,6 +34,7 @@ from app_dist.config import (
     sparsity_level,
     to_yaml,
 )
+from app_dist.data.augment import model_input_size
 from app_dist.data.manifest import Manifest
 from app_dist.data.reader import StreamReader
 from app_dist.data.source import open_shards, verify_at_start
@@ -103,7 +104,8 @@ def run_callbacks(config: Config, manifest: Manifest, platform: Platform, run_di
         if target is not None:
             architecture = {"name": config.model.name, "num_classes": manifest.num_classes,
                             "in_channels": manifest.channels, "stem": config.model.stem,
-                            "mean": list(config.model.mean), "std": list(config.model.std)}
+                            "mean": list(config.model.mean), "std": list(config.model.std),
+                            "input_shape": list(input_shape(config, manifest))}
             callbacks.append(AnytimeModel(target, architecture, run_dir))
     callbacks.append(LogLines(config, len(schedule)))
     if ProgressBar.wanted(config, platform.is_primary):
@@ -179,7 +181,8 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
         raise ConfigError(f"config key 'model': {error}") from None
     masks = _mask_set(config, model, manifest)
     engine = build_engine(config, model, masks, platform)
-    checkpointer = Checkpointer.for_run(config, run_dir, platform)
+    checkpointer = Checkpointer.for_run(config, run_dir, platform,
+                                        input_shape=input_shape(config, manifest))
     state, progress = checkpointer.restore(engine)
     if not state.wandb_id:
         state.wandb_id = platform.broadcast_object(uuid.uuid4().hex[:12])
@@ -214,15 +217,20 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
     return state
 
 
+def input_shape(config: Config, manifest: Manifest) -> tuple[int, int, int]:
+    """(C, H, W) of one input the model sees."""
+    size = model_input_size(config.data.augment, config.data.image_size, manifest.image_size)
+    return (manifest.channels, *size)
+
+
 def _mask_set(config: Config, model: torch.nn.Module, manifest: Manifest) -> MaskSet:
     """The model's masks; with prune.structure=channel also its channel groups, traced on
     one zero image of the stream's size, and the BatchNorm channel masks they imply; with
     an N:M pattern the pattern (layers without groups of M stay dense and are logged)."""
     plan = None
     if config.prune.structure == "channel":
-        size = manifest.image_size or (config.data.image_size, config.data.image_size)
         try:
-            plan = build_channel_plan(model, torch.zeros(1, manifest.channels, *size),
+            plan = build_channel_plan(model, torch.zeros(1, *input_shape(config, manifest)),
                                       config.prune.budget)
         except ChannelGroupingError as error:
             raise ConfigError(f"config key 'prune.structure' = 'channel': model "

@@ -255,6 +255,7 @@ def test_two_rank_channel_run_has_identical_masks_and_exports_a_smaller_equal_mo
     summary = json.loads((run_dir / "export-summary.json").read_text())
     assert summary["parameters"] < summary["dense_parameters"]
     assert set(summary["latency_ms"]) == {"1", "256"}
+    assert summary["input"] == [1, 8, 8]  # timed on digits' own size, which the run recorded
     section = "".join(_export_section(run_dir))
     assert "ms per batch of 256" in section and "file bytes" in section
 

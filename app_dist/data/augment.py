@@ -22,6 +22,16 @@ def decode(image_bytes: bytes, channels: int) -> torch.Tensor:
     return decode_image(data, mode=mode)
 
 
+def model_input_size(augment: str, image_size: int, stored: tuple[int, int] | None
+                     ) -> tuple[int, int]:
+    """(H, W) of the images the model sees: augment=imagenet crops every image to
+    `image_size` (training and evaluation); otherwise images reach the model at their
+    `stored` size (the manifest's; None when sizes vary, which only imagenet resizes)."""
+    if augment == "imagenet" or stored is None:
+        return image_size, image_size
+    return stored
+
+
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
                             scale: tuple[float, float] = (0.08, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3),

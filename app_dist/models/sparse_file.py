@@ -3,7 +3,8 @@ from a run's checkpoint and what a run publishes after every megabatch (its anyt
 
 File format (a torch.save dict, loadable with weights_only=True, so no pickled code runs):
     format        "app-dist-sparse/1"
-    architecture  {name, num_classes, in_channels, stem, mean, std}: enough for build_model
+    architecture  {name, num_classes, in_channels, stem, mean, std}: enough for build_model;
+                  input_shape [C, H, W]: what the model was trained on
     dense         {name: tensor} every entry of the model's state dict that is not pruned
                   (BatchNorm, biases, classifier, unpruned layers), stored as is
     sparse        {name: {"shape": [...], "bits": uint8, "values": tensor}} per pruned

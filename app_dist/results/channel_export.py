@@ -7,7 +7,8 @@ smaller dense convolutions (unlike unstructured masks, which only make the file 
 
 File format (a torch.save dict, loadable with weights_only=True: no pickled code runs):
     format        "app-dist-channel/1"
-    architecture  {name, num_classes, in_channels, stem, mean, std}: for build_model
+    architecture  {name, num_classes, in_channels, stem, mean, std}: for build_model;
+                  input_shape [C, H, W]: what the model was trained on
     removed       {module name: {"out": [channel...], "in": [channel...]}} for convolutions,
                   BatchNorms and Linear layers; {"pad": [before, after]} for option-A
                   shortcuts (their zero channels left after pruning)

@@ -118,6 +118,15 @@ def _architecture(settings: dict[str, Any], weights: dict[str, torch.Tensor],
             "stem": stem, "mean": mean, "std": std}
 
 
+def _usual_input_shape(architecture: dict[str, Any]) -> list[int]:
+    """(C, H, W) for a checkpoint that does not record its input shape: a ViT's fixed image
+    size, 224 for the ImageNet stem, else 32."""
+    name, stem = architecture["name"], architecture["stem"]
+    size = VIT_SHAPES[name].image_size if name in VIT_SHAPES else 224 if stem == "imagenet" \
+        else 32
+    return [architecture["in_channels"], size, size]
+
+
 def _saved_size(value: Any) -> int:
     buffer = io.BytesIO()
     torch.save(value, buffer)
@@ -141,6 +150,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
         raise CheckpointError(f"{folder / CheckpointFiles.STATE} lacks masks or settings")
     model_state = _model_state(folder)
     architecture = _architecture(state["settings"], model_state, folder)
+    # The shape the model was trained on (checkpoints before this key: the stem's usual size).
+    architecture["input_shape"] = state.get("input_shape") or _usual_input_shape(architecture)
     source = {"run_dir": str(run_dir), "checkpoint": folder.name,
               "megabatch": checkpoint.megabatch}
     structure = str(state["settings"].get("prune.structure", "unstructured"))
@@ -232,11 +243,9 @@ def write_export_summary(run_dir: Path, path: Path, dense_bytes: int, info: dict
         "density": info["density"], "measured_on": f"{platform.node()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"}
     if latency:
-        size = VIT_SHAPES[architecture["name"]].image_size if architecture["name"] in \
-            VIT_SHAPES else 224 if architecture["stem"] == "imagenet" else 32
         large = 32 if architecture["stem"] == "imagenet" else 256
         models = {"dense": build_architecture(architecture), "exported": load(path)}
-        shape = (architecture["in_channels"], size, size)
+        shape = tuple(architecture["input_shape"])
         timings = compare_inference(models, shape, batches=(1, large), rounds=3, budget_s=0.2)
         summary["input"] = list(shape)
         summary["latency_ms"] = {str(batch): ms for batch, ms in timings.items()}

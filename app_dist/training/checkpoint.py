@@ -126,19 +126,24 @@ class Checkpointer:
     payload for rank 0, one per rank, and the engine's own files, sealed atomically."""
 
     def __init__(self, run_dir: Path | RunLayout, platform: Platform, keep_last: int,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None,
+                 input_shape: tuple[int, int, int] | None = None) -> None:
         self.layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
         self.platform = platform
         self.keep_last = keep_last
         self.config = config
+        # (C, H, W) the model sees, saved for `app-dist export`, which times the exported model
+        # on inputs of that shape and cannot tell it from the weights.
+        self.input_shape = input_shape
         # Folders this process sealed or verified, with the size and mtime of every file then:
         # retiring old checkpoints after every save re-hashes only folders whose files changed
         # since (a resume, in a new process, hashes what it loads).
         self._verified: dict[Path, tuple] = {}
 
     @classmethod
-    def for_run(cls, config: Config, run_dir: Path, platform: Platform) -> Checkpointer:
-        return cls(run_dir, platform, config.checkpoint.keep_last, config)
+    def for_run(cls, config: Config, run_dir: Path, platform: Platform,
+                input_shape: tuple[int, int, int] | None = None) -> Checkpointer:
+        return cls(run_dir, platform, config.checkpoint.keep_last, config, input_shape)
 
     def folder(self, megabatch: int, partial: bool = False) -> Path:
         """megabatch-NNNN after megabatch NNNN; preempted-NNNN inside megabatch NNNN."""
@@ -158,6 +163,7 @@ class Checkpointer:
             "progress": None if progress is None else progress.shared_state(),
             "settings": computation_settings(self.config),
             "world_size": self.platform.world_size,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
         }, rank_state={
             # Audit trail: every rank's own masks and residue, compared across ranks in tests.
             "masks": masks.state_dict(),

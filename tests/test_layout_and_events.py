@@ -154,10 +154,13 @@ def test_a_run_fires_every_event_in_order_and_checkpoints_keep_their_format(
     assert tail[3] == ("megabatch_end", 2, "megabatch-0002") == (*tail[3][:2], tail[2][1])
     assert state.completed == 2
 
-    # The checkpoint payload is the one earlier versions wrote (and resume from).
+    # The checkpoint payload is the one earlier versions wrote (and resume from), plus the
+    # input shape that `app-dist export` times the model on (it falls back to the stem's usual
+    # size for earlier checkpoints, which lack it; resuming does not read it).
     folder = RunLayout(tmp_path).checkpoint(2)
     shared = torch.load(folder / CheckpointFiles.STATE, weights_only=True)
-    assert set(shared) == {"masks", "run", "progress", "settings", "world_size"}
+    assert set(shared) == {"masks", "run", "progress", "settings", "world_size", "input_shape"}
+    assert shared["input_shape"] == [1, 8, 8]  # digits
     assert set(shared["run"]) == {"completed", "history", "wandb_id"}
     rank = torch.load(folder / CheckpointFiles.rank(0), weights_only=True)
     assert set(rank) == {"rng", "masks", "pruned_residue", "epoch_sums", "buffers"}

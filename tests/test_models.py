@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from app_dist.models import registry
+from app_dist.models.names import VIT_NAMES
 from app_dist.models.registry import MODEL_NAMES, build_model, classifier_of
+from app_dist.models.vit import VIT_SHAPES
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -49,6 +51,7 @@ def test_model_names_are_the_documented_set() -> None:
     }
     assert set(MODEL_NAMES) == expected
     assert set(registry._BUILDERS) == expected  # config accepts a name only if it builds
+    assert set(VIT_NAMES) == set(VIT_SHAPES)  # a shape without a name is never offered
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -49,17 +49,24 @@ def run_args(shards: Path, run_dir: Path, engine: str) -> list[str]:
     # The shared reference runs' settings (digits_run_args: 3 megabatches of 2 epochs), with
     # the decode-once cache off: every pass is read by reader processes (started from a fork
     # server), which the signals then reach as well; digits is small enough to be decoded in
-    # the training process otherwise. The cache changes no result (tests/test_perf_switches.py
-    # compares a cacheless 2-rank run with the same reference).
+    # the training process otherwise. The cache is exact: it hands the model the same decoded
+    # and augmented tensors, so metrics, masks and weights still equal the references' (which
+    # this test checks under both engines).
     return digits_run_args(shards, run_dir, "log.wandb.mode=disabled",
                            "perf.cache_decoded=false", *ENGINES[engine][1])
 
 
 @pytest.fixture
-def references(uninterrupted: Path, zero_runs) -> Callable[[str], Path]:
-    """engine -> the run directory of the shared uninterrupted 2-rank run (DDP under torchrun;
-    DeepSpeed ZeRO-2, launched through the wrapper) that every resumed run must equal."""
-    return lambda engine: uninterrupted if engine == "ddp" else zero_runs(2)
+def references(request: pytest.FixtureRequest) -> Callable[[str], Path]:
+    """engine -> the run directory of the shared uninterrupted 2-rank run (DDP under torchrun:
+    `uninterrupted`; DeepSpeed ZeRO-2 through the wrapper: `zero_runs(2)`), made on first use,
+    that every resumed run must equal."""
+    def reference(engine: str) -> Path:
+        if engine == "ddp":
+            return request.getfixturevalue("uninterrupted")
+        return request.getfixturevalue("zero_runs")(2)
+
+    return reference
 
 
 def ranks_of(launcher_pid: int) -> list[psutil.Process]:
@@ -101,7 +108,7 @@ def final_state(run_dir: Path, engine: str) -> tuple[dict, dict]:
         weights = torch.load(folder / CheckpointFiles.ENGINE, weights_only=True)["model"]
     else:
         files = sorted((folder / CheckpointFiles.DEEPSPEED).rglob("*model_states.pt"))
-        # The project's own files, just written by this test's run.
+        # The project's own files, written by this suite's runs.
         weights = torch.load(files[0], weights_only=False)["module"]
     return masks, weights
 

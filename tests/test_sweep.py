@@ -302,7 +302,7 @@ def test_cluster_file_is_a_valid_ray_launcher_config_that_ships_and_installs_the
                for c in cluster["worker_start_ray_commands"])
 
 
-# --- real sweeps on a local Ray cluster --------------------------------------------------
+# --- real sweeps on a Ray cluster of two nodes ---------------------------------------------
 
 
 class Experiment:

@@ -99,14 +99,14 @@ class RunLayout:
         return self.root / "run.lock"
 
     @property
-    def export_summary(self) -> Path:
-        """The last channel or N:M export's sizes and measured speed (`app-dist export`)."""
-        return self.root / "export-summary.json"
-
-    @property
     def lock_takeover(self) -> Path:
         """Created while one launch takes over a stale lock (one launch at a time)."""
         return self.root / "run.lock.takeover"
+
+    @property
+    def export_summary(self) -> Path:
+        """The last channel or N:M export's sizes and measured speed (`app-dist export`)."""
+        return self.root / "export-summary.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -62,7 +62,7 @@ class ChannelGroup:
 @dataclass
 class ChannelPlan:
     """The channel groups of a model, the output size of each convolution (for FLOPs) and
-    what the density budget counts (BUDGETS)."""
+    what the density budget counts (structures.BUDGETS)."""
 
     groups: list[ChannelGroup]
     output_pixels: dict[str, int]  # conv weight name -> H * W of its output for the traced input
@@ -119,7 +119,7 @@ class ChannelPlan:
 def build_channel_plan(model: nn.Module, example_input: torch.Tensor,
                        budget: str = "weights") -> ChannelPlan:
     """Trace `model` (unchanged; a copy is traced) on `example_input` (1, C, H, W) and return
-    its channel groups, their densities counted in `budget` (BUDGETS). Raises
+    its channel groups, their densities counted in `budget` (structures.BUDGETS). Raises
     ChannelGroupingError naming a layer it cannot prune."""
     import torch_pruning as tp  # imported here: only channel runs need it
 

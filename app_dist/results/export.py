@@ -277,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"RUN_DIR/{CHANNEL_NAME} for a prune.structure=channel run)")
     parser.add_argument("--no-latency", action="store_true",
                         help="channel and N:M runs: skip measuring inference speed against "
-                             "the dense model (RUN_DIR/export-summary.json then holds sizes "
-                             "only)")
+                             f"the dense model ({RunLayout(Path('RUN_DIR')).export_summary} "
+                             "then holds sizes only)")
     parser.add_argument("--onnx", default=None,
                         help="prune.structure=channel runs: also write the smaller model "
                              "as ONNX to this file (needs the onnx package)")

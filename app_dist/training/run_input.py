@@ -20,6 +20,7 @@ from app_dist.foundations.errors import ConfigError, DataError
 
 
 def build_parser() -> ArgumentParser:
+    """`app_dist/train.py`'s command line; the launcher wrapper adds its launch flags."""
     parser = ArgumentParser(
         prog="app-dist train", description="Train APP / OSP / dense under the megabatch stream.",
         epilog="Overrides: key=value pairs, e.g. prune.method=osp train.epochs=2",

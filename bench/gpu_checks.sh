@@ -1,53 +1,125 @@
 #!/usr/bin/env bash
-# Every GPU check and GPU benchmark of the project in one run, results under $OUT (default
+# Every GPU check and GPU benchmark of the project, results under $OUT (default
 # /tmp/gpu-checks): for a GPU machine that is lent for minutes (docs/PERFORMANCE.md).
 #
-#   OUT=/tmp/gpu bash bench/gpu_checks.sh [SECONDS_FOR_THE_BENCHMARK]
+#   OUT=/tmp/gpu bash bench/gpu_checks.sh [STEP ...]
 #
-# Runs, each under its own time limit so that one slow step cannot take the others' time:
-#   1. nvidia-smi and the Python stack seen there            -> machine.txt
-#   2. the GPU tests (tests/test_gpu.py, tests/test_dali_loader.py -m gpu)  -> gpu-tests.log
-#   3. ResNet-50 at 224x224: in-memory (dense, masked, masked compiled) vs the trainer with
-#      its automatic speed settings (compile, channels_last, cudnn.benchmark on a GPU)
-#                                                             -> resnet50.log
-#   4. the 2:4 ViT export (prune.structure=2:4): each semi-structured Linear layer and the
-#      whole vit_cifar in fp16, dense vs torch.sparse semi-structured at batch 1024
-#                                                             -> n_m.log, n_m.json
+# Steps, each under its own time limit so that one slow step cannot take the others' time
+# (default: machine tests resnet50 n_m, and dali when DALI is importable):
+#   stash     copy what this call carried (.bundle/ parts, .devdata/) to $STASH, which
+#             outlives the call on a machine that stays warm: a bundle too large for one
+#             call travels over several (below)
+#   machine   nvidia-smi and the Python stack seen there                 -> machine.txt
+#   tests     tests/test_gpu.py and tests/test_dali_loader.py -m gpu     -> gpu-tests.log
+#   resnet50  ResNet-50 at 224x224: in-memory (dense, masked, masked compiled) vs the trainer
+#             with its automatic speed settings, and with perf.loader=dali when DALI is
+#             there (`BENCH_SECONDS`, default 330)                        -> resnet50.log
+#   n_m       the 2:4 ViT export: each semi-structured Linear layer and the whole vit_cifar
+#             in fp16, dense vs torch.sparse semi-structured at batch 1024 -> n_m.log, n_m.json
+#   dali      bench/dali_throughput.py: CPU readers, perf.gpu_decode and DALI feeding
+#             batches alone                                               -> dali.log, dali.json
+#
 # A machine without the project's pure-Python dependencies gets them from ./.whl when that
-# folder holds wheels (see the device notes in docs/PERFORMANCE.md); DALI's wheels are too
-# large to carry, so its GPU tests skip there with that reason.
+# folder holds wheels. DALI (260 MB of wheels) travels as a bundle split into parts
+# (bench/offline_bundle.py; docs/PERFORMANCE.md, "On a GPU"), kept in .bundle/ (git-ignored):
+# one call per part, back to back (a machine idle for 30 s is given back, its stash with it):
+#   carry [.bundle/<smallest part>, .devdata, .whl]:  bash bench/gpu_checks.sh stash n_m
+#   carry [.bundle/<next part>, .whl]:                bash bench/gpu_checks.sh stash machine
+#   carry [.bundle/<last part>, .whl]:  OURS=auto-dali bash bench/gpu_checks.sh stash tests resnet50
+# Once every part is stashed, the bundle is checked and extracted into python3's
+# site-packages before the first step that needs DALI. resnet50 runs `--ours $OURS` (default:
+# auto, and auto-dali when DALI is there).
 set -u
 OUT=${OUT:-/tmp/gpu-checks}
-BENCH_SECONDS=${1:-300}
+STASH=${STASH:-/tmp/gpu-stash}
+BENCH_SECONDS=${BENCH_SECONDS:-330}
 PYTHON=${PYTHON:-python3}  # the device image's python3 holds torch
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$STASH"
 cd "$(dirname "$0")/.."
+steps=("$@")
+for step in "${steps[@]}"; do
+    case $step in
+        stash|machine|tests|resnet50|n_m|dali) ;;
+        *) echo "error: unknown step '$step' (stash, machine, tests, resnet50, n_m, dali)" >&2
+           exit 2 ;;
+    esac
+done
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 export APP_DIST_BENCH_DIR=${APP_DIST_BENCH_DIR:-/tmp/app-dist-bench}
-if [ -d .devdata/imagenet-sample-restricted ]; then
-    export APP_DIST_IMAGENET_SAMPLE=$PWD/.devdata/imagenet-sample-restricted
-fi
+for sample in .devdata/imagenet-sample-restricted "$STASH/imagenet-sample-restricted"; do
+    if [ -d "$sample" ]; then
+        export APP_DIST_IMAGENET_SAMPLE=$(cd "$sample" && pwd)
+        break
+    fi
+done
 
-{
-    nvidia-smi
-    "$PYTHON" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, \
+has_dali() { "$PYTHON" -c "import nvidia.dali" 2>/dev/null; }
+
+dali_from_bundle() {  # DALI importable? Extracts the stashed bundle once it is complete.
+    has_dali && return 0
+    [ -e "$STASH/.extracted" ] && return 1  # extracted already, and still not importable
+    compgen -G "$STASH/bundle-*" >/dev/null || return 1
+    "$PYTHON" bench/offline_bundle.py unpack "$STASH" >> "$OUT/bundle.log" 2>&1 || return 1
+    touch "$STASH/.extracted"
+    has_dali || { "$PYTHON" -c "import nvidia.dali" >> "$OUT/bundle.log" 2>&1; return 1; }
+}
+
+step_stash() {
+    if compgen -G ".bundle/bundle-*" >/dev/null; then cp .bundle/bundle-* "$STASH/"; fi
+    if [ -d .devdata/imagenet-sample-restricted ]; then
+        cp -r .devdata/imagenet-sample-restricted "$STASH/"
+    fi
+    ls -l "$STASH" > "$OUT/stash.txt"
+}
+
+step_machine() {
+    dali_from_bundle
+    {
+        nvidia-smi
+        "$PYTHON" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, \
 torch.version.cuda, torch.cuda.get_device_name())"
-    nproc
-} > "$OUT/machine.txt" 2>&1
+        "$PYTHON" -c "import nvidia.dali as d; print('DALI', d.__version__)" 2>&1 | tail -1
+        nproc
+    } > "$OUT/machine.txt" 2>&1
+}
 
-timeout 200 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=10 \
-    tests/test_gpu.py tests/test_dali_loader.py -m gpu > "$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit $?" >> "$OUT/gpu-tests.log"
+step_tests() {
+    dali_from_bundle
+    timeout 200 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=10 \
+        tests/test_gpu.py tests/test_dali_loader.py -m gpu > "$OUT/gpu-tests.log" 2>&1
+    echo "gpu tests: exit $?" >> "$OUT/gpu-tests.log"
+}
 
-timeout "$BENCH_SECONDS" "$PYTHON" bench/gpu_resnet50.py --copies 80 --ours auto --compiled \
-    --no-write > "$OUT/resnet50.log" 2>&1
-echo "resnet50 bench: exit $?" >> "$OUT/resnet50.log"
+step_resnet50() {
+    local ours=${OURS:-auto}
+    if dali_from_bundle && [ -z "${OURS:-}" ]; then ours=auto,auto-dali; fi
+    timeout "$BENCH_SECONDS" "$PYTHON" bench/gpu_resnet50.py --copies 80 --ours "$ours" \
+        --compiled --no-write > "$OUT/resnet50.log" 2>&1
+    echo "resnet50 bench: exit $?" >> "$OUT/resnet50.log"
+}
 
-timeout 240 "$PYTHON" bench/n_m_inference.py --batch 1024 --rounds 5 --no-write \
-    --json "$OUT/n_m.json" > "$OUT/n_m.log" 2>&1
-echo "n:m bench: exit $?" >> "$OUT/n_m.log"
+step_n_m() {
+    timeout 240 "$PYTHON" bench/n_m_inference.py --batch 1024 --rounds 5 --no-write \
+        --json "$OUT/n_m.json" > "$OUT/n_m.log" 2>&1
+    echo "n:m bench: exit $?" >> "$OUT/n_m.log"
+}
+
+step_dali() {
+    if ! dali_from_bundle; then
+        echo "dali: DALI is not importable (bundle.log says why)" > "$OUT/dali.log"
+        return
+    fi
+    timeout 150 "$PYTHON" bench/dali_throughput.py --out "$OUT/dali.json" > "$OUT/dali.log" 2>&1
+    echo "dali bench: exit $?" >> "$OUT/dali.log"
+}
+
+if [ ${#steps[@]} -eq 0 ]; then
+    steps=(machine tests resnet50 n_m)
+    if dali_from_bundle; then steps+=(dali); fi
+fi
+for step in "${steps[@]}"; do "step_$step"; done

@@ -2,7 +2,8 @@
 compute limit, and the fraction of the GPU's measured matrix throughput that each reaches.
 
     python bench/gpu_resnet50.py [--copies 80] [--batch 256] [--steps 60] [--workers 12]
-                                 [--ours auto,cpu-decode,gpu-decode,dali,gpu-decode-compiled]
+                                 [--ours auto,auto-dali,cpu-decode,gpu-decode,dali,
+                                         gpu-decode-compiled]
                                  [--compiled] [--no-write]
 
 Data: the 203 full-size ImageNet JPEGs of the restricted sample, each linked `--copies`
@@ -16,7 +17,8 @@ In one run, on the same GPU, all with bf16 autocast and channels_last, SGD, batc
   RandomResizedCrop + flip, pinned memory), the loop most people write;
 - ours: `app_dist/train.py` on the shards (configs/imagenet.yaml with the DDP engine, APP
   with SNIP, 2 megabatches of 2 epochs): `auto`, the defaults (CPU decoding in reader
-  processes, compiled, as `perf.compile=auto` chooses on a GPU); then eagerly: with CPU
+  processes, compiled, as `perf.compile=auto` chooses on a GPU), `auto-dali` (the same
+  with `perf.loader=dali`); then eagerly: with CPU
   decoding in reader processes, with
   `perf.gpu_decode` (nvJPEG), with `perf.loader=dali` (DALI's nvJPEG / hardware JPEG
   decoder; bench/dali_throughput.py times the data paths alone), and with gpu_decode and
@@ -192,6 +194,7 @@ def ours(shards: Path, batch: int, workers: int, perf: list[str]) -> dict:
 
 
 OURS = {"auto": [],  # every switch at its default: auto compiles on a GPU (eager before)
+        "auto-dali": ["perf.loader=dali"],  # the defaults, DALI decoding: the target
         "cpu-decode": ["perf.gpu_decode=false", "perf.compile=false"],
         "gpu-decode": ["perf.gpu_decode=true", "perf.compile=false"],
         "dali": ["perf.loader=dali", "perf.compile=false"],

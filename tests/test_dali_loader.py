@@ -34,7 +34,8 @@ from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, DataError
 from tests.conftest import REPO, every_pass, gpu_imagenet_run_args, read_metrics, run_trainer
 
-pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda120 is not installed")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI (nvidia-dali-cuda120 or -cuda130) is not "
+                                         "installed")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_TAR = DATA / "cifar10-jpg.tar"

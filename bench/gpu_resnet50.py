@@ -189,8 +189,19 @@ def ours(shards: Path, batch: int, workers: int, perf: list[str]) -> dict:
                      "checkpoint.resume=false", *perf])
         records = metrics(Path(run_dir))
     return {"images_per_second": [r["train_images_per_second"] for r in records],
-            "seconds": [r["seconds"] for r in records],
-            "train_seconds": [r["train_seconds"] for r in records]}
+            "phases": [phase_shares(r) for r in records],
+            "seconds": [r["seconds"] for r in records]}
+
+
+PHASES = ("prune", "train", "validation", "test")
+
+
+def phase_shares(record: dict) -> str:
+    """A megabatch record's phases as shares of its wall time up to the checkpoint."""
+    wall = record["seconds"]
+    spent = {phase: record[f"{phase}_seconds"] for phase in PHASES}
+    spent["other"] = wall - sum(spent.values())
+    return ", ".join(f"{phase} {seconds / wall:.0%}" for phase, seconds in spent.items())
 
 
 OURS = {"auto": [],  # every switch at its default: auto compiles on a GPU (eager before)
@@ -233,11 +244,10 @@ def main() -> None:
     print(", ".join(f"{name} {rate:.0f} img/s" for name, rate in rates.items()), flush=True)
     for name in variants:
         run = ours(shards, args.batch, args.workers, OURS[name])
-        # The rest of a megabatch's wall time: pruning, validation, the test pass, checkpoint.
         print(f"ours {name}: per megabatch "
-              + ", ".join(f"{r:.0f} img/s, {s:.1f} s of which training {t / s:.0%}"
-                          for r, s, t in zip(run["images_per_second"], run["seconds"],
-                                             run["train_seconds"])), flush=True)
+              + "; ".join(f"{r:.0f} img/s, {s:.1f} s up to the checkpoint ({phases})"
+                          for r, s, phases in zip(run["images_per_second"], run["seconds"],
+                                                  run["phases"])), flush=True)
         rates[f"ours {name}"] = run["images_per_second"][-1]  # megabatch 2: warm
 
     def fraction(rate: float) -> float:

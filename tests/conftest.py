@@ -22,6 +22,7 @@ import webdataset as wds
 from app_dist.data.source import LocalShards
 from app_dist.foundations.files import file_sha256
 from app_dist.foundations.run_layout import RunLayout
+from app_dist.training.record import WALL_CLOCK_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,7 +177,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock fields, which legitimately differ between runs."""
     records = [json.loads(line) for line in RunLayout(run_dir).metrics.read_text().splitlines()]
     for record in records:
-        for wall_clock in ("seconds", "train_seconds", "train_images_per_second"):
+        for wall_clock in WALL_CLOCK_KEYS:
             record.pop(wall_clock)
     return records
 

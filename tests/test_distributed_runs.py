@@ -97,6 +97,20 @@ def test_training_throughput_counts_every_ranks_images_once(uninterrupted):
 
 
 @pytest.mark.distributed
+def test_each_record_times_its_phases_inside_the_megabatch_wall_time(uninterrupted):
+    """prune, train, validation and test seconds are disjoint parts of `seconds` (the
+    megabatch up to its checkpoint), each measured."""
+    import json
+
+    for line in (uninterrupted / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        phases = [record[f"{phase}_seconds"] for phase in
+                  ("prune", "train", "validation", "test")]
+        assert all(seconds > 0 for seconds in phases), record
+        assert sum(phases) <= record["seconds"], record
+
+
+@pytest.mark.distributed
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(digits_shards, uninterrupted,
                                                                tmp_path):
     run_dir = tmp_path / "killed"

@@ -61,19 +61,27 @@ class MegabatchLoop:
             await_megabatch(megabatch, self.stream, self.config.data, self.platform,
                             self.preemption)
             started = time.perf_counter()
+            resumed_seconds = 0.0  # spent on this megabatch before a pre-emption
             if progress is None or progress.megabatch != megabatch:
                 self.events.fire("megabatch_start", megabatch=megabatch)
                 pruned = self._prune(megabatch)
                 self.events.fire("after_prune", megabatch=megabatch, masks=self.engine.masks,
                                  pruned=pruned)
                 self.engine.start_megabatch()
-                progress = MegabatchProgress(megabatch)
-            resumed_seconds = progress.train_seconds
+                if self.platform.device.type == "cuda":  # pruning's kernels count as pruning
+                    torch.cuda.synchronize(self.platform.device)
+                progress = MegabatchProgress(megabatch,
+                                             prune_seconds=time.perf_counter() - started)
+            else:
+                resumed_seconds = progress.seconds_so_far()
             record = self._train_megabatch(progress, state)
             progress = None
+            test_started = time.perf_counter()
             test = self.evaluate(self.stream.test_selection(), TEST)
+            finished = time.perf_counter()
             add_test_results(record, test, state.history,
-                             seconds=time.perf_counter() - started + resumed_seconds)
+                             seconds=finished - started + resumed_seconds,
+                             test_seconds=finished - test_started)
             state.history.append(record)
             state.completed = megabatch
             folder = self._checkpoint(state)
@@ -119,7 +127,9 @@ class MegabatchLoop:
             progress.images_seen += train.count
             engine.end_epoch()
             self.events.fire("epoch_end", megabatch=megabatch, epoch=progress.epoch)
+            val_started = time.perf_counter()
             val = self.evaluate(val_selection, VALIDATION)
+            progress.validation_seconds += time.perf_counter() - val_started
             progress.skipped += train.skipped + val.skipped
             if progress.best is None or (val.accuracy
                                          > progress.best["val_accuracy"] + self._min_gain()):

@@ -10,6 +10,11 @@ from app_dist.training.evaluation import Evaluation
 from app_dist.training.metrics import cumulative_error
 from app_dist.training.state import MegabatchProgress
 
+# The fields that measure time. They legitimately differ between two runs of one config, so a
+# comparison of runs (a resumed one against an uninterrupted one) leaves them out.
+WALL_CLOCK_KEYS = ("seconds", "train_seconds", "train_images_per_second", "prune_seconds",
+                   "validation_seconds", "test_seconds")
+
 
 def training_record(progress: MegabatchProgress, best: dict[str, Any], masks: MaskSet,
                     total_parameters: int, target_density: float, train_samples: int,
@@ -42,6 +47,8 @@ def training_record(progress: MegabatchProgress, best: dict[str, Any], masks: Ma
         "train_images": progress.images_seen,
         "train_seconds": progress.train_seconds,
         "train_images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
+        "prune_seconds": progress.prune_seconds,
+        "validation_seconds": progress.validation_seconds,
         # Bad samples skipped (data.bad_samples=skip), counted once per pass that met
         # them: training epochs, validations and the test pass.
         "skipped_samples": progress.skipped,
@@ -49,13 +56,14 @@ def training_record(progress: MegabatchProgress, best: dict[str, Any], masks: Ma
 
 
 def add_test_results(record: dict[str, Any], test: Evaluation,
-                     history: list[dict[str, Any]], seconds: float) -> None:
-    """Complete `record` with its test pass, the CER over this and the earlier megabatches
-    (`history`), and the megabatch's wall time in seconds (including time before a
-    pre-emption)."""
+                     history: list[dict[str, Any]], seconds: float, test_seconds: float
+                     ) -> None:
+    """Complete `record` with its test pass (and its wall seconds), the CER over this and the
+    earlier megabatches (`history`), and the megabatch's wall time in seconds up to its
+    checkpoint (including time before a pre-emption)."""
     record["skipped_samples"] += test.skipped
     errors = [r["test_errors"] for r in history] + [test.count - test.correct]
     cer_count, cer = cumulative_error(errors, test.count)
     record.update(test_accuracy=test.accuracy, test_loss=test.loss,
                   test_errors=test.count - test.correct, cer_count=cer_count, cer=cer,
-                  seconds=seconds)
+                  test_seconds=test_seconds, seconds=seconds)

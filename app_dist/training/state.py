@@ -43,12 +43,22 @@ class MegabatchProgress:
     # This rank's running sums of the current epoch: loss sum, correct, count.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     skipped: int = 0  # bad samples skipped by this megabatch's finished passes, all ranks
+    # Wall seconds of its pruning step and finished validation passes: with train_seconds,
+    # what the megabatch spent before a pre-emption, so that its record covers all of it.
+    prune_seconds: float = 0.0
+    validation_seconds: float = 0.0
 
     def shared_state(self) -> dict[str, Any]:
         """The part that is the same on every rank (saved once, by rank 0)."""
         return {"megabatch": self.megabatch, "epoch": self.epoch, "steps_done": self.steps_done,
                 "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "best": self.best, "skipped": self.skipped}
+                "best": self.best, "skipped": self.skipped,
+                "prune_seconds": self.prune_seconds,
+                "validation_seconds": self.validation_seconds}
+
+    def seconds_so_far(self) -> float:
+        """The wall seconds already spent on this megabatch in its timed phases."""
+        return self.prune_seconds + self.train_seconds + self.validation_seconds
 
 
 def rank_local_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:

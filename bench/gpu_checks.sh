@@ -22,10 +22,16 @@
 # A machine without the project's pure-Python dependencies gets them from ./.whl when that
 # folder holds wheels. DALI (260 MB of wheels) travels as a bundle split into parts
 # (bench/offline_bundle.py; docs/PERFORMANCE.md, "On a GPU"), kept in .bundle/ (git-ignored):
-# one call per part, back to back (a machine idle for 30 s is given back, its stash with it):
-#   carry [.bundle/<smallest part>, .devdata, .whl]:  bash bench/gpu_checks.sh stash n_m
-#   carry [.bundle/<next part>, .whl]:                bash bench/gpu_checks.sh stash machine
-#   carry [.bundle/<last part>, .whl]:  OURS=auto-dali bash bench/gpu_checks.sh stash tests resnet50
+# one call per part, back to back (a machine idle for 30 s is given back, its stash with it),
+# the photos with the smallest part; about 13 minutes of device time in all, the issue's
+# figure (the trainer with DALI against the compiled in-memory limit) before the tests:
+#   carry [.bundle/<part 1>, .whl]:  bash bench/gpu_checks.sh stash machine
+#   carry [.bundle/<part 2>, .whl]:  bash bench/gpu_checks.sh stash n_m
+#   carry [.bundle/<part 3>, .devdata, .whl]:
+#                                    OURS=auto-dali BENCH_SECONDS=450 bash bench/gpu_checks.sh stash resnet50
+#   carry [.whl]:                    bash bench/gpu_checks.sh tests
+# and with time left, Restricted ImageNet's phase shares:
+#   carry [.whl]:                    OURS=restricted,restricted-dali bash bench/gpu_checks.sh resnet50
 # Once every part is stashed, the bundle is checked and extracted into python3's
 # site-packages before the first step that needs DALI. resnet50 runs `--ours $OURS` (default:
 # auto, and auto-dali when DALI is there).

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU check and GPU benchmark of the project, results under $OUT (default
-# /tmp/gpu-checks): for a GPU machine that is lent for minutes (docs/PERFORMANCE.md).
+# Every GPU check and GPU benchmark of the project, as named steps, results under $OUT
+# (default /tmp/gpu-checks): for a GPU machine that is lent for minutes (docs/PERFORMANCE.md,
+# "On a GPU").
 #
 #   OUT=/tmp/gpu bash bench/gpu_checks.sh [STEP ...]
 #
 # Steps, each under its own time limit so that one slow step cannot take the others' time
-# (default: machine tests resnet50 n_m, and dali when DALI is importable):
+# (default: machine tests resnet50 n_m, and dali when DALI is importable: up to 15 minutes
+# one after another, more than one call to a lent machine may run, so name the steps there):
 #   stash     copy what this call carried (.bundle/ parts, .devdata/) to $STASH, which
 #             outlives the call on a machine that stays warm: a bundle too large for one
 #             call travels over several (below)
 #   machine   nvidia-smi and the Python stack seen there                 -> machine.txt
 #   tests     tests/test_gpu.py and tests/test_dali_loader.py -m gpu     -> gpu-tests.log
-#   resnet50  ResNet-50 at 224x224: in-memory (dense, masked, masked compiled) vs the trainer
-#             with its automatic speed settings, and with perf.loader=dali when DALI is
-#             there (`BENCH_SECONDS`, default 330)                        -> resnet50.log
+#   resnet50  bench/gpu_resnet50.py --ours $OURS (default auto, and auto-dali when DALI is
+#             there): ResNet-50 at 224x224 in memory (dense, masked, masked compiled) vs the
+#             trainer, each megabatch's phase shares; the restricted variants run Restricted
+#             ImageNet's config (32x32) (`BENCH_SECONDS`, default 330)  -> resnet50.log
 #   n_m       the 2:4 ViT export: each semi-structured Linear layer and the whole vit_cifar
 #             in fp16, dense vs torch.sparse semi-structured at batch 1024 -> n_m.log, n_m.json
 #   dali      bench/dali_throughput.py: CPU readers, perf.gpu_decode and DALI feeding
@@ -21,26 +24,28 @@
 #
 # A machine without the project's pure-Python dependencies gets them from ./.whl when that
 # folder holds wheels. DALI (260 MB of wheels) travels as a bundle split into parts
-# (bench/offline_bundle.py; docs/PERFORMANCE.md, "On a GPU"), kept in .bundle/ (git-ignored):
-# one call per part, back to back (a machine idle for 30 s is given back, its stash with it),
-# the photos with the smallest part; about 13 minutes of device time in all, the issue's
-# figure (the trainer with DALI against the compiled in-memory limit) before the tests:
+# (bench/offline_bundle.py), kept in .bundle/ (git-ignored): one call per part, back to back
+# (a machine idle for 30 s is given back, its stash with it). A call carries at most 64 MiB
+# with the working tree (2.3 MiB) and .whl (0.3 MiB): the photos (.devdata, 21 MiB) go with
+# the smallest part. About 13 minutes of device time in all, the figure that matters most
+# (the trainer with DALI decoding against the compiled in-memory limit) before the tests:
 #   carry [.bundle/<part 1>, .whl]:  bash bench/gpu_checks.sh stash machine
 #   carry [.bundle/<part 2>, .whl]:  bash bench/gpu_checks.sh stash n_m
 #   carry [.bundle/<part 3>, .devdata, .whl]:
-#                                    OURS=auto-dali BENCH_SECONDS=450 bash bench/gpu_checks.sh stash resnet50
+#       OURS=auto-dali BENCH_SECONDS=450 bash bench/gpu_checks.sh stash resnet50
 #   carry [.whl]:                    bash bench/gpu_checks.sh tests
 # and with time left, Restricted ImageNet's phase shares:
-#   carry [.whl]:                    OURS=restricted,restricted-dali bash bench/gpu_checks.sh resnet50
-# Once every part is stashed, the bundle is checked and extracted into python3's
-# site-packages before the first step that needs DALI. resnet50 runs `--ours $OURS` (default:
-# auto, and auto-dali when DALI is there).
+#   carry [.whl]:
+#       OURS=restricted,restricted-dali bash bench/gpu_checks.sh resnet50
+# Each call prints what its stash holds. Once every part is there, the first step that needs
+# DALI checks the bundle and extracts it beside $PYTHON's torch.
 set -u
 OUT=${OUT:-/tmp/gpu-checks}
 STASH=${STASH:-/tmp/gpu-stash}
 BENCH_SECONDS=${BENCH_SECONDS:-330}
 PYTHON=${PYTHON:-python3}  # the device image's python3 holds torch
 mkdir -p "$OUT" "$STASH"
+OUT=$(cd "$OUT" && pwd) STASH=$(cd "$STASH" && pwd)
 cd "$(dirname "$0")/.."
 steps=("$@")
 for step in "${steps[@]}"; do
@@ -66,13 +71,29 @@ done
 
 has_dali() { "$PYTHON" -c "import nvidia.dali" 2>/dev/null; }
 
+bundle_sha() {  # the hash in the stashed parts' names (one bundle per stash)
+    local part
+    part=$(compgen -G "$STASH/bundle-*" | head -1)
+    [ -n "$part" ] || return 1
+    part=${part##*/bundle-}
+    echo "${part%%.*}"
+}
+
 dali_from_bundle() {  # DALI importable? Extracts the stashed bundle once it is complete.
     has_dali && return 0
-    [ -e "$STASH/.extracted" ] && return 1  # extracted already, and still not importable
-    compgen -G "$STASH/bundle-*" >/dev/null || return 1
-    "$PYTHON" bench/offline_bundle.py unpack "$STASH" >> "$OUT/bundle.log" 2>&1 || return 1
-    touch "$STASH/.extracted"
-    has_dali || { "$PYTHON" -c "import nvidia.dali" >> "$OUT/bundle.log" 2>&1; return 1; }
+    local sha site
+    sha=$(bundle_sha) || return 1
+    [ -e "$STASH/.extracted-$sha" ] && return 1  # extracted already, still not importable
+    # Beside torch, in the folder of the image's own `nvidia` package (its CUDA libraries).
+    site=$("$PYTHON" -c "import pathlib, torch; print(pathlib.Path(torch.__file__).parents[1])") \
+        || { echo "DALI: $PYTHON has no torch to put DALI beside"; return 1; }
+    "$PYTHON" bench/offline_bundle.py unpack --target "$site" "$STASH" >> "$OUT/bundle.log" 2>&1 \
+        || return 1
+    touch "$STASH/.extracted-$sha"
+    if has_dali; then echo "DALI extracted from bundle $sha into $site"; return 0; fi
+    "$PYTHON" -c "import nvidia.dali" >> "$OUT/bundle.log" 2>&1
+    echo "DALI extracted from bundle $sha but not importable (bundle.log says why)"
+    return 1
 }
 
 step_stash() {
@@ -81,6 +102,10 @@ step_stash() {
         cp -r .devdata/imagenet-sample-restricted "$STASH/"
     fi
     ls -l "$STASH" > "$OUT/stash.txt"
+    local parts
+    parts=$(cd "$STASH" && compgen -G "bundle-*" | sed 's/.*\.tar\.xz\.//' | tr '\n' ' ')
+    echo "stash: bundle $(bundle_sha || echo none), parts ${parts:-none}; photos:" \
+        "$([ -d "$STASH/imagenet-sample-restricted" ] && echo yes || echo no)"
 }
 
 step_machine() {
@@ -95,7 +120,7 @@ torch.version.cuda, torch.cuda.get_device_name())"
 }
 
 step_tests() {
-    dali_from_bundle
+    if dali_from_bundle; then echo "tests: with DALI"; else echo "tests: DALI's skip"; fi
     timeout 200 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=10 \
         tests/test_gpu.py tests/test_dali_loader.py -m gpu > "$OUT/gpu-tests.log" 2>&1
     echo "gpu tests: exit $?" >> "$OUT/gpu-tests.log"
@@ -103,7 +128,13 @@ step_tests() {
 
 step_resnet50() {
     local ours=${OURS:-auto}
-    if dali_from_bundle && [ -z "${OURS:-}" ]; then ours=auto,auto-dali; fi
+    if dali_from_bundle; then
+        [ -z "${OURS:-}" ] && ours=auto,auto-dali
+    elif [[ $ours == *dali* ]]; then  # minutes of device time for a run that cannot start
+        ours=$(tr ',' '\n' <<< "$ours" | grep -v dali | paste -sd, -)
+        echo "resnet50: DALI is not importable: its variants left out (ours: ${ours:-none})"
+        [ -z "$ours" ] && return
+    fi
     timeout "$BENCH_SECONDS" "$PYTHON" bench/gpu_resnet50.py --copies 80 --ours "$ours" \
         --compiled --no-write > "$OUT/resnet50.log" 2>&1
     echo "resnet50 bench: exit $?" >> "$OUT/resnet50.log"

@@ -180,7 +180,8 @@ def bare_loop(folder: Path, batch: int, steps: int, workers: int) -> float:
 
 
 def ours(shards: Path, batch: int, workers: int, config: str, perf: list[str]) -> dict:
-    """Our trainer, 2 megabatches x 2 epochs; img/s of each megabatch's training epochs."""
+    """Our trainer, 2 megabatches x 2 epochs: each megabatch's training img/s, its wall time
+    up to the checkpoint and that time's phase shares."""
     # ImageNet's config at the benchmark's batch; Restricted ImageNet's at its own (64).
     sizes = ([f"train.batch_size={batch}", f"data.eval_batch_size={batch}"]
              if config == IMAGENET else [])

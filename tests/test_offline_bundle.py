@@ -41,15 +41,18 @@ def test_a_bundle_carried_in_parts_unpacks_to_the_tree_pip_would_lay_out(tmp_pat
                   "alpha/_ext.cpython-312-x86_64-linux-gnu.so": b"for 3.12",
                   "alpha/_ext.cpython-311-x86_64-linux-gnu.so": b"for 3.11",
                   "alpha/_ext.cpython-313t-x86_64-linux-gnu.so": b"for 3.13t",
+                  "alpha-1.0.data/platlib/alpha_tool.py": b"TOOL = 1\n",
+                  "alpha-1.0.data/scripts/alpha-index": b"#!python\n",
                   "alpha-1.0.dist-info/METADATA": b"Name: alpha\n"}),
               wheel(tmp_path, "beta", {"nvidia/__init__.py": b"",
                                        "nvidia/beta/lib/libbeta.so": library})]
     site = tmp_path / "site"
     site_tree(wheels, "3.12", site)
     expected = files_under(site)
-    # Only the target Python's extension; no nvidia/__init__.py to shadow the target's own.
+    # As pip installs them: NAME.data/platlib at the top, no scripts; only the target
+    # Python's extension; no nvidia/__init__.py to replace the target's own.
     assert sorted(expected) == ["alpha-1.0.dist-info/METADATA", "alpha/__init__.py",
-                                "alpha/_ext.cpython-312-x86_64-linux-gnu.so",
+                                "alpha/_ext.cpython-312-x86_64-linux-gnu.so", "alpha_tool.py",
                                 "nvidia/beta/lib/libbeta.so"]
 
     parts = write_parts(site, PART_BYTES, tmp_path / "parts")
@@ -76,7 +79,29 @@ def test_a_bundle_carried_in_parts_unpacks_to_the_tree_pip_would_lay_out(tmp_pat
     assert result.returncode == 1
     assert "parts join to another sha256: a part is damaged" in result.stderr
 
+    # The target already has an `nvidia` package (torch's CUDA libraries) and another
+    # version of alpha: the first stays whole, the second is replaced, and that is said.
+    target = tmp_path / "target"
+    (target / "nvidia" / "cudnn").mkdir(parents=True)
+    (target / "nvidia" / "__init__.py").write_bytes(b"")
+    (target / "nvidia" / "cudnn" / "libcudnn.so").write_bytes(b"cudnn")
+    (target / "alpha").mkdir()
+    (target / "alpha" / "__init__.py").write_bytes(b"VERSION = 0  # older\n")
     shutil.copy(parts[1], stash)
-    result = unpack("--target", tmp_path / "target", carried, stash)
+    result = unpack("--target", target, carried, stash)
     assert result.returncode == 0, result.stderr
-    assert files_under(tmp_path / "target") == expected
+    assert result.stdout.strip() == (f"bundle {sha} extracted into {target}; it replaced 1 "
+                                     "file(s) of other sizes there, e.g. alpha/__init__.py")
+    assert files_under(target) == {**expected, "nvidia/__init__.py": b"",
+                                   "nvidia/cudnn/libcudnn.so": b"cudnn"}
+
+    # Packing again into the same folder leaves one bundle there, never two.
+    (site / "alpha" / "__init__.py").write_bytes(b"VERSION = 2\n")
+    again = write_parts(site, PART_BYTES, tmp_path / "parts")
+    assert sorted((tmp_path / "parts").iterdir()) == sorted(again) and again != parts
+    for part in again:  # the stash still holds the first bundle's parts
+        shutil.copy(part, stash)
+    result = unpack("--target", tmp_path / "elsewhere", stash)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: expected the parts of one bundle in {stash}; "
+                                    "found 2")

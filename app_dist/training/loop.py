@@ -121,9 +121,7 @@ class MegabatchLoop:
         megabatch = progress.megabatch
         val_selection = self.stream.val_selection(megabatch)
         while progress.epoch < self.config.train.epochs:
-            epoch_started = time.perf_counter()
             train = self._train_epoch(progress, state)
-            progress.train_seconds += time.perf_counter() - epoch_started
             progress.images_seen += train.count
             engine.end_epoch()
             self.events.fire("epoch_end", megabatch=megabatch, epoch=progress.epoch)
@@ -174,6 +172,7 @@ class MegabatchLoop:
         """One epoch (or its remainder after a pre-emption); sums agreed over ranks."""
         megabatch, epoch = progress.megabatch, progress.epoch
         events = self.events
+        started = time.perf_counter()
         self.engine.module.train()
         events.fire("epoch_start", megabatch=megabatch, epoch=epoch)
         batches = self.reader.train_epoch(megabatch, epoch)
@@ -194,6 +193,7 @@ class MegabatchLoop:
             events.fire("batch_end", phase=TRAIN, step=progress.steps_done)
             if self.preemption.agreed(self.platform, progress.steps_done):
                 progress.epoch_sums = [float(sums[0]), float(sums[1]), float(count)]
+                progress.train_seconds += time.perf_counter() - started  # the steps done
                 self._checkpoint(state, progress)
                 raise Preempted(f"pre-empted in megabatch {megabatch}, epoch {epoch + 1}, "
                                 f"after step {progress.steps_done}; checkpoint written")
@@ -201,6 +201,7 @@ class MegabatchLoop:
         totals = self.platform.all_reduce_sum(torch.cat([
             sums.double().cpu(), torch.tensor([float(count), skipped], dtype=torch.float64)]))
         total = int(totals[2])
+        progress.train_seconds += time.perf_counter() - started
         return Evaluation(correct=int(totals[1]), count=total, loss=float(totals[0]) / total,
                           skipped=int(totals[3]))
 

@@ -43,13 +43,15 @@ class MegabatchProgress:
     # This rank's running sums of the current epoch: loss sum, correct, count.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     skipped: int = 0  # bad samples skipped by this megabatch's finished passes, all ranks
-    # Wall seconds of its pruning step and finished validation passes: with train_seconds,
-    # what the megabatch spent before a pre-emption, so that its record covers all of it.
+    # Wall seconds of its pruning step and finished validation passes: with train_seconds
+    # (training steps, a pre-empted epoch's included), what the megabatch spent before a
+    # pre-emption, so that its record covers all of it.
     prune_seconds: float = 0.0
     validation_seconds: float = 0.0
 
     def shared_state(self) -> dict[str, Any]:
-        """The part that is the same on every rank (saved once, by rank 0)."""
+        """The part that is the same on every rank (saved once, by rank 0; the timings are
+        rank 0's)."""
         return {"megabatch": self.megabatch, "epoch": self.epoch, "steps_done": self.steps_done,
                 "images_seen": self.images_seen, "train_seconds": self.train_seconds,
                 "best": self.best, "skipped": self.skipped,

@@ -103,7 +103,7 @@ step_stash() {
     fi
     ls -l "$STASH" > "$OUT/stash.txt"
     local parts
-    parts=$(cd "$STASH" && compgen -G "bundle-*" | sed 's/.*\.tar\.xz\.//' | tr '\n' ' ')
+    parts=$(cd "$STASH" && compgen -G "bundle-*" | sed 's/.*\.tar\.xz\.//' | sort -n | tr '\n' ' ')
     echo "stash: bundle $(bundle_sha || echo none), parts ${parts:-none}; photos:" \
         "$([ -d "$STASH/imagenet-sample-restricted" ] && echo yes || echo no)"
 }

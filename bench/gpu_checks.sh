@@ -6,8 +6,9 @@
 #   OUT=/tmp/gpu bash bench/gpu_checks.sh [STEP ...]
 #
 # Steps, each under its own time limit so that one slow step cannot take the others' time
-# (default: machine tests resnet50 n_m, and dali when DALI is importable: up to 15 minutes
-# one after another, more than one call to a lent machine may run, so name the steps there):
+# (default: machine tests resnet50 n_m structured, and dali when DALI is importable: up to
+# 17 minutes one after another, more than one call to a lent machine may run, so name the
+# steps there):
 #   stash     copy what this call carried (.bundle/ parts, .devdata/) to $STASH, which
 #             outlives the call on a machine that stays warm: a bundle too large for one
 #             call travels over several (below)
@@ -19,6 +20,8 @@
 #             ImageNet's config (32x32) (`BENCH_SECONDS`, default 330)  -> resnet50.log
 #   n_m       the 2:4 ViT export: each semi-structured Linear layer and the whole vit_cifar
 #             in fp16, dense vs torch.sparse semi-structured at batch 1024 -> n_m.log, n_m.json
+#   structured  ResNet-20 dense vs its unstructured and channel exports, fp32, batch 1 and
+#             256 (bench/structured_inference.py --device cuda)          -> structured.log
 #   dali      bench/dali_throughput.py: CPU readers, perf.gpu_decode and DALI feeding
 #             batches alone                                               -> dali.log, dali.json
 #
@@ -30,7 +33,7 @@
 # the smallest part. About 13 minutes of device time in all, the figure that matters most
 # (the trainer with DALI decoding against the compiled in-memory limit) before the tests:
 #   carry [.bundle/<part 1>, .whl]:  bash bench/gpu_checks.sh stash machine
-#   carry [.bundle/<part 2>, .whl]:  bash bench/gpu_checks.sh stash n_m
+#   carry [.bundle/<part 2>, .whl]:  bash bench/gpu_checks.sh stash n_m structured
 #   carry [.bundle/<part 3>, .devdata, .whl]:
 #       OURS=auto-dali BENCH_SECONDS=450 bash bench/gpu_checks.sh stash resnet50
 #   carry [.whl]:                    bash bench/gpu_checks.sh tests
@@ -50,8 +53,9 @@ cd "$(dirname "$0")/.."
 steps=("$@")
 for step in "${steps[@]}"; do
     case $step in
-        stash|machine|tests|resnet50|n_m|dali) ;;
-        *) echo "error: unknown step '$step' (stash, machine, tests, resnet50, n_m, dali)" >&2
+        stash|machine|tests|resnet50|n_m|structured|dali) ;;
+        *) echo "error: unknown step '$step' (stash, machine, tests, resnet50, n_m," \
+                "structured, dali)" >&2
            exit 2 ;;
     esac
 done
@@ -146,6 +150,12 @@ step_n_m() {
     echo "n:m bench: exit $?" >> "$OUT/n_m.log"
 }
 
+step_structured() {
+    timeout 120 "$PYTHON" bench/structured_inference.py --device cuda --no-write \
+        > "$OUT/structured.log" 2>&1
+    echo "structured bench: exit $?" >> "$OUT/structured.log"
+}
+
 step_dali() {
     if ! dali_from_bundle; then
         echo "dali: DALI is not importable (bundle.log says why)" > "$OUT/dali.log"
@@ -156,7 +166,7 @@ step_dali() {
 }
 
 if [ ${#steps[@]} -eq 0 ]; then
-    steps=(machine tests resnet50 n_m)
+    steps=(machine tests resnet50 n_m structured)
     if dali_from_bundle; then steps+=(dali); fi
 fi
 for step in "${steps[@]}"; do "step_$step"; done

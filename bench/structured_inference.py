@@ -1,9 +1,10 @@
 """Inference speed of what the two structures export: dense ResNet-20 vs its unstructured APP
 export (density 0.366: zeros in dense tensors) vs a channel-pruned ResNet-20 at about 1/3 of
-the dense FLOPs (fewer channels), on this CPU, side by side in one process.
+the dense FLOPs (fewer channels), on this CPU (or `--device cuda`: a GPU, fp32), side by
+side in one process.
 
     python bench/structured_inference.py [--flops 0.333] [--rounds 5] [--threads N] [--no-write]
-        [--run RUN_DIR]   # also a trained channel run's export (RUN_DIR/model-channel.pt)
+        [--device cpu|cuda] [--run RUN_DIR]  # RUN_DIR: also a trained channel run's export
 
 Speed does not depend on the weights' values, only on the shapes (channel) or on nothing
 (unstructured), so the models are pruned once at initialisation: unstructured by magnitude,
@@ -94,12 +95,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the models run (cuda: timed with synchronisation)")
     parser.add_argument("--run", type=Path, default=None,
                         help="a finished prune.structure=channel run exported with app-dist "
                              "export: its model-channel.pt is timed as 'trained'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: no CUDA GPU is visible")
 
     with tempfile.TemporaryDirectory() as folder:
         small, density, fraction = channel_export(Path(folder), args.flops)
@@ -116,7 +121,9 @@ def main() -> None:
     # Every model twice: as exported, and folded + channels-last (what a deployment does to
     # dense and pruned models alike), all taking turns in the same rounds.
     models.update({f"{name} folded": deployed(model) for name, model in list(models.items())})
-    timings = compare_inference(models, (3, 32, 32), batches=(1, 256), rounds=args.rounds)
+    models = {name: model.to(args.device) for name, model in models.items()}
+    timings = compare_inference(models, (3, 32, 32), batches=(1, 256), rounds=args.rounds,
+                                device=args.device)
     parts = []
     for batch, ms in timings.items():
         speed = {name: batch / (value / 1e3) for name, value in ms.items()}
@@ -127,13 +134,16 @@ def main() -> None:
                 for name in ("unstructured", "channel", "trained") if name + form in speed)
             parts.append(f"batch {batch}{form or ' as exported'}: dense {dense:.0f} img/s, "
                          f"{others}")
-    result = (f"resnet20s, {torch.get_num_threads()} threads; unstructured export at density "
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    result = (f"resnet20s, {where}; unstructured export at density "
               f"{args.density:.3f}; channel at density {density:.3f} = {fraction:.3f} of the "
               f"conv FLOPs, {parameters['channel']:,} of {parameters['dense']:,} parameters"
               + trained + "; " + "; ".join(parts))
     print(result)
     if not args.no_write:
-        append_row("inference: dense vs unstructured vs channel export (CPU)",
+        append_row("inference: dense vs unstructured vs channel export "
+                   f"({'GPU' if args.device == 'cuda' else 'CPU'})",
                    "bench/structured_inference.py", result)
 
 

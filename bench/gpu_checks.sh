@@ -100,6 +100,13 @@ dali_from_bundle() {  # DALI importable? Extracts the stashed bundle once it is 
     return 1
 }
 
+run_logged() {  # SECONDS LOG COMMAND...: COMMAND under a time limit, its output and exit in LOG
+    local seconds=$1 log=$OUT/$2
+    shift 2
+    timeout "$seconds" "$@" > "$log" 2>&1
+    echo "${log##*/}: exit $?" >> "$log"
+}
+
 step_stash() {
     if compgen -G ".bundle/bundle-*" >/dev/null; then cp .bundle/bundle-* "$STASH/"; fi
     if [ -d .devdata/imagenet-sample-restricted ]; then
@@ -125,9 +132,8 @@ torch.version.cuda, torch.cuda.get_device_name())"
 
 step_tests() {
     if dali_from_bundle; then echo "tests: with DALI"; else echo "tests: DALI's skip"; fi
-    timeout 200 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=10 \
-        tests/test_gpu.py tests/test_dali_loader.py -m gpu > "$OUT/gpu-tests.log" 2>&1
-    echo "gpu tests: exit $?" >> "$OUT/gpu-tests.log"
+    run_logged 200 gpu-tests.log "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=10 \
+        tests/test_gpu.py tests/test_dali_loader.py -m gpu
 }
 
 step_resnet50() {
@@ -139,21 +145,18 @@ step_resnet50() {
         echo "resnet50: DALI is not importable: its variants left out (ours: ${ours:-none})"
         [ -z "$ours" ] && return
     fi
-    timeout "$BENCH_SECONDS" "$PYTHON" bench/gpu_resnet50.py --copies 80 --ours "$ours" \
-        --compiled --no-write > "$OUT/resnet50.log" 2>&1
-    echo "resnet50 bench: exit $?" >> "$OUT/resnet50.log"
+    run_logged "$BENCH_SECONDS" resnet50.log "$PYTHON" bench/gpu_resnet50.py --copies 80 \
+        --ours "$ours" --compiled --no-write
 }
 
 step_n_m() {
-    timeout 240 "$PYTHON" bench/n_m_inference.py --batch 1024 --rounds 5 --no-write \
-        --json "$OUT/n_m.json" > "$OUT/n_m.log" 2>&1
-    echo "n:m bench: exit $?" >> "$OUT/n_m.log"
+    run_logged 240 n_m.log "$PYTHON" bench/n_m_inference.py --batch 1024 --rounds 5 \
+        --no-write --json "$OUT/n_m.json"
 }
 
 step_structured() {
-    timeout 120 "$PYTHON" bench/structured_inference.py --device cuda --no-write \
-        > "$OUT/structured.log" 2>&1
-    echo "structured bench: exit $?" >> "$OUT/structured.log"
+    run_logged 120 structured.log "$PYTHON" bench/structured_inference.py --device cuda \
+        --no-write
 }
 
 step_dali() {
@@ -161,8 +164,7 @@ step_dali() {
         echo "dali: DALI is not importable (bundle.log says why)" > "$OUT/dali.log"
         return
     fi
-    timeout 150 "$PYTHON" bench/dali_throughput.py --out "$OUT/dali.json" > "$OUT/dali.log" 2>&1
-    echo "dali bench: exit $?" >> "$OUT/dali.log"
+    run_logged 150 dali.log "$PYTHON" bench/dali_throughput.py --out "$OUT/dali.json"
 }
 
 if [ ${#steps[@]} -eq 0 ]; then

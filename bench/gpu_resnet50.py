@@ -199,13 +199,12 @@ def ours(shards: Path, batch: int, workers: int, config: str, perf: list[str]) -
             "seconds": [r["seconds"] for r in records]}
 
 
-PHASES = ("prune", "train", "validation", "test")
-
-
 def phase_shares(record: dict) -> str:
     """A megabatch record's phases as shares of its wall time up to the checkpoint."""
+    from app_dist.training.record import PHASE_KEYS
+
     wall = record["seconds"]
-    spent = {phase: record[f"{phase}_seconds"] for phase in PHASES}
+    spent = {key.removesuffix("_seconds"): record[key] for key in PHASE_KEYS}
     spent["other"] = wall - sum(spent.values())
     return ", ".join(f"{phase} {seconds / wall:.0%}" for phase, seconds in spent.items())
 

@@ -22,7 +22,7 @@ import webdataset as wds
 from app_dist.data.source import LocalShards
 from app_dist.foundations.files import file_sha256
 from app_dist.foundations.run_layout import RunLayout
-from app_dist.training.record import WALL_CLOCK_KEYS
+from app_dist.training.record import PHASE_KEYS, WALL_CLOCK_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,6 +180,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
         for wall_clock in WALL_CLOCK_KEYS:
             record.pop(wall_clock)
     return records
+
+
+def assert_phases_fit(record: dict) -> None:
+    """A megabatch record's phases were each measured and are disjoint parts of its wall time
+    (a resumed megabatch's included: its earlier phases travel in the pre-emption checkpoint)."""
+    phases = [record[key] for key in PHASE_KEYS]
+    assert all(seconds > 0 for seconds in phases), record
+    assert sum(phases) <= record["seconds"], record
 
 
 def rewound_copy(run_dir: Path, target: Path, megabatch: int) -> Path:

@@ -150,6 +150,14 @@ def _agree_on_round(store: dist.Store, rank: int, world_size: int,
                 break  # an earlier round's token: answer this round's rank 0
 
 
+def device_time(device: torch.device) -> float:
+    """time.perf_counter() once `device` has finished the work queued on it (CUDA kernels run
+    asynchronously; a CPU's are done when they return): the clock that times device work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def start_platform(device: str = "auto", timeout_s: int = 600) -> Platform:
     """Join the process group the launcher describes (nccl on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -9,10 +9,11 @@ bench/structured_inference.py.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from torch import nn
+
+from app_dist.foundations.distributed import device_time
 
 # The batch sizes measured: one image (latency) and a large batch (throughput).
 BATCHES = (1, 256)
@@ -20,15 +21,11 @@ BATCHES = (1, 256)
 
 @torch.inference_mode()
 def _seconds_per_batch(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
-    cuda = images.device.type == "cuda"
-    if cuda:  # kernels run asynchronously: time from an idle device to an idle device
-        torch.cuda.synchronize(images.device)
-    started = time.perf_counter()
+    # From an idle device to an idle device: a GPU's kernels run asynchronously.
+    started = device_time(images.device)
     for _ in range(repeats):
         model(images)
-    if cuda:
-        torch.cuda.synchronize(images.device)
-    return (time.perf_counter() - started) / repeats
+    return (device_time(images.device) - started) / repeats
 
 
 def compare_inference(models: dict[str, nn.Module], input_shape: tuple[int, ...],

@@ -20,7 +20,7 @@ from app_dist.data.reader import StreamReader
 from app_dist.data.stream import MegabatchStream, Selection
 from app_dist.engine import Engine
 from app_dist.engine.acceleration import eager
-from app_dist.foundations.distributed import Platform
+from app_dist.foundations.distributed import Platform, device_time
 from app_dist.pruning.pruner import prune_step
 from app_dist.training.arrival import await_megabatch
 from app_dist.training.checkpoint import Checkpointer
@@ -68,10 +68,9 @@ class MegabatchLoop:
                 self.events.fire("after_prune", megabatch=megabatch, masks=self.engine.masks,
                                  pruned=pruned)
                 self.engine.start_megabatch()
-                if self.platform.device.type == "cuda":  # pruning's kernels count as pruning
-                    torch.cuda.synchronize(self.platform.device)
-                progress = MegabatchProgress(megabatch,
-                                             prune_seconds=time.perf_counter() - started)
+                # On the device clock: pruning's queued kernels count as pruning.
+                progress = MegabatchProgress(
+                    megabatch, prune_seconds=device_time(self.platform.device) - started)
             else:
                 resumed_seconds = progress.seconds_so_far()
             record = self._train_megabatch(progress, state)

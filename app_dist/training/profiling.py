@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from app_dist.foundations.commands import ArgumentParser, UsageError, command, missing_config
+from app_dist.foundations.distributed import device_time
 from app_dist.pruning.masks import MaskSet
 from app_dist.training.events import TRAIN, Callback
 
@@ -65,9 +65,7 @@ class MegabatchProfile(Callback):
         self._checkpoint_started = 0.0
 
     def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return device_time(self.device)
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[self.megabatch][phase] += seconds

@@ -10,10 +10,12 @@ from app_dist.training.evaluation import Evaluation
 from app_dist.training.metrics import cumulative_error
 from app_dist.training.state import MegabatchProgress
 
+# The phases of a megabatch's wall time (`seconds`, up to its checkpoint), in their order;
+# disjoint, so the rest of `seconds` is bookkeeping between them.
+PHASE_KEYS = ("prune_seconds", "train_seconds", "validation_seconds", "test_seconds")
 # The fields that measure time. They legitimately differ between two runs of one config, so a
 # comparison of runs (a resumed one against an uninterrupted one) leaves them out.
-WALL_CLOCK_KEYS = ("seconds", "train_seconds", "train_images_per_second", "prune_seconds",
-                   "validation_seconds", "test_seconds")
+WALL_CLOCK_KEYS = ("seconds", "train_images_per_second", *PHASE_KEYS)
 
 
 def training_record(progress: MegabatchProgress, best: dict[str, Any], masks: MaskSet,

@@ -78,6 +78,10 @@ from app_dist.training.state import RunState
 
 log = logging.getLogger("app_dist")
 
+# How long a rank that leaves bad input to its node's first rank to report waits before it
+# exits: more than the ranks' start-up can differ on a loaded node, where they all find it.
+SILENT_RANK_GRACE_S = 10.0
+
 
 def setup_logging(platform: Platform) -> None:
     logging.basicConfig(format="[app-dist] %(message)s", stream=sys.stdout, force=True,
@@ -264,6 +268,9 @@ def main(args: argparse.Namespace) -> int:
         # Before the process group exists every rank of a node reads the same files and finds
         # the same error: the node's first rank says it (under torchrun, once, not per rank).
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            # The launcher stops every rank once one exits: a rank that got here first must not
+            # stop the first rank before it has said it (seen under load: no line at all).
+            time.sleep(SILENT_RANK_GRACE_S)
             raise ReportedElsewhere(str(error)) from None
         raise
     platform = start_platform(config.run.device, config.engine.timeout_s)

@@ -450,7 +450,8 @@ def _validate_engine(config: Config) -> None:
     _require(not half or config.run.device != "cpu", "engine.precision", engine.precision,
              "half precision needs a GPU (run.device is cpu); use fp32")
     _require(not engine.deepspeed_config or Path(engine.deepspeed_config).is_file(),
-             "engine.deepspeed_config", engine.deepspeed_config, "no such file")
+             "engine.deepspeed_config", engine.deepspeed_config,
+             "no such file (must name a DeepSpeed JSON file)")
 
 
 def _validate_perf(config: Config) -> None:

@@ -24,6 +24,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script path by torchrun / deepspeed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app_dist.foundations.signals import (  # noqa: E402
+    listen_for_preemption,
+    preemption_listening,
+)
+
+if __name__ == "__main__":
+    # Before torch's import (seconds): a stop signal that arrives while the rank starts is
+    # kept for the loop, which answers it with exit 75, instead of killing the rank silently.
+    listen_for_preemption()
+
 import numpy as np
 import torch
 
@@ -48,7 +58,7 @@ from app_dist.foundations.commands import (
     exit_without_teardown,
     missing_config,
 )
-from app_dist.foundations.distributed import Platform, start_platform
+from app_dist.foundations.distributed import Platform, check_device, start_platform
 from app_dist.foundations.errors import (
     AppDistError,
     ConfigError,
@@ -83,8 +93,20 @@ log = logging.getLogger("app_dist")
 SILENT_RANK_GRACE_S = 10.0
 
 
+class SourceFormatter(logging.Formatter):
+    """`[app-dist] message` for the project's lines, `[LOGGER] message` for a library's that
+    reach the root logger (torch's C++ extension builder printing DeepSpeed's compiler
+    commands), so that no library line reads as the project's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        source = "app-dist" if record.name.split(".")[0] == "app_dist" else record.name
+        return f"[{source}] {super().format(record)}"
+
+
 def setup_logging(platform: Platform) -> None:
-    logging.basicConfig(format="[app-dist] %(message)s", stream=sys.stdout, force=True,
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(SourceFormatter("%(message)s"))
+    logging.basicConfig(handlers=[handler], force=True,
                         level=logging.INFO if platform.is_primary else logging.WARNING)
 
 
@@ -95,22 +117,25 @@ def seed_everything(seed: int) -> None:
 
 
 def run_callbacks(config: Config, manifest: Manifest, platform: Platform, run_dir: Path,
-                  state: RunState, schedule: list[float], extra: list[Callback]
-                  ) -> list[Callback]:
+                  state: RunState, schedule: list[float], extra: list[Callback],
+                  mid_megabatch: bool = False) -> list[Callback]:
     """Who listens to the loop: the metrics file, wandb and the anytime model on rank 0, the
     log lines and the progress bar, fault injection when the reliability tests ask for it,
-    then `extra`."""
+    then `extra`. `mid_megabatch`: the engine was restored from a pre-emption checkpoint."""
     callbacks: list[Callback] = []
     if platform.is_primary:
-        callbacks += [MetricsLog(run_dir, state.history),
-                      WandbLog(config, run_dir, state.wandb_id, state.history)]
+        callbacks.append(MetricsLog(run_dir, state.history))
+        if state.completed < len(schedule):  # a finished run has nothing new for wandb
+            callbacks.append(WandbLog(config, run_dir, state.wandb_id, state.history))
         target = anytime_target(config, run_dir)
         if target is not None:
             architecture = {"name": config.model.name, "num_classes": manifest.num_classes,
                             "in_channels": manifest.channels, "stem": config.model.stem,
                             "mean": list(config.model.mean), "std": list(config.model.std),
                             "input_shape": list(input_shape(config, manifest))}
-            callbacks.append(AnytimeModel(target, architecture, run_dir))
+            restored = ((state.history[-1], RunLayout(run_dir).checkpoint(state.completed))
+                        if state.completed and not mid_megabatch else None)
+            callbacks.append(AnytimeModel(target, architecture, run_dir, restored))
     callbacks.append(LogLines(config, len(schedule)))
     if ProgressBar.wanted(config, platform.is_primary):
         callbacks.append(ProgressBar())
@@ -201,13 +226,20 @@ def _train(config: Config, manifest: Manifest, stream: MegabatchStream, platform
                           config.train.batch_size // platform.world_size, platform,
                           config.run.seed, perf=config.perf)
     listeners = run_callbacks(config, manifest, platform, run_dir, state, schedule,
-                              callbacks or [])
-    log.info("run %s: %s/%s on %s, %d rank(s) on %s, %d megabatches, final %s %.3f",
+                              callbacks or [], mid_megabatch=progress is not None)
+    engine_name = (f"DeepSpeed ZeRO-{config.engine.zero_stage}"
+                   if config.engine.kind == "deepspeed" else "DDP")
+    log.info("run %s: %s/%s on %s, %d rank(s) on %s (%s), %d megabatches, final %s %.3f",
              run_dir, config.prune.method, config.prune.criterion, manifest.dataset,
-             platform.world_size, platform.device, config.data.megabatches,
+             platform.world_size, platform.device, engine_name, config.data.megabatches,
              "FLOPs" if config.prune.budget == "flops" else "density",
              schedule[-1] if config.prune.method != "dense" else 1.0)
     log.info("speed switches: %s", describe_perf(configured, config.perf))
+    unreached = [epoch for epoch in config.train.milestones if epoch >= config.train.epochs]
+    if unreached and platform.is_primary:  # e.g. train.epochs=2 on a config made for 10
+        log.warning("train.milestones %s with train.epochs = %d: the learning rate never "
+                    "decays at %s (a milestone takes effect only below train.epochs)",
+                    list(config.train.milestones), config.train.epochs, unreached)
     loop = MegabatchLoop(config, platform, stream, reader, engine, schedule, checkpointer,
                          Events(listeners))
     try:
@@ -259,10 +291,16 @@ def _mask_set(config: Config, model: torch.nn.Module, manifest: Manifest) -> Mas
 def main(args: argparse.Namespace) -> int:
     """0 when the run finished, 2 on bad input (one `error:` line, from any rank), 75 when
     pre-empted after writing a checkpoint (the same command continues)."""
+    with preemption_listening():  # already, when run as a script
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.config is None:
             raise missing_config("app-dist train")
         config = load_config(args.config, args.overrides)
+        check_device(config.run.device)
         manifest, stream = prepare(config)
     except AppDistError as error:
         # Before the process group exists every rank of a node reads the same files and finds
@@ -275,6 +313,10 @@ def main(args: argparse.Namespace) -> int:
         raise
     platform = start_platform(config.run.device, config.engine.timeout_s)
     setup_logging(platform)
+    if args.local_rank is not None and config.engine.kind != "deepspeed" and platform.is_primary:
+        # The deepspeed launcher passes --local_rank; it does not choose the engine.
+        log.warning("started by the deepspeed launcher, training with engine.kind=%s; "
+                    "engine.kind=deepspeed trains with DeepSpeed", config.engine.kind)
     outcome = RunOutcome(run_directory(config), platform.is_primary)
     try:
         train(config, manifest, stream, platform)

@@ -21,7 +21,7 @@ import webdataset as wds
 
 from app_dist.data.source import LocalShards
 from app_dist.foundations.files import file_sha256
-from app_dist.foundations.run_layout import RunLayout
+from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.training.record import PHASE_KEYS, WALL_CLOCK_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,7 +213,36 @@ def uninterrupted(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory)
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     result = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s) on cpu (DDP)" in result.stdout
+    assert "Grad strides" not in result.stderr  # channels_last's size-1 stem (engine/ddp.py)
     return run_dir
+
+
+def reseal(folder: Path, name: str) -> None:
+    """Give file `name` of a checkpoint folder its new sha256 in COMPLETE.json, as an attacker
+    (or a careless copy) would, so the sha256 check passes and only loading can refuse it."""
+    marker_path = folder / CheckpointFiles.MARKER
+    marker = json.loads(marker_path.read_text())
+    assert name in marker["sha256"], sorted(marker["sha256"])
+    marker["sha256"][name] = file_sha256(folder / name)
+    marker_path.write_text(json.dumps(marker))
+
+
+def final_masks_and_weights(run_dir: Path, engine: str, megabatch: int = 3
+                            ) -> tuple[dict, dict]:
+    """The masks and model weights of a run's megabatch checkpoint (digits_run_args: the
+    last), from either engine's files, for comparing an interrupted run with a reference."""
+    import torch
+
+    folder = RunLayout(run_dir).checkpoint(megabatch)
+    masks = torch.load(folder / CheckpointFiles.STATE, weights_only=True)["masks"]
+    if engine == "ddp":
+        weights = torch.load(folder / CheckpointFiles.ENGINE, weights_only=True)["model"]
+    else:
+        files = sorted((folder / CheckpointFiles.DEEPSPEED).rglob("*model_states.pt"))
+        # The project's own files, written by this suite's runs.
+        weights = torch.load(files[0], weights_only=False)["module"]
+    return masks, weights
 
 
 def deepspeed_run_args(shards: Path, run_dir: Path, stage: int, *extra: str) -> list[str]:
@@ -241,6 +270,8 @@ def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
                                                         "log.wandb.mode=disabled"), timeout=400)
             assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
             assert "deepspeed.launcher.runner" in result.stdout  # the wrapper's command line
+            assert f"2 rank(s) on cpu (DeepSpeed ZeRO-{stage})" in result.stdout
+            assert "started by the deepspeed launcher" not in result.stdout
             runs[stage] = run_dir
         return runs[stage]
 

@@ -49,6 +49,18 @@ def test_bad_values_raise_one_line_naming_the_key(override, key):
     assert key in message and "\n" not in message
 
 
+def test_a_bad_key_is_blamed_on_where_it_was_written(tmp_path):
+    """A bad key set on the command line names the override, one in the file names the file."""
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs/digits.yaml", ["train.bogus=1"])
+    assert "(override 'train.bogus=1')" in str(error.value)
+    assert "digits.yaml" not in str(error.value)
+    written = tmp_path / "bad.yaml"
+    written.write_text("train:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=f"'train.bogus' in {written}"):
+        load_config(written, ["train.epochs=2"])
+
+
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="nowhere.yaml"):
         load_config("nowhere.yaml")
@@ -58,6 +70,17 @@ def test_cli_exits_2_with_one_line_before_any_process_group(capsys):
     assert main(["--config", str(REPO / "configs/digits.yaml"), "data.replay=maybe"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "data.replay" in err and "\n" not in err
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: run.device=cuda is valid here")
+    assert main(["--config", str(REPO / "configs/digits.yaml"), "run.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key 'run.device' = 'cuda': this process sees no CUDA")
+    assert "\n" not in err
 
 
 def test_cli_names_a_missing_shard_folder(capsys, tmp_path):
@@ -172,3 +195,10 @@ def test_a_target_density_above_apps_first_step_is_fine_for_osp():
     config = load_config(REPO / "configs/digits.yaml",
                          ["prune.method=osp", "prune.target_density=0.9"])
     assert density_schedule("osp", 4, sparsity_level(config.prune)) == pytest.approx([0.9] * 4)
+
+
+@pytest.mark.slow
+def test_a_milestone_the_epochs_never_reach_is_warned_about(finished_run_stdout: str) -> None:
+    """short_run_args trains 1 epoch per megabatch on digits.yaml, whose lr decays at epoch 4."""
+    assert finished_run_stdout.count("train.milestones [4] with train.epochs = 1: the learning "
+                                     "rate never decays at [4]") == 1

@@ -120,6 +120,12 @@ QUOTED_MESSAGES = [
     "duplicate key",
     "--config is missing; pass a training config",
     "wait for that run to end or stop it",
+    "this process sees no CUDA GPU",
+    "is a training config: a sweep file names one as base_config",
+    "not a file torch.save wrote",
+    "pre-empted while starting, before any training",
+    "the learning rate never decays at",
+    "started by the deepspeed launcher, training with engine.kind=",
 ]
 
 

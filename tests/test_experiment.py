@@ -63,6 +63,14 @@ def test_bad_experiment_files_fail_with_one_line(field, value, message, digits_s
     assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1
 
 
+def test_an_experiment_over_missing_shards_stops_before_any_run_starts(tmp_path, capsys):
+    path = experiment_file(tmp_path, tmp_path / "no-shards")
+    assert cli_main(["experiment", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "no-shards" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # no run was started
+
+
 def test_an_experiment_file_with_a_duplicate_key_is_one_line_naming_it(tmp_path, capsys):
     path = tmp_path / "experiment.yaml"
     path.write_text("name: a\ntrain_config: configs/digits.yaml\nname: b\n")

@@ -1,6 +1,7 @@
 """Faults delivered the way the world delivers them (docs/RELIABILITY.md), no mocks: a real
 small file system that fills up, a real checkpoint file that pickles code, damaged shards on
-disk, bad samples in a shard, a damaged checkpoint given to `app-dist inspect`."""
+disk, bad samples in a shard, a damaged checkpoint given to `app-dist inspect`, a run killed
+between its last checkpoint and its anytime model, a stop signal while a run starts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +24,7 @@ from app_dist.config import load_config
 from app_dist.foundations.errors import AppDistError
 from app_dist.foundations.files import file_sha256
 from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
+from app_dist.models.sparse_file import load_exported
 from app_dist.training.checkpoint import verify
 from app_dist.training.metrics import MetricsLog
 
@@ -31,11 +34,15 @@ from .conftest import (
     deepspeed_run_args,
     digits_run_args,
     first_sample_key,
+    launch_trainer,
     read_metrics,
+    reseal,
     rewrite_shard,
     run_trainer,
+    short_run_args,
     trainer_command,
     trainer_env,
+    wait_for,
 )
 
 
@@ -278,16 +285,6 @@ class RunsACommand:
         return (os.system, (self.command,))
 
 
-def reseal(folder: Path, name: str) -> None:
-    """Give file `name` of a checkpoint folder its new sha256 in COMPLETE.json, as an attacker
-    (or a careless copy) would, so the sha256 check passes and only loading can refuse it."""
-    marker_path = folder / CheckpointFiles.MARKER
-    marker = json.loads(marker_path.read_text())
-    assert name in marker["sha256"], sorted(marker["sha256"])
-    marker["sha256"][name] = file_sha256(folder / name)
-    marker_path.write_text(json.dumps(marker))
-
-
 def run_deepspeed(args: list[str]) -> subprocess.CompletedProcess[str]:
     """app_dist/train.py under `python -m deepspeed.launcher.runner --num_gpus 2` (2 ranks on
     gloo on the CPU), wandb off."""
@@ -325,6 +322,80 @@ def test_a_deepspeed_file_that_pickles_code_is_refused_without_running_it(digits
     line = errors.pop()
     assert f"cannot load {newest / name}: refused" in line and "posix.system" in line, line
     assert "Traceback" not in resumed.stderr
+
+
+# --- a run killed after its last checkpoint, and signalled while it starts --------------------
+
+def torch_is_loading(process: subprocess.Popen) -> bool:
+    """Whether `process` has mapped torch's library: it is importing torch (seconds), long
+    after app_dist/train.py's first lines, where a rank starts listening for stop signals."""
+    try:
+        return "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_the_last_megabatchs_model_is_published_when_the_run_starts_again(
+        digits_shards, finished_run, tmp_path):
+    """A run SIGKILLed between megabatch 1's checkpoint and its anytime publish (a lost
+    node); the same command signalled (SIGHUP: a closed ssh session) while it starts; then
+    run again to the end, and once more signalled while it starts. The first relaunch
+    publishes megabatch 1's model and says it was pre-empted (75), nothing saved lost; the
+    run ends with an uninterrupted run's model; a finished run signalled while it starts has
+    nothing to stop and exits 0."""
+    run_dir = tmp_path / "run"
+    args = short_run_args(digits_shards, run_dir, "log.wandb.mode=disabled")
+    announce = tmp_path / "checkpointed"
+    fault = f"pause:rank=0,megabatch=1,at=checkpointed,seconds=120,announce={announce}"
+    killed = launch_trainer(args, env={"APP_DIST_FAULT": fault})
+    try:
+        assert wait_for(announce, killed, timeout=300), "the run never wrote checkpoint 1"
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    pointer = run_dir / "anytime" / "model.json"
+    assert not pointer.exists()  # what the kill left: checkpoint 1, no model published
+    checkpoints = sorted(RunLayout(run_dir).checkpoints.iterdir())
+
+    def signalled_while_starting() -> tuple[int, str]:
+        starting = launch_trainer(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        try:
+            assert wait_for(lambda: torch_is_loading(starting), starting, timeout=120)
+            os.killpg(starting.pid, signal.SIGHUP)
+            output, _ = starting.communicate(timeout=300)
+        finally:
+            if starting.poll() is None:
+                os.killpg(starting.pid, signal.SIGKILL)
+        return starting.returncode, output
+
+    code, output = signalled_while_starting()
+    assert code == 75, output[-3000:]
+    assert "SIGHUP received: stopping after the step in flight" in output
+    assert "pre-empted while starting, before any training" in output
+    # The catch-up comes first: the loop acts on the signal after run_start.
+    assert "anytime model of megabatch 1 published" in output
+    assert json.loads(pointer.read_text())["megabatch"] == 1
+    assert json.loads(RunLayout(run_dir).outcome.read_text())["status"] == "preempted"
+    assert sorted(RunLayout(run_dir).checkpoints.iterdir()) == checkpoints
+
+    again = run_trainer(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after megabatch 1" in again.stdout
+    assert "anytime model of megabatch 1" not in again.stdout  # not published twice
+    published = json.loads(pointer.read_text())
+    assert published["megabatch"] == 2 and published["sha256"] == file_sha256(
+        run_dir / "anytime" / published["file"])
+    assert read_metrics(run_dir) == read_metrics(finished_run)
+    model = load_exported(run_dir / "anytime" / "model-sparse.pt").state_dict()
+    reference = load_exported(finished_run / "anytime" / "model-sparse.pt").state_dict()
+    assert all(torch.equal(model[name], reference[name]) for name in reference)
+
+    code, output = signalled_while_starting()
+    assert code == 0 and "resuming after megabatch 2" in output, output[-3000:]
+    assert json.loads(RunLayout(run_dir).outcome.read_text())["status"] == "finished"
 
 
 # --- app-dist inspect ----------------------------------------------------------------------

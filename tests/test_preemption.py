@@ -1,15 +1,16 @@
-"""Pre-emption delivered the way clusters deliver it, in every cell of the matrix
-{launcher, whole process tree, one rank} x {DDP under torchrun, DeepSpeed ZeRO-2 under the
-deepspeed launcher} x {mid-epoch, during validation, during the checkpoint write}.
+"""Pre-emption delivered the way clusters and terminals deliver it, in every cell of the
+matrix {launcher, whole process tree, one rank, Ctrl-C} x {DDP under torchrun, DeepSpeed
+ZeRO-2 under the deepspeed launcher} x {mid-epoch, during validation, during the checkpoint
+write}.
 
 The rank pauses at the moment (the fault hook only times the fault: it writes a file and
-sleeps); the test then sends SIGTERM from outside: to the launcher process (torchrun forwards
-it to each rank's process group; the deepspeed runner does not forward it, so its cell
-signals the runner's process group, as `timeout` and Kubernetes do), to every process of the
-tree (SLURM's scancel signals them all, readers and their fork server included), or to one
-rank. Every cell must end with a checkpoint that verifies and an outcome file that says
-"preempted"; the same command then resumes and ends with the uninterrupted run's metrics,
-masks and weights.
+sleeps); the test then signals from outside: SIGTERM to the launcher process (torchrun
+forwards it to each rank's process group; the deepspeed runner does not forward it, so its
+cell signals the runner's process group, as `timeout` and Kubernetes do), to every process of
+the tree (SLURM's scancel signals them all, readers and their fork server included), or to
+one rank; or SIGINT to the launcher's process group, as a terminal's Ctrl-C does. Every cell
+must end with a checkpoint that verifies and an outcome file that says "preempted"; the same
+command then resumes and ends with the uninterrupted run's metrics, masks and weights.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from app_dist.training.checkpoint import Checkpointer
 from .conftest import (
     assert_phases_fit,
     digits_run_args,
+    final_masks_and_weights,
     launch_trainer,
     read_metrics,
     run_trainer,
@@ -89,7 +91,9 @@ def ranks_of(launcher_pid: int) -> list[psutil.Process]:
 
 
 def deliver(delivery: str, launcher: subprocess.Popen, engine: str) -> None:
-    if delivery == "launcher":
+    if delivery == "ctrl-c":  # a terminal signals its foreground job's process group
+        os.killpg(launcher.pid, signal.SIGINT)
+    elif delivery == "launcher":
         if engine == "deepspeed":
             os.killpg(launcher.pid, signal.SIGTERM)  # the runner's group: runner + launch.py
         else:
@@ -108,33 +112,23 @@ def deliver(delivery: str, launcher: subprocess.Popen, engine: str) -> None:
         ranks[1].send_signal(signal.SIGTERM)  # not the paused rank: the agreement carries it
 
 
-def final_state(run_dir: Path, engine: str) -> tuple[dict, dict]:
-    folder = RunLayout(run_dir).checkpoint(MEGABATCHES)
-    masks = torch.load(folder / CheckpointFiles.STATE, weights_only=True)["masks"]
-    if engine == "ddp":
-        weights = torch.load(folder / CheckpointFiles.ENGINE, weights_only=True)["model"]
-    else:
-        files = sorted((folder / CheckpointFiles.DEEPSPEED).rglob("*model_states.pt"))
-        # The project's own files, written by this suite's runs.
-        weights = torch.load(files[0], weights_only=False)["module"]
-    return masks, weights
-
-
 # Kubernetes' default terminationGracePeriodSeconds is 30; a pod spec may set less, and 15 s
 # still holds the digits run's pre-emption checkpoint with room to spare (it takes ~3 s).
 GRACE_SECONDS = 15
 
 
-DELIVERIES = ("launcher", "tree", "rank")
-# Each cell costs 25-60 s on 2 cores, so CI runs 5 of the 18: for DDP a Latin square (every
-# delivery and every moment once); for DeepSpeed the two cells whose code is its own: its
-# runner's process group signalled (the launcher does not forward SIGTERM) and its checkpoint
-# files cut off mid-write. What a signalled rank does and a mid-epoch pre-emption checkpoint
-# are the same code under both engines (DDP's rank and mid-epoch cells). APP_DIST_FULL_MATRIX=1
-# runs all 18 cells (as docs/RELIABILITY.md reports).
+DELIVERIES = ("launcher", "tree", "rank", "ctrl-c")
+# Each cell costs 25-60 s on 2 cores, so CI runs 5 of the 24: for DDP a Latin square of the
+# SIGTERM deliveries (each delivery and each moment once) and Ctrl-C (SIGINT, which torchrun
+# passes on to its ranks) at validation; for DeepSpeed its checkpoint files cut off mid-write.
+# Its runner's process group signalled (the launcher does not forward SIGTERM) is the
+# wrapper's DeepSpeed test in test_run_lock_and_launcher.py, which also checks that the wrapper
+# waits for the ranks. What a signalled rank does and a mid-epoch pre-emption checkpoint are
+# the same code under both engines (DDP's rank and mid-epoch cells). APP_DIST_FULL_MATRIX=1 runs
+# all 24 cells (as docs/RELIABILITY.md reports).
 IN_CI = {"ddp": {("launcher", "mid-epoch"), ("tree", "validation"),
-                 ("rank", "checkpoint-write")},
-         "deepspeed": {("launcher", "validation"), ("tree", "checkpoint-write")}}
+                 ("rank", "checkpoint-write"), ("ctrl-c", "validation")},
+         "deepspeed": {("tree", "checkpoint-write")}}
 FULL_MATRIX = os.environ.get("APP_DIST_FULL_MATRIX") == "1"
 CELLS = [pytest.param(engine, delivery, moment,
                       marks=[pytest.mark.deepspeed] if engine == "deepspeed" else [])
@@ -190,8 +184,8 @@ def test_sigterm_from_outside_leaves_a_resumable_checkpoint_and_resumes_exactly(
     assert read_metrics(run_dir) == read_metrics(reference)
     for line in RunLayout(run_dir).metrics.read_text().splitlines():
         assert_phases_fit(json.loads(line))
-    masks, weights = final_state(run_dir, engine)
-    want_masks, want_weights = final_state(reference, engine)
+    masks, weights = final_masks_and_weights(run_dir, engine)
+    want_masks, want_weights = final_masks_and_weights(reference, engine)
     assert all(torch.equal(masks[name], want_masks[name]) for name in want_masks)
     assert all(torch.equal(weights[name], want_weights[name]) for name in want_weights)
 
@@ -233,7 +227,7 @@ def test_kubernetes_grace_period_exceeded_leaves_the_previous_checkpoint_to_resu
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = references("ddp")
     assert read_metrics(run_dir) == read_metrics(reference)
-    masks, weights = final_state(run_dir, "ddp")
-    want_masks, want_weights = final_state(reference, "ddp")
+    masks, weights = final_masks_and_weights(run_dir, "ddp")
+    want_masks, want_weights = final_masks_and_weights(reference, "ddp")
     assert all(torch.equal(masks[name], want_masks[name]) for name in want_masks)
     assert all(torch.equal(weights[name], want_weights[name]) for name in want_weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -30,8 +31,10 @@ from .conftest import (
     launch_trainer,
     rank_processes,
     read_metrics,
+    reseal,
     rewrite_shard,
     run_trainer,
+    short_run_args,
 )
 
 CPU = Platform(0, 1, 0, torch.device("cpu"))
@@ -107,20 +110,52 @@ def test_retention_never_deletes_the_only_valid_checkpoint(tmp_path):
     assert checkpointer.latest() is None  # nothing valid left: start over, never load garbage
 
 
-def test_checkpoint_loading_refuses_pickled_code(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
+class CodeRunningPayload:
+    """What a checkpoint must never unpickle: loading it would run a shell command."""
 
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
     checkpointer.write(1, {"x": 1}, {}, FakeEngine())
     folder = checkpointer.folder(1)
-    torch.save({"evil": Payload()}, folder / "state.pt")
-    marker = json.loads((folder / "COMPLETE.json").read_text())
-    marker["sha256"]["state.pt"] = file_sha256(folder / "state.pt")  # even if checksums match
-    (folder / "COMPLETE.json").write_text(json.dumps(marker))
+    torch.save({"evil": CodeRunningPayload()}, folder / "state.pt")
+    reseal(folder, "state.pt")  # even if checksums match
     with pytest.raises(CheckpointError, match="cannot load"):
         checkpointer.latest().load_state()
+
+
+def test_a_checkpoint_file_torch_save_did_not_write_is_named_without_unsafe_advice(tmp_path):
+    """A plain pickle (here one whose loading would run code) and a truncated archive, each
+    with its sha256 updated: one line naming the file, never torch's advice to retry with
+    weights_only=False."""
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
+    checkpointer.write(1, {"x": 1}, {}, FakeEngine())
+    folder = checkpointer.folder(1)
+    state = folder / "state.pt"
+    whole = state.read_bytes()
+    for content in (pickle.dumps({"evil": CodeRunningPayload()}), whole[: len(whole) // 2]):
+        state.write_bytes(content)
+        reseal(folder, "state.pt")
+        with pytest.raises(CheckpointError) as error:
+            checkpointer.latest().load_state()
+        message = str(error.value)
+        assert message.startswith(f"cannot load {state}: not a file torch.save wrote")
+        assert "weights_only" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("sha256", [["state.pt"], {"state.pt": 1}, {"../state.pt": "0" * 64}])
+def test_a_marker_whose_sha256_is_no_map_of_names_is_a_reason_not_a_crash(tmp_path, sha256):
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=2)
+    checkpointer.write(1, {"x": 1}, {}, FakeEngine())
+    marker_path = checkpointer.folder(1) / "COMPLETE.json"
+    marker = json.loads(marker_path.read_text())
+    marker["sha256"] = sha256
+    marker_path.write_text(json.dumps(marker))
+    assert "is unreadable" in verify(checkpointer.folder(1))
+    assert checkpointer.latest() is None
 
 
 @pytest.mark.slow
@@ -261,3 +296,20 @@ def test_a_pause_fires_once_even_across_processes_that_share_its_announce_file(t
         timings.append(time.monotonic() - started)
     assert timings[0] >= 2 and timings[1] < 1, timings
     assert announce.read_text() == str(os.getpid())
+
+
+@pytest.mark.slow
+def test_resume_false_starts_over_and_keeps_the_earlier_checkpoints_aside(
+        digits_shards, finished_run, tmp_path):
+    run_dir = tmp_path / "app"
+    shutil.copytree(finished_run, run_dir)
+    again = run_trainer(short_run_args(digits_shards, run_dir, "checkpoint.resume=false"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint.resume=false: starting over" in again.stdout
+    assert "resuming" not in again.stdout
+    names = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    aside = [name for name in names if ".replaced-" in name]
+    assert [name for name in names if name not in aside] == ["megabatch-0001", "megabatch-0002"]
+    assert [name.split(".")[0] for name in aside] == ["megabatch-0001", "megabatch-0002"]
+    assert all(verify(run_dir / "checkpoints" / name) is None for name in names)
+    assert read_metrics(run_dir) == read_metrics(finished_run)  # the same seed, trained again

@@ -16,7 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from torch.distributed import TCPStore
 
 from app_dist.cli import main as cli_main
@@ -36,7 +38,9 @@ from .conftest import (
     REPO,
     app_dist_train,
     checkpoint_folder,
+    deepspeed_run_args,
     digits_run_args,
+    final_masks_and_weights,
     launch,
     launch_trainer,
     rank_processes,
@@ -116,12 +120,13 @@ def test_an_unreadable_lock_counts_as_held_until_it_is_old(tmp_path):
     """A launch killed between creating the file and writing it leaves an empty lock: held
     while its modification time is recent, stale after the heartbeat bound."""
     lock = RunLayout(tmp_path).lock
-    lock.write_text("")
-    with pytest.raises(RunDirectoryInUse, match="on host \\?"):
-        RunLock.acquire(tmp_path)
-    old = time.time() - run_lock.STALE_AFTER_S - 60
-    os.utime(lock, (old, old))
-    RunLock.acquire(tmp_path).release()
+    for content in (b"", b"\xd9\x00\xff garbage that is no UTF-8 text"):  # empty or damaged
+        lock.write_bytes(content)
+        with pytest.raises(RunDirectoryInUse, match="on host \\?"):
+            RunLock.acquire(tmp_path)
+        old = time.time() - run_lock.STALE_AFTER_S - 60
+        os.utime(lock, (old, old))
+        RunLock.acquire(tmp_path).release()
 
 
 def test_the_heartbeat_is_refreshed_and_a_taken_over_lock_is_left_alone(tmp_path, monkeypatch):
@@ -147,7 +152,7 @@ def test_launcher_command_lines():
                                 Path("/x/train.py"))
 
     single = command("--nproc-per-node", "2")
-    assert single[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+    assert single[1:] == ["-m", "app_dist.training.quiet_torchrun", "--nproc_per_node", "2",
                           "--standalone", "/x/train.py", "--config", "c.yaml", "k=v"]
     nodes = command("--nproc-per-node", "8", "--nnodes", "2", "--rdzv-endpoint", "head:29500",
                     "--max-restarts", "3")
@@ -330,12 +335,19 @@ def test_bad_input_one_rank_finds_after_the_group_started_names_the_culprit_once
             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: "]
     else:  # the deepspeed launcher passes the failing rank's code through
         assert result.returncode == 2 and launcher_tracebacks(output) == [], output[-3000:]
+        # It does not choose the engine: the run says which one it trains with.
+        assert "started by the deepspeed launcher, training with engine.kind=ddp" in output
     outcome = json.loads(RunLayout(tmp_path / "run").outcome.read_text())
     assert outcome["status"] == "bad_input" and "train-000001.tar" in outcome["message"]
 
     wrapped = app_dist_train("--nproc-per-node", "2", "--launcher", launcher, *args)
     assert wrapped.returncode == 2, wrapped.stderr[-3000:]
     assert len(error_lines(wrapped.stdout + wrapped.stderr)) == 1
+    # Through the wrapper, torchrun's own report is one line: the failing rank and its code.
+    assert launcher_tracebacks(wrapped.stdout + wrapped.stderr) == [], wrapped.stderr[-3000:]
+    if launcher == "torchrun":
+        assert "[app-dist] torchrun: rank " in wrapped.stderr and " exited 2 first" in (
+            wrapped.stderr)
 
 
 # --- real launches ---------------------------------------------------------------------------
@@ -377,7 +389,7 @@ def test_a_second_launch_on_a_running_run_directory_is_refused_and_the_first_is_
         assert wrapped.returncode == 2
         assert wrapped.stderr.strip().splitlines() == error_lines(wrapped.stderr)
         assert len(error_lines(wrapped.stderr)) == 1 and expected in wrapped.stderr
-        assert "torch.distributed.run" not in wrapped.stdout  # no launcher was started
+        assert "quiet_torchrun" not in wrapped.stdout  # no launcher was started
 
         _, stderr = first.communicate(timeout=600)
     finally:
@@ -435,31 +447,52 @@ def test_torchrun_max_restarts_after_rank_0_is_sigkilled_restarts_with_the_lock(
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("deepspeed",
+                                                               marks=pytest.mark.deepspeed)])
 def test_sigterm_to_the_wrapper_mid_megabatch_exits_75_and_the_same_command_resumes(
-        digits_shards, uninterrupted, tmp_path):
+        digits_shards, uninterrupted, zero_runs, tmp_path, launcher):
+    """The wrapper exits once every process of the launch has ended, with the run's 75 and
+    no launcher traceback. The deepspeed runner dies of the forwarded SIGTERM at once, while
+    its ranks still write their pre-emption checkpoint: an exit then would let a retry find
+    the run directory still in use (exit 2) or the port taken."""
     run_dir = tmp_path / "preempted"
     paused = tmp_path / "paused"
-    args = ["--nproc-per-node", "2", *digits_run_args(digits_shards, run_dir, NO_WANDB)]
+    if launcher == "torchrun":
+        run_args, reference = digits_run_args(digits_shards, run_dir, NO_WANDB), uninterrupted
+    else:  # zero_runs(2)'s settings
+        run_args = deepspeed_run_args(digits_shards, run_dir, 2, NO_WANDB)
+        reference = zero_runs(2)
+    args = ["--nproc-per-node", "2", "--launcher", launcher, *run_args]
     command = [sys.executable, "-m", "app_dist.cli", "train", *args]
     fault = f"pause:rank=0,megabatch=2,epoch=0,step=2,seconds=3,announce={paused}"
     wrapper = launch(command, env={"APP_DIST_FAULT": fault}, stderr=subprocess.PIPE,
                      stdout=subprocess.PIPE, text=True)
     try:
         assert wait_for(paused, wrapper, timeout=300)
+        launch_processes = psutil.Process(wrapper.pid).children(recursive=True)
         os.kill(wrapper.pid, signal.SIGTERM)  # as a scheduler's notice, to the wrapper only
         stdout, stderr = wrapper.communicate(timeout=300)
+        still_running = [process for process in launch_processes if process.is_running()
+                         and process.status() != psutil.STATUS_ZOMBIE]
     finally:
         if wrapper.poll() is None:
             os.killpg(wrapper.pid, signal.SIGKILL)
     assert wrapper.returncode == 75, stderr[-3000:]
+    assert still_running == []
     assert "pre-empted in megabatch 2" in stdout + stderr
+    assert launcher_tracebacks(stdout + stderr) == [], stderr[-3000:]
     assert (RunLayout(run_dir).checkpoint(1, partial=True) / CheckpointFiles.MARKER).is_file()
 
-    # The same command again: the wrapper runs both ranks to the end, as torchrun does.
+    # The same command again: the wrapper runs both ranks to the end, as the launcher does.
     resumed = app_dist_train(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming megabatch 2" in resumed.stdout
-    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+    assert read_metrics(run_dir) == read_metrics(reference)
+    engine = "ddp" if launcher == "torchrun" else "deepspeed"
+    masks, weights = final_masks_and_weights(run_dir, engine)
+    want_masks, want_weights = final_masks_and_weights(reference, engine)
+    assert all(torch.equal(masks[name], want_masks[name]) for name in want_masks)
+    assert all(torch.equal(weights[name], want_weights[name]) for name in want_weights)
     assert json.loads(RunLayout(run_dir).outcome.read_text())["status"] == "finished"
 
 

@@ -136,3 +136,17 @@ def test_without_momentum_zeroing_pruned_weights_would_move():
         optimizer.step()
     masks.update({n: torch.zeros(m.shape) for n, m in masks.masks.items()}, optimizer=None)
     assert masks.pruned_residue(optimizer)["optimizer_state"] > 0
+
+
+def test_masked_gradients_keep_their_weights_layout_under_channels_last():
+    """DDP copies every gradient whose strides differ from its weight's (its bucket view):
+    1x1 convolutions under channels_last, most of ResNet-50's weights, have two stride sets
+    for the same memory, and the masked gradient must take the weight's."""
+    model = build_model("resnet50", 10, in_channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    MaskSet(model, attach_masks(model), None, None)
+    model.to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    F.cross_entropy(model(images), torch.tensor([1, 2])).backward()
+    weights = [(name, p) for name, p in model.named_parameters() if p.dim() == 4]
+    assert any(p.shape[2:] == (1, 1) for _, p in weights)
+    assert [name for name, p in weights if p.grad.stride() != p.stride()] == []

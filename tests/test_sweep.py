@@ -133,6 +133,12 @@ def test_bad_sweep_input_is_one_line_naming_the_key_and_exits_2(argument, named,
     assert error.startswith("error: ") and error.count("\n") == 1 and named in error
 
 
+def test_a_training_config_given_as_the_sweep_file_says_so(capsys):
+    assert main(["--config", str(REPO / "configs/digits.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a training config" in error and "base_config" in error
+
+
 def test_perf_keys_are_training_keys_of_every_trial_and_of_the_search_space(tmp_path,
                                                                            digits_shards):
     """Every section of the training schema is a training section, `perf` included: a sweep

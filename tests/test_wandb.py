@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 from app_dist.config import load_config
 from app_dist.foundations.errors import AppDistError
 from app_dist.training.metrics import WandbLog
+
+from .conftest import run_trainer, short_run_args
 
 _BLOCK = 32 * 1024  # wandb's record log is LevelDB's log format: 32 KiB blocks
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -169,6 +172,17 @@ def test_online_without_login_is_one_line_error_with_the_fix(
     message = str(caught.value)
     assert "\n" not in message
     assert "wandb login" in message and "log.wandb.mode=offline" in message
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_starts_no_wandb_run(
+        finished_run: Path, digits_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "app"
+    shutil.copytree(finished_run, run_dir)
+    again = run_trainer(short_run_args(digits_shards, run_dir, "log.wandb.mode=offline"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after megabatch 2" in again.stdout and "wandb sync" not in again.stdout
+    assert len(_offline_runs(run_dir)) == 1  # the first run's
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from app_dist.data.pipeline import ShardReader
 from app_dist.foundations.errors import DataError
+from app_dist.foundations.signals import ignore_preemption_signals
 
 
 def reader_context() -> multiprocessing.context.BaseContext:
@@ -37,7 +38,7 @@ def reader_context() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context()  # no fork server (Windows): spawn
     # app_dist.train too: every reader re-runs the main script (`app_dist/train.py`), and
     # with its imports already loaded that costs milliseconds instead of 0.2 s per reader.
-    # app_dist.data.fork_server first: it makes the server ignore SIGTERM (see its docstring).
+    # app_dist.data.fork_server first: it makes the server ignore the stop signals.
     multiprocessing.set_forkserver_preload(["app_dist.data.fork_server", "app_dist.data.workers",
                                             "app_dist.train"])
     return multiprocessing.get_context("forkserver")
@@ -53,9 +54,9 @@ def start_reader_server(num_workers: int) -> None:
 def _start_reader(trainer_pid: int, worker_id: int) -> None:
     """A pre-emption notice is for the training process to act on (finish the step, write a
     checkpoint); readers must not die first and break the step in flight, so they ignore
-    SIGTERM. They end with the trainer instead: `stop_readers` kills them on its way out, and
-    `_exit_with` ends them when it is gone, however it went (SIGKILL included)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    the stop signals. They end with the trainer instead: `stop_readers` kills them on its way
+    out, and `_exit_with` ends them when it is gone, however it went (SIGKILL included)."""
+    ignore_preemption_signals()
     _exit_with(trainer_pid)
     if not logging.getLogger().handlers:
         # A fresh process: log skipped samples the way the trainer logs.

@@ -134,7 +134,7 @@ def deepspeed_config(engine: EngineSettings, train: TrainSettings, world_size: i
         source = (where if "bf16" in raw or "fp16" in raw
                   else f"config key 'engine.precision' = '{precision}'")
         if device_type != "cuda":
-            raise ConfigError(f"{source}: {precision} needs a GPU (this run is on "
+            raise ConfigError(f"{source}: half precision needs a GPU (this run is on "
                               f"{device_type}); use fp32")
         if stage == 0:
             raise ConfigError(f"{source}: {precision} needs ZeRO stage 1 or 2 (at stage 0 "

@@ -21,6 +21,7 @@ from app_dist.experiment.spec import ExperimentSpec, PlannedRun
 from app_dist.foundations.errors import AppDistError
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.results.runs import read_metrics
+from app_dist.training.run_input import prepare
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 
@@ -63,6 +64,10 @@ def train_runs(spec: ExperimentSpec, planned: list[PlannedRun]) -> None:
             print(f"{run.key}: finished already", flush=True)
         else:
             pending.append(run)
+    # What each run's ranks would refuse (missing shards, a batch the ranks do not divide):
+    # one line before any run starts, not a failure after the first ones have trained.
+    for run in pending:
+        prepare(run.config, world_size=spec.nproc)
     running: list[tuple[PlannedRun, subprocess.Popen, float]] = []
     failures: list[str] = []
     while pending or running:

@@ -29,17 +29,20 @@ def load_structured(schema: type[Schema], path: str | Path | None,
     raise ConfigError; the values themselves are the caller's to validate."""
     path = Path(path) if path is not None else None
     merged = OmegaConf.structured(schema)
+    # Where a bad key came from: the file, or the command line's override that set it.
+    where = f" in {path}" if path is not None else ""
     try:
         if path is not None:
             merged = OmegaConf.merge(merged, read_mapping(path, family))
         for override in overrides:
             if "=" not in override:
                 raise ConfigError(f"override '{override}' is not of the form key=value")
+            where = f" (override '{override}')"
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_ratio_as_text(override)]))
+        where = f" in {path}" if path is not None else ""
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
-        where = f" in {path}" if path is not None else ""
         named = (f"{family} key '{key}'{where}" if key
                  else f"{family} file {path}" if path is not None else family)
         raise ConfigError(f"{named}: {str(error).splitlines()[0]}") from None

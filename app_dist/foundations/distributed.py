@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from app_dist.foundations.errors import ConfigError
+
 
 @dataclass
 class Platform:
@@ -79,7 +81,31 @@ class Platform:
             dist.destroy_process_group()
 
 
+def check_device(setting: str, local_rank: int | None = None) -> None:
+    """ConfigError, before any process group exists, when run.device asks for a GPU this
+    process cannot use: none visible (run.device=cuda on a CPU machine, a container started
+    without its GPUs), or fewer than the node's ranks (local rank k uses GPU k)."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'run.device' = 'cuda': this process sees no CUDA GPU "
+                          "(torch.cuda.is_available() is False); use auto or cpu")
+    if setting in ("cuda", "auto") and torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            # Local rank k uses GPU k of those visible, so every rank must see the node's GPUs
+            # (a per-rank CUDA_VISIBLE_DEVICES, as some schedulers bind, leaves each one).
+            shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(f"config key 'run.device' = '{setting}': local rank {local_rank} "
+                              f"needs GPU {local_rank}, but this process sees {visible}"
+                              + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None
+                                 else "")
+                              + f"; start at most {visible} rank(s) per node, each seeing "
+                                "all of the node's GPUs")
+
+
 def _pick_device(setting: str, local_rank: int) -> torch.device:
+    check_device(setting, local_rank)
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

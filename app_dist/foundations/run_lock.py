@@ -105,12 +105,12 @@ def read_holder(path: Path) -> LockHolder | None:
     an unknown host whose heartbeat is the file's modification time."""
     for attempt in range(3):
         try:
-            text = path.read_text()
+            content = path.read_bytes()  # json.loads decodes it: bytes that are no text fail
             stamp = path.stat().st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            record = json.loads(text)
+            record = json.loads(content)
             return LockHolder(host=str(record["host"]), pid=int(record["pid"]),
                               pid_started=record.get("pid_started"),
                               started=float(record["started"]),

@@ -9,6 +9,8 @@ the bytes on their way to the disk, so sealing a checkpoint needs no second read
 from __future__ import annotations
 
 import hashlib
+import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -80,6 +82,16 @@ def load_torch_file(path: Path, map_location: Any = "cpu",
     """torch.load with weights_only=True: tensors, containers and primitive values only, plus
     the classes in `safe_globals` (those a library's own files hold, e.g. DeepSpeed's), so no
     pickled code runs. Any failure is a CheckpointError naming the file."""
+    # torch.save (ours and DeepSpeed's) writes zip archives; torch.load would also try the
+    # legacy plain-pickle format, and its refusal then reads as advice to load unsafely.
+    try:
+        with Path(path).open("rb") as file:
+            archive = zipfile.is_zipfile(file)
+    except OSError as error:
+        raise CheckpointError(f"cannot load {path}: {error.strerror or error}") from None
+    if not archive:
+        raise CheckpointError(f"cannot load {path}: not a file torch.save wrote (no zip "
+                              "archive: damaged, truncated or another kind of file)")
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -93,6 +105,12 @@ def _load_failure(error: Exception) -> str:
     the one that matters."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     refused = next((line for line in lines if "GLOBAL" in line), None)
+    if refused is None and isinstance(error, pickle.UnpicklingError):
+        # Its first lines suggest weights_only=False; the unpickler's own reason follows.
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line),
+                      None)
+        refused = (lines[marker + 1] if marker is not None and marker + 1 < len(lines)
+                   else "not loadable as weights only")
     if refused is not None:
         return f"refused: it holds pickled code or a type no checkpoint holds ({refused})"
     return lines[0] if lines else type(error).__name__

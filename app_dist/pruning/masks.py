@@ -97,6 +97,21 @@ def attach_masks(model: nn.Module, include_linear: bool = False) -> dict[str, to
     return masks
 
 
+def masked_gradient(grad: torch.Tensor, layer: nn.Module, weight: torch.Tensor
+                    ) -> torch.Tensor:
+    """`grad` with the pruned positions of `layer`'s mask zeroed, laid out as `weight` is.
+
+    Under channels_last a weight with a size-1 dimension (a 1x1 convolution, a stem over
+    1-channel images) has two stride sets for the same memory; a product takes either, and
+    DDP then copies every such gradient into its bucket view (made with the weight's strides)
+    after a warning that performance suffers: 36 of ResNet-50's weights, 52% of its
+    parameters, are 1x1."""
+    mask = layer.weight_mask.to(grad.dtype)
+    if torch.is_grad_enabled():  # differentiated again (GraSP's Hessian-gradient product)
+        return grad * mask
+    return torch.mul(grad, mask, out=torch.empty_like(weight, dtype=grad.dtype))
+
+
 class MaskSet:
     """The prunable weights of a model and their masks, addressed by parameter name."""
 
@@ -119,7 +134,7 @@ class MaskSet:
         self.weights = {name: params[name] for name in masks}
         self._hooks = [
             weight.register_hook(
-                lambda grad, layer=layer: grad * layer.weight_mask.to(grad.dtype))
+                lambda grad, layer=layer, weight=weight: masked_gradient(grad, layer, weight))
             for weight, layer in zip(self.weights.values(), self._layers.values())
         ]
 

@@ -211,9 +211,25 @@ def load_sweep(path: str | Path, arguments: list[str] | None = None,
     """Read, merge and validate a sweep file; raises ConfigError naming the bad key."""
     root = root or project_root()
     sweep_overrides, training_overrides = split_arguments(arguments or [])
-    settings = load_structured(SweepSettings, path, sweep_overrides, family="sweep")
+    try:
+        settings = load_structured(SweepSettings, path, sweep_overrides, family="sweep")
+    except ConfigError as error:
+        raise ConfigError(f"{error}{_training_config_hint(Path(path))}") from None
     settings.overrides = [*settings.overrides, *training_overrides]
     return validate_sweep(settings, root)
+
+
+def _training_config_hint(path: Path) -> str:
+    """What to say after a sweep file's error when the file is a training config (its top
+    level has training sections and no base_config), else ''."""
+    try:
+        top = set(OmegaConf.load(path))
+    except Exception:  # unreadable or not a mapping: the error itself says so
+        return ""
+    if "base_config" in top or not top & set(TRAINING_SECTIONS):
+        return ""
+    return (f" ({path} is a training config: a sweep file names one as base_config and "
+            "searches over its keys; see configs/sweep_digits.yaml and docs/SWEEPS.md)")
 
 
 def validate_sweep(settings: SweepSettings, root: Path) -> Sweep:

@@ -12,7 +12,9 @@ TARGET is checkpoint.anytime_to: RUN_DIR/anytime by default, another folder, or 
 gs:// URL. Each file is replaced whole (a local rename, or one object put), so a reader never
 sees half of one. Publishing is a service beside training, not part of it: a failure (a full
 disk, a store that is down) is a warning and the next megabatch publishes again; the
-checkpoint remains the run's record.
+checkpoint remains the run's record. A run that starts again from a megabatch's checkpoint
+publishes that megabatch's model first when the target holds an older one (the last
+megabatch's publish failed, or the run was stopped between its checkpoint and the publish).
 """
 
 from __future__ import annotations
@@ -50,16 +52,35 @@ def anytime_target(config: Config, run_dir: Path) -> str | None:
 class AnytimeModel(Callback):
     """Publishes the engine's model after each megabatch (rank 0 only)."""
 
-    def __init__(self, target: str, architecture: dict[str, Any], run_dir: Path) -> None:
+    def __init__(self, target: str, architecture: dict[str, Any], run_dir: Path,
+                 restored: tuple[dict[str, Any], Path] | None = None) -> None:
+        """`restored`: the record and the folder of the megabatch checkpoint the engine's
+        model was restored from (None when the run starts afresh or inside a megabatch,
+        whose weights are no megabatch's model). A pre-emption inside the megabatch after a
+        failed publish leaves the target one megabatch behind until that megabatch ends."""
         self.target = target
         self.architecture = architecture
         self.run_dir = run_dir
         self.remote = (RemoteFolder(target, Retry(), key="checkpoint.anytime_to")
                        if is_remote(target) else None)
         self.engine: Any = None
+        self.restored = restored
 
     def run_start(self, engine: Any) -> None:
         self.engine = engine
+        if self.restored is not None:
+            record, folder = self.restored
+            if self.published_megabatch() < record["megabatch"]:
+                self.megabatch_end(record, folder)
+
+    def published_megabatch(self) -> int:
+        """The megabatch of the model the target holds; 0 when none can be read."""
+        try:
+            text = (self.remote.read_text(POINTER_FILE) if self.remote is not None
+                    else (Path(self.target) / POINTER_FILE).read_text())
+            return int(json.loads(text)["megabatch"])
+        except (OSError, AppDistError, ValueError, KeyError, TypeError):
+            return 0
 
     def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
         started = time.monotonic()

@@ -180,6 +180,9 @@ class Checkpointer:
         config = self.config
         assert config is not None, "restore() needs the run's config (Checkpointer.for_run)"
         if not config.checkpoint.resume:
+            if self.platform.is_primary and any(self.layout.checkpoints.glob("megabatch-*")):
+                log.info("checkpoint.resume=false: starting over; each earlier checkpoint is "
+                         "kept aside (NAME.replaced-TIME) when the new run replaces it")
             return RunState(), None
         checkpoint = self.latest()
         if checkpoint is None:
@@ -219,8 +222,10 @@ class Checkpointer:
                                   f"{checkpoint.world_size} ranks: resume it with as many")
         progress = MegabatchProgress(**saved["progress"], epoch_sums=rank_state["epoch_sums"])
         engine.module.load_state_dict(rank_state["buffers"], strict=False)
-        log.info("resuming megabatch %d at epoch %d, step %d from %s", progress.megabatch,
-                 progress.epoch + 1, progress.steps_done, checkpoint.path)
+        where = (f"at epoch {progress.epoch + 1}, step {progress.steps_done}"
+                 if progress.epoch < config.train.epochs
+                 else "after its last epoch, at its test pass")
+        log.info("resuming megabatch %d %s from %s", progress.megabatch, where, checkpoint.path)
         return run, progress
 
     # ------------------------------------------------------------------ files
@@ -274,10 +279,10 @@ class Checkpointer:
         })
         fsync_directory(staging)
         if final.exists():
-            # Only happens when a resume skipped a damaged newer checkpoint: keep it for
-            # inspection rather than deleting it.
+            # A resume skipped this damaged checkpoint, or checkpoint.resume=false starts
+            # over: keep it for inspection rather than deleting it.
             aside = self.layout.set_aside(final, "replaced", int(time.time()))
-            log.warning("keeping the unusable checkpoint %s as %s", final, aside)
+            log.warning("keeping the earlier checkpoint %s as %s", final, aside)
             os.replace(final, aside)
         os.replace(staging, final)
         fsync_directory(self.layout.checkpoints)
@@ -336,6 +341,12 @@ def _cannot_write(final: Path, error: OSError) -> CheckpointError:
                            "earlier checkpoints are intact")
 
 
+def _inside(name: str) -> bool:
+    """Whether a file name from a marker stays inside the checkpoint folder."""
+    path = Path(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
 def verify(folder: Path) -> str | None:
     """None when the folder is a complete checkpoint whose files match their sha256,
     else a one-line reason."""
@@ -348,6 +359,10 @@ def verify(folder: Path) -> str | None:
         int(marker["megabatch"]), int(marker["world_size"])
     except (ValueError, KeyError, TypeError) as error:
         return f"{MARKER} is unreadable ({error})"
+    if not isinstance(expected, dict) or not all(
+            isinstance(name, str) and isinstance(digest, str) and _inside(name)
+            for name, digest in expected.items()):
+        return f"{MARKER} is unreadable (its sha256 is not a map of file names to digests)"
     if STATE not in expected:
         return f"{MARKER} lists no {STATE}"
     for name, digest in expected.items():

@@ -18,9 +18,12 @@ node (DeepSpeed 0.19); the wrapper gives both launchers one contract. It
    as a child in a process group of its own and forwards SIGTERM, SIGINT and SIGHUP to that
    group (a pre-emption notice delivered to the wrapper reaches the ranks through the
    launcher, which signals each rank's group);
-3. waits; when the launcher failed and the run's outcome file (written by rank 0 as the run
-   ends) says `preempted` or `bad_input`, exits 75 or 2, else with the launcher's own code.
-   Everything the launcher prints passes through unchanged.
+3. waits; when the launcher failed, also for the processes it started (the deepspeed runner
+   dies of SIGTERM at once while its ranks still write their pre-emption checkpoint); then,
+   when the run's outcome file (written by rank 0 as the run ends) says `preempted` or
+   `bad_input`, exits 75 or 2, else with the launcher's own code. torchrun runs through
+   quiet_torchrun.py, whose failure is one line instead of its traceback; everything the
+   ranks print passes through unchanged.
 
 Without --nproc-per-node, `app-dist train` trains in this process, as app_dist/train.py.
 """
@@ -36,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -47,17 +51,25 @@ from app_dist.foundations.commands import (
     UsageError,
     missing_config,
     run_command,
+    shell_exit_code,
 )
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import check_free
+from app_dist.foundations.signals import heeded_signals, preemption_listening
 from app_dist.training.run_input import build_parser as trainer_parser
 from app_dist.training.run_input import prepare
 
 LAUNCHERS = ("torchrun", "deepspeed")
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # The outcome file's status -> the wrapper's exit code when the launcher failed.
 OUTCOME_EXIT_CODES = {"preempted": PREEMPTED, "bad_input": BAD_INPUT}
+# torchrun, reporting a failed launch in one line with the failing rank's exit code.
+QUIET_TORCHRUN = "app_dist.training.quiet_torchrun"
+# How long the wrapper waits, after a failed or signalled launcher exited, for the processes it
+# started (the deepspeed runner dies of SIGTERM at once while its ranks still write their
+# pre-emption checkpoint): more than the launchers' own 30 s between their stop signal and
+# SIGKILL.
+DRAIN_TIMEOUT_S = 60.0
 # What every rank runs (found by path: importing app_dist.train would import torch, which the
 # wrapper does not need; see the module docstring of run_input.py).
 TRAINER_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
@@ -121,8 +133,7 @@ def launcher_command(args: argparse.Namespace, script: Path) -> list[str]:
         if port is not None:
             command += ["--master_port", str(port)]
         return [*command, *extra, str(script), *run]
-    command = [sys.executable, "-m", "torch.distributed.run",
-               "--nproc_per_node", str(args.nproc_per_node)]
+    command = [sys.executable, "-m", QUIET_TORCHRUN, "--nproc_per_node", str(args.nproc_per_node)]
     if (nnodes == 1 and not args.rdzv_endpoint and not args.master_addr
             and args.master_port is None):
         command += ["--standalone"]  # a free rendezvous port on this machine
@@ -226,7 +237,9 @@ def run_exit_code(launcher_code: int, outcome: dict | None) -> int:
 
 def supervise(command: list[str], environment: dict[str, str] | None = None) -> int:
     """Run `command` in a process group of its own until it ends, forwarding SIGTERM, SIGINT
-    and SIGHUP to that group; its exit code (128 + N when signal N ended it)."""
+    and SIGHUP to that group (those this process does not ignore: under `nohup` a hang-up
+    stays ignored); when it failed, wait for the processes it started too. Its exit code
+    (128 + N when signal N ended it)."""
     child: subprocess.Popen | None = None
     pending: list[int] = []
 
@@ -239,16 +252,67 @@ def supervise(command: list[str], environment: dict[str, str] | None = None) -> 
         except ProcessLookupError:  # already gone
             pass
 
-    previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
+    previous = {number: signal.signal(number, forward) for number in heeded_signals()}
+    adopts_orphans = set_subreaper(True)
     try:
         child = subprocess.Popen(command, start_new_session=True, env=environment)
         for signum in pending:
             forward(signum, None)
         code = child.wait()
+        if code != 0:
+            wait_for_the_launch(child.pid, DRAIN_TIMEOUT_S)
     finally:
+        if adopts_orphans:
+            set_subreaper(False)
         for number, handler in previous.items():
             signal.signal(number, handler)
-    return code if code >= 0 else 128 - code
+    return shell_exit_code(code)
+
+
+def set_subreaper(on: bool) -> bool:
+    """Make this process the one that adopts its descendants whose parent dies (Linux's
+    PR_SET_CHILD_SUBREAPER), or stop; so that it can wait for a launcher's ranks after the
+    launcher itself has gone. False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def wait_for_the_launch(group: int, timeout_s: float) -> bool:
+    """After the launcher exited, wait up to `timeout_s` until no process is left in its
+    process group `group` (those it started that are this process's children now, adopted
+    as a subreaper, are reaped as they end; other children are left alone). The run's
+    outcome file is final only then. False when some were still running at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-group, os.WNOHANG)[0] > 0:  # reap the group's ended children
+                pass
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return True
+        if time.monotonic() >= deadline:
+            _say(f"[app-dist] processes of the launch still run after {timeout_s:.0f} s; not "
+                 "waiting for them")
+            return False
+        if not announced:
+            _say("[app-dist] the launcher has exited; waiting for its ranks to finish")
+            announced = True
+        time.sleep(0.2)
+
+
+def _say(line: str) -> None:
+    """A line on stderr, if there still is one (after a hang-up writes fail with EIO)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -271,8 +335,8 @@ def launch(args: argparse.Namespace) -> int:
     ended = read_outcome(outcome)
     code = run_exit_code(launcher_code, ended)
     if code != launcher_code:
-        print(f"[app-dist] the launcher exited {launcher_code}; the run's outcome is "
-              f"{ended['status']!r}: exit {code}", file=sys.stderr, flush=True)
+        _say(f"[app-dist] the launcher exited {launcher_code}; the run's outcome is "
+             f"{ended['status']!r}: exit {code}")
     return code
 
 
@@ -284,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         check_launch_flags(args)
         if args.nproc_per_node is None:
-            from app_dist.train import main as train_here  # only now: it imports torch
+            with preemption_listening():  # before torch's import, as train.py
+                from app_dist.train import main as train_here  # only now: it imports torch
 
-            return train_here(argv)
+                return train_here(argv)
         return launch(args)
 
     return run_command(build_parser(), argv, body)

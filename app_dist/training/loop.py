@@ -48,7 +48,8 @@ class MegabatchLoop:
 
     def run(self, state: RunState, progress: MegabatchProgress | None = None) -> RunState:
         """Megabatches completed+1 .. T; `progress` continues a pre-empted megabatch.
-        Raises Preempted after checkpointing when SIGTERM arrives."""
+        Raises Preempted after checkpointing when a stop signal arrives (SIGTERM, SIGINT,
+        SIGHUP: app_dist.foundations.signals)."""
         self.events.fire("run_start", engine=self.engine)
         try:
             return self._run(state, progress)
@@ -56,6 +57,10 @@ class MegabatchLoop:
             self.preemption.restore()
 
     def _run(self, state: RunState, progress: MegabatchProgress | None) -> RunState:
+        unfinished = state.completed < len(self.schedule)
+        if unfinished and self.preemption.agreed_now(self.platform):  # a signal while starting
+            raise Preempted("pre-empted while starting, before any training: the last "
+                            "checkpoint is unchanged")
         for megabatch in range(state.completed + 1, len(self.schedule) + 1):
             # data.follow: a stream's megabatch may not have arrived yet (a no-op otherwise).
             await_megabatch(megabatch, self.stream, self.config.data, self.platform,

@@ -236,7 +236,14 @@ def main(args: argparse.Namespace) -> int:
         raise missing_config("app-dist profile")
     if args.megabatches < 1:
         raise UsageError("app-dist profile: --megabatches must be >= 1")
-    profile = profile_run(args.config, args.overrides, args.megabatches)
+    from app_dist.training.preemption import Preempted
+
+    try:
+        profile = profile_run(args.config, args.overrides, args.megabatches)
+    except Preempted:  # Ctrl-C: the loop stopped at its next step; the run was a scratch one
+        print("app-dist profile: stopped by a signal before the profile was complete",
+              file=sys.stderr, flush=True)
+        return 130
     for megabatch in sorted(profile.walls):
         print(profile.table(megabatch), end="\n\n", flush=True)
     return 0

@@ -225,7 +225,10 @@ def write_shards(source_kind: str, source: str | None, out: str, samples_per_sha
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="app-dist shards",
-                            description="Write WebDataset tar shards and a manifest.json.")
+                            description="Write WebDataset tar shards and a manifest.json.",
+                            epilog="`app-dist shards append STREAM --from SHARDS` publishes the "
+                                   "next megabatch of a stream that a run with data.follow=true "
+                                   "trains on as it arrives (`app-dist shards append --help`).")
     parser.add_argument("kind", choices=SOURCE_KINDS, help="what SOURCE is")
     parser.add_argument("source", nargs="?", default=None,
                         help="image folder or CIFAR download directory (none for digits)")

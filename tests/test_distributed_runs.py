@@ -203,14 +203,17 @@ def test_whole_sample_scoring_gives_the_same_masks_on_one_two_and_four_ranks(dig
 @pytest.mark.distributed
 def test_sync_batchnorm_with_whole_scoring_gives_the_same_run_on_one_and_two_ranks(tmp_path):
     """model.sync_batchnorm=true with prune.scoring=whole: 1 and 2 ranks (global batch 64)
-    keep the same masks at every megabatch and end at the same metrics, up to float
-    rounding. For the ranks to train on the same global batches this uses shards of one
+    keep the same masks at every megabatch, and the first megabatch ends at the same metrics
+    up to float rounding. For the ranks to train on the same global batches this uses shards of one
     sample and no shuffle buffer (rank r then reads every 2nd sample of the one-rank order)
     and digits without augmentation; perf.channels_last=false because the CPU's
     channels-last BatchNorm kernel (the one-rank run's) rounds differently.
-    Measured: identical masks and metrics equal to 1e-7; without sync_batchnorm the second
-    megabatch's masks differ in 5118 positions (87% of the kept weights kept by both) and
-    the test loss by 1e-2, so the bounds below fail without it."""
+    Measured: identical masks at both megabatches and the first megabatch's metrics equal to
+    4e-8. The second megabatch's training amplifies rounding by a machine's own amount: its
+    test loss differed by 1e-7 on one machine, by 6e-3 (5 vs 6 test errors, identical masks)
+    on an AMD EPYC, so only its masks are compared. Without sync_batchnorm the first
+    megabatch's test loss differs by 6e-3 and the second megabatch's masks in 2559 of 20364
+    kept weights (87% kept by both), so the bounds below fail without it."""
     from app_dist.data.prepare.shards import write_shards
 
     shards = tmp_path / "one-sample-shards"
@@ -225,6 +228,6 @@ def test_sync_batchnorm_with_whole_scoring_gives_the_same_run_on_one_and_two_ran
         kept_by_both = sum(int((masks[0][name] & masks[1][name]).sum()) for name in masks[0])
         # Bit-equal here; 99% leaves room for another CPU's rounding.
         assert kept_by_both >= (1.0 if t == 1 else 0.99) * kept, (t, kept_by_both, kept)
-    for one, two in zip(read_metrics(runs[1]), read_metrics(runs[2]), strict=True):
-        assert abs(one["test_errors"] - two["test_errors"]) <= 1, one["megabatch"]
-        assert one["test_loss"] == pytest.approx(two["test_loss"], abs=1e-4), one["megabatch"]
+    one, two = (read_metrics(runs[r])[0] for r in (1, 2))  # the first megabatch's
+    assert one["test_errors"] == two["test_errors"]
+    assert one["test_loss"] == pytest.approx(two["test_loss"], abs=1e-5)

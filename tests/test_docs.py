@@ -126,6 +126,10 @@ QUOTED_MESSAGES = [
     "pre-empted while starting, before any training",
     "the learning rate never decays at",
     "started by the deepspeed launcher, training with engine.kind=",
+    "is empty; it must hold",
+    "a list, not a mapping",
+    "is a file, not a folder",
+    "stopping the sweep as Ctrl-C does",
 ]
 
 

@@ -139,6 +139,96 @@ def test_a_training_config_given_as_the_sweep_file_says_so(capsys):
     assert error.count("\n") == 1 and "is a training config" in error and "base_config" in error
 
 
+@pytest.mark.parametrize(("changes", "trials"), [
+    ({}, 3),  # the grid of three methods
+    ({"num_samples": 2}, 6),  # each repeat runs the whole grid
+    ({"num_samples": 4, "search_space": {"prune.method": {"grid": ["app", "osp"]},
+                                         "train.lr": {"loguniform": [0.01, 0.1]},
+                                         "prune.criterion": {"choice": ["snip", "magnitude"]},
+                                         "train.epochs": 1}}, 8),  # draws do not multiply
+])
+def test_the_sweep_knows_how_many_trials_it_has(changes, trials, tmp_path, digits_shards):
+    """What an interrupted sweep compares its result rows with: trials Tune never created
+    are not started, and the sweep is not done."""
+    assert load_sweep(sweep_file(tmp_path, digits_shards, **changes)).trial_count == trials
+
+
+@pytest.mark.parametrize(("changes", "key", "says"), [
+    ({}, "workers_per_trial", "a trial needs 2 CPU (2 worker(s) x 1); the cluster has 1"),
+    ({"resources_per_worker": {"CPU": 1, "GPU": 1}, "workers_per_trial": 1},
+     "resources_per_worker.GPU", "a trial needs 1 GPU (1 worker(s) x 1); the cluster has 0"),
+])
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_trial_the_local_ray_can_never_place_is_one_line_not_a_wait_for_ever(
+        changes, key, says, tmp_path, digits_shards):
+    """The sweep starts its own one-CPU Ray (no cluster running; `--num-cpus 1`): a trial of
+    two one-CPU workers, or of a GPU worker, could never start."""
+    path = sweep_file(tmp_path, digits_shards, **changes)
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, str(REPO / "launch/sweep.py"), "--config",
+                             str(path), "--num-cpus", "1"], cwd=tmp_path, timeout=180,
+                            env={**environment, "RAY_USAGE_STATS_ENABLED": "0"},
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"sweep key '{key}'" in line and says in line and "cannot grow" in line, line
+    assert not (tmp_path / "storage" / "digits-test").exists()  # no experiment was started
+
+
+def test_a_cluster_that_may_grow_is_warned_about_a_trial_it_cannot_place_yet(
+        monkeypatch, tmp_path, digits_shards, caplog):
+    """On a joined cluster (an autoscaler may add nodes) the sweep starts and says why its
+    trials wait; a worker larger than every node is named too. (Ray's two answers are
+    replaced here; the real local Ray is the test above.)"""
+    import ray
+
+    from app_dist.sweep.runner import check_placeable
+
+    two_nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True,
+                                                             "Resources": {"CPU": 2.0}}]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "nodes", lambda: two_nodes)
+    sweep = load_sweep(sweep_file(tmp_path, digits_shards,
+                                  resources_per_worker={"CPU": 3, "GPU": 0}, workers_per_trial=1))
+    with caplog.at_level("WARNING", logger="app_dist"):
+        check_placeable(sweep, started_here=False)
+    assert ("sweep key 'resources_per_worker.CPU' = 3.0: one worker needs 3 CPU; the cluster's "
+            "largest node has 2 now; trials wait until the cluster grows") in caplog.text
+    with pytest.raises(ConfigError, match="resources_per_worker.CPU.*cannot grow"):
+        check_placeable(sweep, started_here=True)
+    caplog.clear()
+    check_placeable(load_sweep(sweep_file(tmp_path, digits_shards)), started_here=False)
+    assert not caplog.text  # 2 workers x 1 CPU fit
+
+
+@pytest.mark.parametrize(("written", "says"), [
+    ("", "is empty"),
+    ("# the sweep, to be written\n", "is empty"),
+    ("name: s\noverrides: {train.epochs: 1}\n", "key 'overrides' in "),
+    ("name: s\nsearch_space: [prune.method]\n", "key 'search_space' in "),
+])
+def test_an_empty_sweep_file_or_a_list_written_as_a_mapping_is_one_line(written, says,
+                                                                        tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(written)
+    assert main(["--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and says in error, error
+
+
+@pytest.mark.parametrize("key", ["storage_path", "run_root"])
+def test_a_storage_path_or_run_root_under_a_file_is_refused_before_ray_starts(
+        key, tmp_path, digits_shards, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    path = sweep_file(tmp_path, digits_shards, **{key: str(blocker / "sweeps")})
+    assert main(["--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"key '{key}'" in error and "is a file" in error
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
 def test_perf_keys_are_training_keys_of_every_trial_and_of_the_search_space(tmp_path,
                                                                            digits_shards):
     """Every section of the training schema is a training section, `perf` included: a sweep
@@ -511,10 +601,10 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
     cannot be placed on what is left (2 workers of 1 CPU, 1 CPU left), runs again once the
     node is back, Ray Train restarting its worker group from the last reported megabatch
     checkpoint. Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and
-    trial 3 can only start if the stopped trial's workers gave their CPUs back. The sweep's
-    driver is interrupted (SIGINT, as Ctrl-C) while trial 3 is half way; the same command
-    restores the experiment without rerunning finished trials, and the sweep ends with every
-    trial's result.
+    trial 3 can only start if the stopped trial's workers gave their CPUs back. While trial 3
+    is half way, SIGTERM goes to the driver's process group (as a scheduler stops a job; the
+    driver takes it as Ctrl-C); the same command restores the experiment without rerunning
+    finished trials, and the sweep ends with every trial's result.
 
     The sweep's storage_path and its shards are in an S3 bucket (moto's server): Tune's
     experiment, the result table and Ray Train's checkpoint copies live there, and before the
@@ -561,14 +651,15 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
         assert wait_for(third_trial_halfway, first, timeout=300, interval=0.2), (
             driver_log.read_text()[-3000:])
         trials = trial_dirs()
-        first.send_signal(signal.SIGINT)
+        os.killpg(first.pid, signal.SIGTERM)  # as a scheduler stops a job
         first.wait(timeout=120)
         output = driver_log.read_text()
     finally:
         if first.poll() is None:
             kill_tree(first)
     assert first.returncode == 1, output[-3000:]  # an unfinished trial: run it again
-    assert "unfinished" in output
+    assert "SIGTERM received: stopping the sweep as Ctrl-C does" in output
+    assert "1 unfinished, 0 not started" in output and "*** SIGTERM received" not in output
     interrupted = trials[2]
     reached = experiment.reported_to_ray_train(interrupted)
     assert reached < megabatches, "the interruption came too late to leave it unfinished"
@@ -666,11 +757,15 @@ def test_elastic_trial_goes_on_with_the_workers_left_and_resumes_from_its_last_r
     2. that worker is SIGTERMed once it has written megabatch 3's checkpoint but before it
        reported it (the fault hook only pauses it there for 5 s and names its pid). Ray Train
        restarts from megabatch 2, the last one it registered; the unreported checkpoint is set
-       aside and megabatch 3 is trained again.
+       aside and megabatch 3 is trained again;
+    3. the moment Ray Train has registered megabatch 4, the last, the sweep's driver is
+       SIGKILLed, most often before Tune has saved that report in its experiment state. The
+       same command restores the sweep: the trial finds its run complete and reports its last
+       megabatch again, so the result is megabatch 4, not the megabatch Tune had saved.
 
     The trial completes with each megabatch reported once (restarting from scratch, or from an
-    unreported checkpoint, would report one twice), and metrics.jsonl records the world size
-    of each megabatch (2 first, 1 last)."""
+    unreported checkpoint, would report one twice; only the last may be heard again after the
+    restore), and metrics.jsonl records the world size of each megabatch (2 first, 1 last)."""
     megabatches = 4
     announce = tmp_path / "paused"
     path = sweep_file(
@@ -701,21 +796,33 @@ def test_elastic_trial_goes_on_with_the_workers_left_and_resumes_from_its_last_r
         two_node_ray.lose_worker_node()
         watcher = signal_when_announced(announce, signal.SIGTERM, lambda: registered(2),
                                         time.monotonic() + 300)
-        assert sweep.wait(timeout=300) == 0, driver_log.read_text()[-3000:]
+        if wait_for(lambda: registered(megabatches), sweep, timeout=300, interval=0.02):
+            os.killpg(sweep.pid, signal.SIGKILL)  # the driver's machine is gone
+        else:  # ended first: Tune heard every report before this test could interrupt it
+            assert sweep.returncode == 0, driver_log.read_text()[-3000:]
+        sweep.wait(timeout=30)
     finally:
         if sweep.poll() is None:
             kill_tree(sweep)
     assert not watcher.is_alive(), "the worker never reached the moment"
+    trial_id = sorted(d.name for d in runs.glob("*"))[0]
+    heard_before_restore = [r["megabatch"] for r in experiment.tune_reports(trial_id)]
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, **two_node_ray.env},
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     (row,) = experiment.read_json("results.json")
     assert (row["status"], row["megabatch"]) == ("completed", megabatches)
     reports = experiment.tune_reports(row["trial_id"])
+    heard = [r["megabatch"] for r in reports]
     run_dir = runs / row["trial_id"]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["megabatch"] for r in reports] == [r["megabatch"] for r in logged] == list(
+    assert heard[:megabatches] == [r["megabatch"] for r in logged] == list(
         range(1, megabatches + 1))
+    assert heard[megabatches:] in ([], [megabatches])  # the last, said again after the restore
     assert len(list((run_dir / "checkpoints").glob("megabatch-0003.unreported-*"))) == 1
     assert logged[1]["seconds"] == reports[1]["seconds"]  # megabatch 2 was not recomputed
     sizes = [r["world_size"] for r in logged]
     assert sizes[0] == 2 and sizes[-1] == 1, sizes
-    assert [r["world_size"] for r in reports] == sizes
-    print(f"elastic trial: world sizes {sizes}")
+    assert [r["world_size"] for r in reports[:megabatches]] == sizes
+    print(f"elastic trial: world sizes {sizes}; Tune's file held megabatches "
+          f"{heard_before_restore} when the driver was killed, {heard} after the restore")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from app_dist.foundations.errors import ConfigError, one_line
@@ -31,14 +31,17 @@ def load_structured(schema: type[Schema], path: str | Path | None,
     merged = OmegaConf.structured(schema)
     # Where a bad key came from: the file, or the command line's override that set it.
     where = f" in {path}" if path is not None else ""
+    layer: DictConfig | None = None
     try:
         if path is not None:
-            merged = OmegaConf.merge(merged, read_mapping(path, family))
+            layer = read_mapping(path, family)
+            merged = OmegaConf.merge(merged, layer)
         for override in overrides:
             if "=" not in override:
                 raise ConfigError(f"override '{override}' is not of the form key=value")
             where = f" (override '{override}')"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_ratio_as_text(override)]))
+            layer = OmegaConf.from_dotlist([_ratio_as_text(override)])
+            merged = OmegaConf.merge(merged, layer)
         where = f" in {path}" if path is not None else ""
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
@@ -46,6 +49,27 @@ def load_structured(schema: type[Schema], path: str | Path | None,
         named = (f"{family} key '{key}'{where}" if key
                  else f"{family} file {path}" if path is not None else family)
         raise ConfigError(f"{named}: {str(error).splitlines()[0]}") from None
+    except TypeError:  # OmegaConf's "Cannot merge incompatible container types", unnamed
+        key, expected = _mismatched_container(OmegaConf.structured(schema), layer)
+        raise ConfigError(f"{family} key '{key}'{where}: must be {expected}") from None
+
+
+def _mismatched_container(schema: DictConfig, layer: DictConfig | None,
+                          prefix: str = "") -> tuple[str, str]:
+    """The first key of `layer` given as a mapping where `schema` has a list or the other
+    way round (e.g. `overrides: {a: 1}` for a list of key=value), and what it must be."""
+    for key, value in (layer or {}).items():
+        name = f"{prefix}{key}"
+        expected = schema.get(key) if isinstance(schema, DictConfig) else None
+        if isinstance(expected, ListConfig) and isinstance(value, DictConfig):
+            return name, "a list, not a mapping"
+        if isinstance(expected, DictConfig) and isinstance(value, ListConfig):
+            return name, "a mapping, not a list"
+        if isinstance(expected, DictConfig) and isinstance(value, DictConfig):
+            found = _mismatched_container(expected, value, f"{name}.")
+            if found[0]:
+                return found
+    return "", "of another type"
 
 
 _RATIO = re.compile(r"^([^=]+)=(\d+:\d+)$")
@@ -83,6 +107,8 @@ def read_mapping(path: Path, family: str) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{culprit}: the top level is a list, but it must be a mapping of "
                           "`key: value` lines")
+    if not loaded:  # an empty file or only comments: surely not the file meant
+        raise ConfigError(f"{culprit} is empty; it must hold `key: value` lines")
     return loaded
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from omegaconf import OmegaConf
 from app_dist.config import flatten
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.signals import heeded_signals
 from app_dist.sweep.results import (
     RESULT_FILES,
     TrialOutcome,
@@ -193,18 +196,62 @@ def run_sweep(sweep: Sweep, retry_errored: bool = False) -> list[dict[str, Any]]
     return rows
 
 
-def connect_ray(num_cpus: int | None) -> bool:
+def check_placeable(sweep: Sweep, started_here: bool) -> None:
+    """A trial's workers and driver fit the cluster. On the local Ray this process started
+    nothing will ever join, and a trial that cannot be placed would wait for ever: that is
+    bad input (ConfigError). On a cluster it joined, one an autoscaler may grow, it is a
+    warning."""
+    import ray
+
+    settings = sweep.settings
+    fewest = sweep.world_sizes[0]
+    per_worker = {"CPU": settings.resources_per_worker.CPU,
+                  "GPU": settings.resources_per_worker.GPU}
+    driver = settings.trial_driver.CPU
+    have = ray.cluster_resources()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for kind in ("GPU", "CPU"):
+        need = fewest * per_worker[kind] + (driver if kind == "CPU" else 0.0)
+        total = have.get(kind, 0.0)
+        largest_node = max((resources.get(kind, 0.0) for resources in nodes), default=0.0)
+        if need > total:
+            key = ("resources_per_worker.GPU" if kind == "GPU"
+                   else "min_workers_per_trial" if settings.min_workers_per_trial
+                   else "workers_per_trial")
+            says = (f"a trial needs {need:g} {kind} ({fewest} worker(s) x {per_worker[kind]:g}"
+                    f"{f' + its driver {driver:g}' if kind == 'CPU' and driver else ''}); "
+                    f"the cluster has {total:g}")
+        elif per_worker[kind] > largest_node:
+            key = f"resources_per_worker.{kind}"
+            says = (f"one worker needs {per_worker[kind]:g} {kind}; the cluster's largest "
+                    f"node has {largest_node:g}")
+        else:
+            continue
+        value = (per_worker[kind] if key.startswith("resources_per_worker")
+                 else getattr(settings, key))
+        if started_here:
+            raise ConfigError(f"sweep key '{key}' = {value!r}: {says}, and the local Ray "
+                              "started here (no cluster was running) cannot grow; lower it, or "
+                              "run the sweep on a larger cluster (RAY_ADDRESS)")
+        log.warning("sweep key '%s' = %r: %s now; trials wait until the cluster grows (an "
+                    "autoscaler), for ever if it does not", key, value, says)
+        return
+
+
+def connect_ray(num_cpus: int | None) -> str:
     """Join the cluster RAY_ADDRESS names (or the one `ray start` left on this machine), or
-    start a local one. Returns False when this process was already connected."""
+    start a local one. Returns "joined", "started" (a local Ray of this process's own) or
+    "already" (this process was connected before)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return "already"
     try:
         ray.init(address="auto")
+        return "joined"
     except ConnectionError:
         ray.init(num_cpus=num_cpus)
-    return True
+        return "started"
 
 
 def build_parser() -> ArgumentParser:
@@ -223,6 +270,22 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def stop_signals_as_ctrl_c() -> None:
+    """SIGTERM (a scheduler, `kill`, `timeout`) and SIGHUP (a closed terminal) to the sweep's
+    driver do what Ctrl-C does: Tune stops, saves the experiment and returns the trials so
+    far, and the same command continues. Installed after Ray connected, whose own SIGTERM
+    handler prints a crash dump and exits 1. Signals the process was started ignoring
+    (`nohup`) stay ignored."""
+    def as_ctrl_c(signum: int, frame: Any) -> None:
+        print(f"[app-dist] {signal.Signals(signum).name} received: stopping the sweep as "
+              "Ctrl-C does", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    for number in heeded_signals():
+        if number != signal.SIGINT:
+            signal.signal(number, as_ctrl_c)
+
+
 @command(build_parser)
 def main(args: argparse.Namespace) -> int:
     """`app-dist sweep`: 0 when every trial completed or was stopped by the scheduler, 1 when
@@ -231,18 +294,26 @@ def main(args: argparse.Namespace) -> int:
     sweep = load_sweep(find_sweep_file(args.config, root), args.overrides, root)
     check_same_sweep(sweep)
     logging.basicConfig(format="[app-dist] %(message)s", level=logging.INFO)
-    import ray
-
-    connected_here = connect_ray(args.num_cpus)
     try:
-        rows = run_sweep(sweep, args.retry_errored)
-    finally:
-        if connected_here:
-            ray.shutdown()
+        import ray
+
+        connection = connect_ray(args.num_cpus)
+        try:
+            check_placeable(sweep, started_here=connection == "started")
+            stop_signals_as_ctrl_c()
+            rows = run_sweep(sweep, args.retry_errored)
+        finally:
+            if connection != "already":
+                ray.shutdown()
+    except KeyboardInterrupt:  # Ctrl-C before Tune listens for it, or twice
+        print("sweep interrupted: run the same command again to continue", file=sys.stderr)
+        return 1
     statuses = [row["status"] for row in rows]
-    if any(s in ("error", "unfinished") for s in statuses):
+    not_started = sweep.trial_count - len(rows)  # interrupted before Tune created them
+    if not_started > 0 or any(s in ("error", "unfinished") for s in statuses):
         print(f"{statuses.count('error')} trial(s) failed, {statuses.count('unfinished')} "
-              "unfinished: run the same command again to continue"
+              f"unfinished, {max(not_started, 0)} not started: run the same command again "
+              "to continue"
               + (" (add --retry-errored to rerun failed ones)" if "error" in statuses else ""),
               file=sys.stderr)
         return 1

@@ -17,6 +17,8 @@ project root (see `project_root`), so the same file works from the checkout and 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -160,6 +162,14 @@ class Sweep:
         return folder_at(self.experiment_path, Retry(), key="storage_path")
 
     @property
+    def trial_count(self) -> int:
+        """How many trials the sweep has: num_samples times every grid's combinations (Tune's
+        BasicVariantGenerator draws the other distributions once per trial)."""
+        combinations = math.prod(len(d.values) for d in self.dimensions
+                                 if d.distribution == "grid")
+        return self.settings.num_samples * combinations
+
+    @property
     def world_sizes(self) -> range:
         """The numbers of workers a trial may train on."""
         fewest = self.settings.min_workers_per_trial or self.settings.workers_per_trial
@@ -255,6 +265,10 @@ def validate_sweep(settings: SweepSettings, root: Path) -> Sweep:
     run_root = (_resolve(settings.run_root, root) if settings.run_root
                 else _resolve(DEFAULT_STORAGE if remote else storage, root) / settings.name
                 / "runs")
+    if not remote:
+        _check_can_hold_folders("storage_path", settings.storage_path, Path(storage))
+    _check_can_hold_folders("run_root" if settings.run_root else "storage_path",
+                            settings.run_root or settings.storage_path, run_root)
     if settings.scheduler.kind == "asha" and settings.scheduler.grace_period > max(megabatches):
         raise ConfigError(f"sweep key 'scheduler.grace_period' = "
                           f"{settings.scheduler.grace_period}: must be <= the trials' "
@@ -322,6 +336,19 @@ def _check_scalars(settings: SweepSettings) -> None:
              "must be >= 0 (0: the trials' number of megabatches)")
     for name, value in settings.worker_env.items():
         _require(isinstance(value, str), f"worker_env.{name}", value, "must be a string")
+
+
+def _check_can_hold_folders(key: str, value: str, folder: Path) -> None:
+    """`folder` exists as a writable folder or can be made: its nearest existing ancestor is
+    a folder this process may write in. Found here, not by Ray after it started."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"sweep key '{key}' = {value!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"sweep key '{key}' = {value!r}: cannot write in {existing} "
+                          "(permission denied)")
 
 
 def _within(location: str, name: str) -> str:

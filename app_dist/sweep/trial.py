@@ -96,12 +96,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             with reported.as_directory() as folder:
                 restore_reported_checkpoint(Path(folder), run_dir)
     platform.barrier()
+    reporter = MegabatchReporter(platform, config.data.megabatches)
     # Ray Train owns the process group and tears it down: no platform.shutdown() here.
     try:
-        train(config, manifest, stream, platform,
-              callbacks=[MegabatchReporter(platform, config.data.megabatches)])
+        state = train(config, manifest, stream, platform, callbacks=[reporter])
     finally:
         stop_readers()  # as app_dist/train.py: leftover reader processes would block the exit
+    if reporter.reports == 0 and state.history:
+        # The restored checkpoint was the run's last: Ray Train had registered that report,
+        # but the sweep may have been stopped before Tune heard of it, and Tune would keep
+        # the megabatch before as the trial's result. Saying it again costs nothing (Tune
+        # keeps the latest report; ASHA ignores a rung it has already judged).
+        reporter.report(state.history[-1])
 
 
 class MegabatchReporter(Callback):
@@ -115,15 +121,23 @@ class MegabatchReporter(Callback):
         self.megabatches = megabatches
         group = get_current_placement_group()
         self.placement_group = group.id.hex() if group is not None else ""
+        self.reports = 0
 
     def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
+        self.report(record, folder)
+
+    def report(self, record: dict[str, Any], folder: Path | None = None) -> None:
+        """Report `record`'s metrics, with the checkpoint in `folder` when given."""
         import ray.train
 
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
         metrics.update(megabatches=self.megabatches,
                        **{PLACEMENT_GROUP_KEY: self.placement_group})
-        checkpoint = (ray.train.Checkpoint.from_directory(str(folder))
-                      if self.platform.is_primary else None)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=folder.name)
+        if folder is None:
+            ray.train.report(metrics)
+        else:
+            checkpoint = (ray.train.Checkpoint.from_directory(str(folder))
+                          if self.platform.is_primary else None)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder.name)
+        self.reports += 1
 

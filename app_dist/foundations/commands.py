@@ -30,7 +30,6 @@ BAD_INPUT = 2  # the documented exit code of bad input (README, docs/TROUBLESHOO
 PREEMPTED = 75  # EX_TEMPFAIL: try again later; distinct from errors (1) and bad input (2)
 
 
-
 def shell_exit_code(status: int) -> int:
     """A child's exit status (Popen.returncode, negative when signal N ended it) as a shell
     reports it: 128 + N for a signal."""

@@ -27,6 +27,21 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def why_folder_cannot_be_made(folder: Path) -> tuple[str, Path] | None:
+    """None when `folder` exists as a folder this process may write in, or can be made: its
+    nearest existing ancestor is such a folder. Else (why, that ancestor), why being
+    "Not a directory" or "Permission denied" (checked up front, before a launcher or Ray
+    starts, instead of failing later in a rank or a trial)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return "Not a directory", existing
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "Permission denied", existing
+    return None
+
+
 def fsync_directory(path: Path) -> None:
     """Make a rename inside `path` durable (the directory entry, not just the file)."""
     descriptor = os.open(path, os.O_RDONLY)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +30,7 @@ from app_dist.config import Config, load_config
 from app_dist.data.source import load_manifest
 from app_dist.foundations.config_loading import key_rule_checker, load_structured
 from app_dist.foundations.errors import AppDistError, ConfigError
+from app_dist.foundations.files import why_folder_cannot_be_made
 from app_dist.foundations.storage import (
     LocalFolder,
     RemoteFolder,
@@ -341,14 +341,14 @@ def _check_scalars(settings: SweepSettings) -> None:
 def _check_can_hold_folders(key: str, value: str, folder: Path) -> None:
     """`folder` exists as a writable folder or can be made: its nearest existing ancestor is
     a folder this process may write in. Found here, not by Ray after it started."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    found = why_folder_cannot_be_made(folder)
+    if found is None:
+        return
+    problem, existing = found
+    if problem == "Not a directory":
         raise ConfigError(f"sweep key '{key}' = {value!r}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"sweep key '{key}' = {value!r}: cannot write in {existing} "
-                          "(permission denied)")
+    raise ConfigError(f"sweep key '{key}' = {value!r}: cannot write in {existing} "
+                      "(permission denied)")
 
 
 def _within(location: str, name: str) -> str:

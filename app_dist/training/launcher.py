@@ -54,6 +54,7 @@ from app_dist.foundations.commands import (
     shell_exit_code,
 )
 from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.files import why_folder_cannot_be_made
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import check_free
 from app_dist.foundations.signals import heeded_signals, preemption_listening
@@ -206,16 +207,11 @@ def check_launch_flags(args: argparse.Namespace) -> None:
 def check_writable(run_dir: Path) -> None:
     """The error rank 0 would stop with when it cannot create `run_dir` (its nearest existing
     folder is a file or not writable), raised here before any launcher starts."""
-    existing = run_dir.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        problem = "Not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = "Permission denied"
-    else:
-        return
-    raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} ({problem}: {existing})")
+    found = why_folder_cannot_be_made(run_dir)
+    if found is not None:
+        problem, existing = found
+        raise ConfigError(f"config key 'run.dir': cannot write to {run_dir} ({problem}: "
+                          f"{existing})")
 
 
 def read_outcome(path: Path) -> dict | None:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as stopped:
         print(f"[app-dist] torchrun stopped by {signal_name(int(stopped.sigval))}, after "
               "passing it to its ranks", file=sys.stderr, flush=True)
-        return 128 + int(stopped.sigval)
+        return shell_exit_code(-int(stopped.sigval))
     return 0
 
 

@@ -19,10 +19,11 @@ import torch
 
 from app_dist.foundations import distributed, signals
 from app_dist.foundations.errors import ConfigError
+from app_dist.foundations.processes import set_subreaper
 from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from app_dist.training.anytime import POINTER_FILE, AnytimeModel
-from app_dist.training.launcher import set_subreaper, wait_for_the_launch
+from app_dist.training.launcher import wait_for_the_launch
 from app_dist.training.quiet_torchrun import failure_line
 
 

@@ -176,6 +176,86 @@ def test_a_trial_the_local_ray_can_never_place_is_one_line_not_a_wait_for_ever(
     assert not (tmp_path / "storage" / "digits-test").exists()  # no experiment was started
 
 
+def processes_of(temp_dir: str) -> list[str]:
+    """The command lines of the processes of the local Ray whose temp dir is `temp_dir`."""
+    found = subprocess.run(["pgrep", "-af", temp_dir], capture_output=True, text=True)
+    return found.stdout.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_on_its_own_local_ray_takes_a_group_signal_and_a_sigkill_and_restores(
+        tmp_path, digits_shards):
+    """A sweep run where no cluster is (no RAY_ADDRESS, no `ray start`) starts its own Ray.
+    Three runs of the same command, on one trial of 3 megabatches:
+
+    1. SIGKILL to the driver's process group once Ray Train registered megabatch 1 (the
+       driver's machine is gone, no handler runs): its Ray goes too, nothing of it is left;
+    2. the same command restores the sweep; once the trial registered megabatch 2, SIGTERM to
+       the driver's process group, as `timeout`, SLURM or a closed terminal deliver it. Ray runs
+       in a session of its own, so the signal reaches the driver alone: Tune stops, saves,
+       prints the summary (the trial unfinished), the sweep stops its Ray and exits 1;
+    3. the same command again completes the trial."""
+    path = sweep_file(tmp_path, digits_shards, workers_per_trial=1, scheduler={"kind": "fifo"},
+                      search_space={"prune.method": {"grid": ["app"]}},
+                      overrides=[f"data.shards={digits_shards}", "data.megabatches=3",
+                                 "train.epochs=1", "train.milestones=[1]", "log.progress=false",
+                                 "log.wandb.mode=disabled"])
+    experiment = local_experiment(tmp_path / "storage" / "digits-test")
+    runs = tmp_path / "storage" / "digits-test" / "runs"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path),
+               "--num-cpus", "1"]
+    environment = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                   "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def registered(megabatch: int) -> bool:
+        trials = sorted(d.name for d in runs.glob("*"))
+        return bool(trials) and experiment.registered_by_ray_train(trials[0]) >= megabatch
+
+    def interrupted(megabatch: int, signum: int, attempt: int) -> tuple[int, str, str]:
+        """Run the command, send `signum` to its process group once `megabatch` is
+        registered; (exit code, output, the local Ray's temp dir)."""
+        log = tmp_path / f"driver-{attempt}.log"
+        driver = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert wait_for(lambda: registered(megabatch), driver, timeout=300, interval=0.1), (
+                log.read_text()[-3000:])
+            os.killpg(driver.pid, signum)
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                kill_tree(driver)
+        output = log.read_text()
+        return driver.returncode, output, local_ray_folder(output)
+
+    def local_ray_folder(output: str) -> str:
+        (line,) = [line for line in output.splitlines() if "no Ray cluster is running" in line]
+        return line.rsplit("logs in ", 1)[1].rstrip(")")
+
+    code, output, temp_dir = interrupted(1, signal.SIGKILL, 1)
+    assert code == -signal.SIGKILL
+    deadline = time.monotonic() + 60  # the kernel's SIGTERM to `ray start`, which stops Ray
+    while processes_of(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_of(temp_dir)
+
+    code, output, temp_dir = interrupted(2, signal.SIGTERM, 2)
+    assert "restoring sweep digits-test" in output
+    assert code == 1, output[-3000:]
+    assert "SIGTERM received: stopping the sweep as Ctrl-C does" in output
+    assert "0 trial(s) failed, 1 unfinished, 0 not started" in output, output[-3000:]
+    assert "*** SIGTERM received" not in output  # Ray's crash dump
+    assert not processes_of(temp_dir)  # stopped before the driver exited
+
+    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (row,) = experiment.read_json("results.json")
+    assert (row["status"], row["megabatch"]) == ("completed", 3)
+    assert megabatches_logged(runs / row["trial_id"]) == [1, 2, 3]
+
+
 def test_a_cluster_that_may_grow_is_warned_about_a_trial_it_cannot_place_yet(
         monkeypatch, tmp_path, digits_shards, caplog):
     """On a joined cluster (an autoscaler may add nodes) the sweep starts and says why its

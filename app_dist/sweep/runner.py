@@ -7,10 +7,12 @@ trials keep their results, unfinished ones continue from their last reported meg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from app_dist.config import flatten
 from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.signals import heeded_signals
+from app_dist.sweep.local_ray import LocalRay
 from app_dist.sweep.results import (
     RESULT_FILES,
     TrialOutcome,
@@ -238,20 +241,33 @@ def check_placeable(sweep: Sweep, started_here: bool) -> None:
         return
 
 
-def connect_ray(num_cpus: int | None) -> str:
+@contextlib.contextmanager
+def ray_connection(num_cpus: int | None) -> Iterator[str]:
     """Join the cluster RAY_ADDRESS names (or the one `ray start` left on this machine), or
-    start a local one. Returns "joined", "started" (a local Ray of this process's own) or
-    "already" (this process was connected before)."""
+    start a local one (LocalRay: in a session of its own) and stop it at the end. Yields
+    "joined", "started" (a local Ray of this process's own) or "already" (this process was
+    connected before, and stays connected)."""
     import ray
 
     if ray.is_initialized():
-        return "already"
+        yield "already"
+        return
+    local = None
     try:
-        ray.init(address="auto")
-        return "joined"
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus)
-        return "started"
+        try:
+            ray.init(address="auto")
+            connection = "joined"
+        except ConnectionError:
+            local = LocalRay(num_cpus)
+            log.info("no Ray cluster is running: starting one on this machine for the sweep "
+                     "(logs in %s)", local.temp_dir)
+            ray.init(address=local.start())
+            connection = "started"
+        yield connection
+    finally:
+        ray.shutdown()
+        if local is not None:
+            local.stop()
 
 
 def build_parser() -> ArgumentParser:
@@ -295,16 +311,10 @@ def main(args: argparse.Namespace) -> int:
     check_same_sweep(sweep)
     logging.basicConfig(format="[app-dist] %(message)s", level=logging.INFO)
     try:
-        import ray
-
-        connection = connect_ray(args.num_cpus)
-        try:
+        with ray_connection(args.num_cpus) as connection:
             check_placeable(sweep, started_here=connection == "started")
             stop_signals_as_ctrl_c()
             rows = run_sweep(sweep, args.retry_errored)
-        finally:
-            if connection != "already":
-                ray.shutdown()
     except KeyboardInterrupt:  # Ctrl-C before Tune listens for it, or twice
         print("sweep interrupted: run the same command again to continue", file=sys.stderr)
         return 1

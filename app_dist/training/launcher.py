@@ -55,6 +55,7 @@ from app_dist.foundations.commands import (
 )
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.files import why_folder_cannot_be_made
+from app_dist.foundations.processes import set_subreaper
 from app_dist.foundations.run_layout import RunLayout
 from app_dist.foundations.run_lock import check_free
 from app_dist.foundations.signals import heeded_signals, preemption_listening
@@ -263,21 +264,6 @@ def supervise(command: list[str], environment: dict[str, str] | None = None) -> 
         for number, handler in previous.items():
             signal.signal(number, handler)
     return shell_exit_code(code)
-
-
-def set_subreaper(on: bool) -> bool:
-    """Make this process the one that adopts its descendants whose parent dies (Linux's
-    PR_SET_CHILD_SUBREAPER), or stop; so that it can wait for a launcher's ranks after the
-    launcher itself has gone. False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
 
 
 def wait_for_the_launch(group: int, timeout_s: float) -> bool:

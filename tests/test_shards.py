@@ -461,3 +461,29 @@ def test_image_header_agrees_with_pil(mode: str, fmt: str, kwargs: dict, channel
     buffer = io.BytesIO()
     Image.new(mode, (37, 19)).save(buffer, format=fmt, **kwargs)
     assert image_header(buffer.getvalue()) == (19, 37, channels)
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3), ("RGB", 1), ("L", 3),
+                                                ("RGBA", 3), ("P", 3), ("I;16", 1)])
+def test_png_decoding_gives_torchvisions_pixels_whichever_decoder_reads_it(mode, channels):
+    """augment.decode reads an 8-bit PNG already in the wanted mode with Pillow (L, RGB) and
+    hands every other one (converted, 16-bit, palette, alpha) and every JPEG to torchvision:
+    either way the pixels are torchvision's."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    from app_dist.data.augment import decode
+
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 7, 4), dtype=np.uint8)
+    image = {"L": lambda: Image.fromarray(pixels[..., 0]),
+             "RGB": lambda: Image.fromarray(pixels[..., :3]),
+             "RGBA": lambda: Image.fromarray(pixels),
+             "P": lambda: Image.fromarray(pixels[..., :3]).quantize(16),
+             "I;16": lambda: Image.fromarray(pixels[..., 0].astype(np.uint16) * 200)}[mode]()
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    expected = decode_image(torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8),
+                            mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+    decoded = decode(encoded.getvalue(), channels)
+    assert decoded.dtype == expected.dtype and decoded.shape == (channels, 9, 7)
+    assert torch.equal(decoded, expected)

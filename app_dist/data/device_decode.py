@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from app_dist.data.augment import SampleTransform
 
@@ -29,6 +28,8 @@ def decode_batch(encoded: tuple[torch.Tensor, torch.Tensor], labels: torch.Tenso
                  transform: SampleTransform, device: torch.device) -> Batch:
     """One encoded batch, (bytes, lengths) as the readers pack it, decoded as a batch on
     `device` (nvJPEG on CUDA), then each sample's drawn augmentation applied there."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported when used: augment.decode
+
     mode = ImageReadMode.GRAY if transform.channels == 1 else ImageReadMode.RGB
     flat, lengths = encoded
     images = decode_jpeg(list(flat.split(lengths.tolist())), mode=mode, device=device)

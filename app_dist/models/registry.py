@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
-import torchvision
 from torch import nn
 
 from .cifar_resnet import cifar_resnet
@@ -16,6 +15,8 @@ from .vit import vision_transformer
 
 
 def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, stem: str) -> nn.Module:
+    import torchvision  # here: a digits run never needs it (augment.decode)
+
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if stem == "cifar":
         # 32x32 inputs: a 7x7/2 conv plus max-pool would shrink them to 8x8 before layer1.
@@ -28,6 +29,8 @@ def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, stem: str
 
 
 def _vgg16_bn(num_classes: int, in_channels: int, stem: str) -> nn.Module:
+    import torchvision
+
     net = torchvision.models.vgg16_bn(weights=None, num_classes=num_classes)
     if in_channels != 3:
         net.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)

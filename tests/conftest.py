@@ -27,6 +27,17 @@ from app_dist.training.record import PHASE_KEYS, WALL_CLOCK_KEYS
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most
+    tests wait as much as they compute (processes starting, faults timed by pauses), so two
+    at a time keep 2 cores busy. The tests that start Ray clusters run one after another on
+    one worker (their group): two clusters at once would share the cores with each other's
+    health checks, which declare a node dead after 5 s without an answer."""
+    for item in items:
+        if item.get_closest_marker("ray") and item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's real 8x8 digits as shards of 25 samples (60 train, 12 test shards)."""

@@ -37,8 +37,11 @@ from .conftest import (
 )
 
 
-def shared_allreduce_buffers() -> set[str]:
-    return {path.name for path in Path("/dev/shm").glob(f"{SHM_ALLREDUCE_PREFIX}_*")}
+def shared_allreduce_buffers(command: list[str]) -> set[str]:
+    """The all-reduce buffers in /dev/shm of the launch `command` started (their names hold
+    its master port), not those of other runs on the machine (the suite's other tests)."""
+    port = command[command.index("--master_port") + 1]
+    return {path.name for path in Path("/dev/shm").glob(f"{SHM_ALLREDUCE_PREFIX}_*_{port}_*")}
 
 
 # ---------------------------------------------------------------------------- translation
@@ -312,7 +315,6 @@ def test_export_reads_the_deepspeed_checkpoint_into_the_masked_model(zero_runs, 
 def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_shards,
                                                                          zero_runs, tmp_path):
     reference = zero_runs(2)
-    shm_before = shared_allreduce_buffers()
     run_dir = tmp_path / "killed"
     launcher = launch_trainer(ds_args(digits_shards, run_dir, 2), nproc=2, launcher="deepspeed")
     assert wait_for(checkpoint_folder(run_dir, 1) / CheckpointFiles.MARKER, launcher,
@@ -322,11 +324,13 @@ def test_killed_deepspeed_run_resumes_and_matches_the_uninterrupted_run(digits_s
     launcher.wait(timeout=30)
     assert not checkpoint_folder(run_dir, 3).exists()
     # DeepSpeed's CPU all-reduce buffers (69 MB a rank, in RAM) are not left behind.
-    assert shared_allreduce_buffers() <= shm_before
+    assert not shared_allreduce_buffers(launcher.args)
 
-    resumed = run_deepspeed(ds_args(digits_shards, run_dir, 2))
+    command = trainer_command(ds_args(digits_shards, run_dir, 2), 2, launcher="deepspeed")
+    resumed = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True,
+                             text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert shared_allreduce_buffers() <= shm_before
+    assert not shared_allreduce_buffers(command)
     assert "resuming after megabatch" in resumed.stdout
     assert read_metrics(run_dir) == read_metrics(reference)
     final = [checkpoint_folder(d, 3) for d in (run_dir, reference)]

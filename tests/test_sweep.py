@@ -133,6 +133,28 @@ def test_bad_sweep_input_is_one_line_naming_the_key_and_exits_2(argument, named,
     assert error.startswith("error: ") and error.count("\n") == 1 and named in error
 
 
+@pytest.mark.parametrize("cpus", ["0", "-1", "two"])
+def test_a_local_ray_of_no_cpus_is_one_line_naming_the_flag(cpus, tmp_path, digits_shards,
+                                                              capsys):
+    path = sweep_file(tmp_path, digits_shards)
+    assert main(["--config", str(path), "--num-cpus", cpus]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--num-cpus" in error and repr(cpus) in error, error
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_local_ray_that_cannot_start_is_one_line_naming_its_log():
+    """What Ray said last, and where its whole log is; the folder's processes are gone."""
+    from app_dist.sweep.local_ray import LocalRay
+
+    local = LocalRay(num_cpus=-1)  # past the command line's check: Ray itself refuses it
+    with pytest.raises(ConfigError, match="the local Ray did not start .*nonnegative.*see "
+                                          + str(local.log)):
+        local.start()
+    assert not processes_of(str(local.temp_dir))
+
+
 def test_a_training_config_given_as_the_sweep_file_says_so(capsys):
     assert main(["--config", str(REPO / "configs/digits.yaml")]) == 2
     error = capsys.readouterr().err

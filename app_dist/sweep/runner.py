@@ -270,6 +270,14 @@ def ray_connection(num_cpus: int | None) -> Iterator[str]:
             local.stop()
 
 
+def cpu_count(text: str) -> int:
+    """--num-cpus: a whole number of CPUs, at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs (a whole number, "
+                                         "at least 1)")
+    return int(text)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="app-dist sweep",
@@ -277,7 +285,7 @@ def build_parser() -> ArgumentParser:
         epilog="Overrides: key=value; training keys (data.shards=..., train.epochs=1) go to "
                "every trial, the others (num_samples=4, name=...) to the sweep file.")
     parser.add_argument("--config", required=True, help="sweep YAML file")
-    parser.add_argument("--num-cpus", type=int, default=None,
+    parser.add_argument("--num-cpus", type=cpu_count, default=None,
                         help="CPUs of the local Ray started when no cluster is running")
     parser.add_argument("--retry-errored", action="store_true",
                         help="when restoring, also rerun trials that failed (from their last "

@@ -5,7 +5,6 @@ wrapper waits for a launch's processes, torchrun's one-line report, the anytime 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,16 +35,18 @@ def listening():
 
 
 def test_a_first_sigint_is_a_preemption_said_once_and_a_second_stops_at_once(listening, capfd):
-    os.kill(os.getpid(), signal.SIGINT)
+    # raise_signal, not os.kill(getpid()): under pytest-xdist the process has a second thread,
+    # which the kernel may pick to take a process-directed signal, so its Python handler would
+    # run only some bytecodes after the kill returned.
+    signal.raise_signal(signal.SIGINT)
     assert signals.preemption_requested()
     assert capfd.readouterr().err == ("[app-dist] SIGINT received: stopping after the step in "
                                       "flight, with a checkpoint (exit 75); Ctrl-C again stops "
                                       "at once\n")
-    os.kill(os.getpid(), signal.SIGTERM)  # launchers deliver SIGTERM twice: no effect
+    signal.raise_signal(signal.SIGTERM)  # launchers deliver SIGTERM twice: no effect
     assert capfd.readouterr().err == ""
     with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)  # the handler runs between bytecodes
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_a_signal_the_process_ignores_stays_ignored():

@@ -28,6 +28,7 @@ from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import CheckpointError, ConfigError
 from app_dist.foundations.storage import LocalFolder
 from app_dist.sweep import load_sweep, main
+from app_dist.sweep.local_ray import LocalRay
 from app_dist.sweep.results import TrialOutcome, format_table, trial_rows, write_results
 from app_dist.sweep.resume import restore_reported_checkpoint
 from app_dist.training.checkpoint import Checkpointer, verify
@@ -146,8 +147,6 @@ def test_a_local_ray_of_no_cpus_is_one_line_naming_the_flag(cpus, tmp_path, digi
 @pytest.mark.ray
 def test_a_local_ray_that_cannot_start_is_one_line_naming_its_log():
     """What Ray said last, and where its whole log is; the folder's processes are gone."""
-    from app_dist.sweep.local_ray import LocalRay
-
     local = LocalRay(num_cpus=-1)  # past the command line's check: Ray itself refuses it
     with pytest.raises(ConfigError, match="the local Ray did not start .*nonnegative.*see "
                                           + str(local.log)):
@@ -185,13 +184,22 @@ def test_the_sweep_knows_how_many_trials_it_has(changes, trials, tmp_path, digit
 def test_a_trial_the_local_ray_can_never_place_is_one_line_not_a_wait_for_ever(
         changes, key, says, tmp_path, digits_shards):
     """The sweep starts its own one-CPU Ray (no cluster running; `--num-cpus 1`): a trial of
-    two one-CPU workers, or of a GPU worker, could never start."""
+    two one-CPU workers, or of a GPU worker, could never start. The GPU case runs beside
+    another sweep's local Ray, which the sweep must not join (nothing announced it: Ray's
+    `address="auto"` would have, and the trial would have waited there)."""
     path = sweep_file(tmp_path, digits_shards, **changes)
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, str(REPO / "launch/sweep.py"), "--config",
-                             str(path), "--num-cpus", "1"], cwd=tmp_path, timeout=180,
-                            env={**environment, "RAY_USAGE_STATS_ENABLED": "0"},
-                            capture_output=True, text=True)
+    another_sweeps_ray = LocalRay(1)
+    try:
+        if key == "resources_per_worker.GPU":
+            another_sweeps_ray.start()
+        result = subprocess.run([sys.executable, str(REPO / "launch/sweep.py"), "--config",
+                                 str(path), "--num-cpus", "1"], cwd=tmp_path, timeout=180,
+                                env={**environment, "RAY_USAGE_STATS_ENABLED": "0"},
+                                capture_output=True, text=True)
+    finally:
+        another_sweeps_ray.stop()
+        shutil.rmtree(another_sweeps_ray.temp_dir, ignore_errors=True)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert f"sweep key '{key}'" in line and says in line and "cannot grow" in line, line

@@ -241,10 +241,21 @@ def check_placeable(sweep: Sweep, started_here: bool) -> None:
         return
 
 
+def announced_cluster() -> str | None:
+    """The address of the cluster to join: RAY_ADDRESS, else the one `ray start` announced on
+    this machine (its ray_current_cluster file in Ray's temp dir); None when neither names one.
+    Not `ray.init(address="auto")`, which when nothing is announced joins any Ray whose GCS
+    process it sees on the machine: another sweep's own local Ray, whose end would then end
+    this sweep's trials with it."""
+    from ray._private.services import get_ray_address_from_environment  # Ray's own lookup
+
+    return get_ray_address_from_environment(None, None)
+
+
 @contextlib.contextmanager
 def ray_connection(num_cpus: int | None) -> Iterator[str]:
-    """Join the cluster RAY_ADDRESS names (or the one `ray start` left on this machine), or
-    start a local one (LocalRay: in a session of its own) and stop it at the end. Yields
+    """Join the cluster RAY_ADDRESS names (or the one `ray start` announced on this machine),
+    or start a local one (LocalRay: in a session of its own) and stop it at the end. Yields
     "joined", "started" (a local Ray of this process's own) or "already" (this process was
     connected before, and stays connected)."""
     import ray
@@ -255,7 +266,10 @@ def ray_connection(num_cpus: int | None) -> Iterator[str]:
     local = None
     try:
         try:
-            ray.init(address="auto")
+            address = announced_cluster()
+            if address is None:
+                raise ConnectionError("no cluster announced")
+            ray.init(address=address)
             connection = "joined"
         except ConnectionError:
             local = LocalRay(num_cpus)

@@ -5,6 +5,7 @@ a fixture that does, is `slow`; `make test-fast` runs the others."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -38,14 +39,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+              make: Callable[[Path], None]) -> Path:
+    """Folder `name`, filled by `make` once per test session. Under pytest-xdist each worker
+    has its own session, and the suite's shared runs would be trained once per worker: here
+    they share one folder, the first worker to ask makes it while the others wait on its lock.
+    A `make` that fails leaves no mark of completion, so the next one to ask tries again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-of-<user>/pytest-<n>, above the workers' own folders
+    shared = base / "made-once"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's real 8x8 digits as shards of 25 samples (60 train, 12 test shards)."""
     from app_dist.data.prepare.shards import write_shards
 
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    write_shards("digits", None, str(out), samples_per_shard=25, seed=0)
-    return out
+    def make(folder: Path) -> None:
+        write_shards("digits", None, str(folder / "shards"), samples_per_shard=25, seed=0)
+
+    return made_once(tmp_path_factory, "digits", make) / "shards"
 
 
 def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -221,12 +245,13 @@ def digits_run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def uninterrupted(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference 2-rank run (torchrun, gloo) that interrupted runs must reproduce."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 rank(s) on cpu (DDP)" in result.stdout
-    assert "Grad strides" not in result.stderr  # channels_last's size-1 stem (engine/ddp.py)
-    return run_dir
+    def make(run_dir: Path) -> None:
+        result = run_trainer(digits_run_args(digits_shards, run_dir), nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "2 rank(s) on cpu (DDP)" in result.stdout
+        assert "Grad strides" not in result.stderr  # channels_last's size-1 stem (engine/ddp.py)
+
+    return made_once(tmp_path_factory, "uninterrupted", make)
 
 
 def reseal(folder: Path, name: str) -> None:
@@ -271,11 +296,8 @@ def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
     deepspeed` (the wrapper starts the deepspeed launcher), so every comparison with it also
     checks that the wrapper's launch computes what the deepspeed launcher's own does (the
     runs started with `deepspeed` directly: test_deepspeed.py, test_preemption.py)."""
-    runs: dict[int, Path] = {}
-
     def get(stage: int) -> Path:
-        if stage not in runs:
-            run_dir = tmp_path_factory.mktemp(f"zero{stage}")
+        def make(run_dir: Path) -> None:
             result = app_dist_train("--nproc-per-node", "2", "--launcher", "deepspeed",
                                     *deepspeed_run_args(digits_shards, run_dir, stage,
                                                         "log.wandb.mode=disabled"), timeout=400)
@@ -283,8 +305,8 @@ def zero_runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
             assert "deepspeed.launcher.runner" in result.stdout  # the wrapper's command line
             assert f"2 rank(s) on cpu (DeepSpeed ZeRO-{stage})" in result.stdout
             assert "started by the deepspeed launcher" not in result.stdout
-            runs[stage] = run_dir
-        return runs[stage]
+
+        return made_once(tmp_path_factory, f"zero{stage}", make)
 
     return get
 
@@ -314,14 +336,14 @@ def finished_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) 
     test-sweep) for tests/test_wandb.py. A test that changes a run directory works on a
     copy: shutil.copytree(finished_run, tmp_path / "app"). The folder is named after the
     method, as the report's labels are. The trainer's stdout is finished_run_stdout."""
-    root = tmp_path_factory.mktemp("finished")
-    run_dir = root / "app"
-    result = run_trainer(short_run_args(digits_shards, run_dir, "log.wandb.mode=offline",
-                                        "log.wandb.group=test-sweep"),
-                         env={"WANDB_DIR": str(root / "wandb-dir")}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (root / "stdout.txt").write_text(result.stdout)
-    return run_dir
+    def make(root: Path) -> None:
+        result = run_trainer(short_run_args(digits_shards, root / "app", "log.wandb.mode=offline",
+                                            "log.wandb.group=test-sweep"),
+                             env={"WANDB_DIR": str(root / "wandb-dir")}, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (root / "stdout.txt").write_text(result.stdout)
+
+    return made_once(tmp_path_factory, "finished", make) / "app"
 
 
 @pytest.fixture(scope="session")

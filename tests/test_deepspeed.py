@@ -28,6 +28,7 @@ from .conftest import (
     deepspeed_run_args,
     digits_run_args,
     launch_trainer,
+    made_once,
     read_metrics,
     rewound_copy,
     run_trainer,
@@ -207,11 +208,12 @@ def ds_args(shards: Path, run_dir: Path, stage: int) -> list[str]:
 def ddp_without_channels_last(digits_shards, tmp_path_factory) -> Path:
     """The 2-rank DDP run DeepSpeed must reproduce: channels_last off, as auto chooses for
     DeepSpeed (DDP's auto turns it on, which changes float rounding)."""
-    run_dir = tmp_path_factory.mktemp("ddp-contiguous")
-    result = run_trainer(digits_run_args(digits_shards, run_dir, "perf.channels_last=false"),
-                         nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    def make(run_dir: Path) -> None:
+        result = run_trainer(digits_run_args(digits_shards, run_dir, "perf.channels_last=false"),
+                             nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return made_once(tmp_path_factory, "ddp-contiguous", make)
 
 
 def engine_copies(folder: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -31,12 +31,12 @@ deepspeed-ops: setup
 	b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
 	b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False) and b.load()"
 
-# The whole suite on two workers (tests/conftest.py says why), slowest 25 tests listed at the
+# The whole suite on three pytest-xdist workers (tests/conftest.py says why), slowest 25 tests listed at the
 # end (CI runs this through .ci/run).
 test: setup deepspeed-ops
 	$(VENV)/bin/ruff check app_dist tests bench launch
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/pytest -n 2 --dist loadgroup --durations=25
+	$(VENV)/bin/pytest -n 3 --dist loadgroup --durations=25
 
 # While editing: ruff and every test not marked slow (no trainer processes), about 2 minutes.
 test-fast: setup

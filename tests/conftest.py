@@ -28,10 +28,22 @@ from app_dist.training.record import PHASE_KEYS, WALL_CLOCK_KEYS
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker computes with one thread, in process and in what it starts
+    without trainer_env: the workers share the 2 cores, and torch's default of a thread per
+    core in each of them (the trainer's own choice too when OMP_NUM_THREADS is unset:
+    foundations/distributed.py) makes the threads wait on each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most
-    tests wait as much as they compute (processes starting, faults timed by pauses), so two
-    at a time keep 2 cores busy. The tests that start Ray clusters run one after another on
+    """`make test` runs the suite on three pytest-xdist workers (`-n 3 --dist loadgroup`):
+    most tests wait as much as they compute (processes starting, Ray's polling, faults timed
+    by pauses), so three at a time keep 2 cores busier than one or two. The tests that start Ray clusters run one after another on
     one worker (their group): two clusters at once would share the cores with each other's
     health checks, which declare a node dead after 5 s without an answer."""
     for item in items:

@@ -28,10 +28,18 @@ from app_dist.training.quiet_torchrun import failure_line
 
 @pytest.fixture
 def listening():
-    """Listening for stop signals for one test, with the handlers put back after it."""
+    """Listening for stop signals for one test, from the handlers a new Python process starts
+    with (a pytest-xdist worker was seen with SIGINT ignored by the time it got here, which
+    listening rightly leaves ignored), all put back after it."""
+    saved = {number: signal.getsignal(number) for number in signals.PREEMPTION_SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     assert signals.listen_for_preemption()
     yield
     signals.stop_listening()
+    for number, handler in saved.items():
+        signal.signal(number, handler)
 
 
 def test_a_first_sigint_is_a_preemption_said_once_and_a_second_stops_at_once(listening, capfd):

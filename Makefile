@@ -31,8 +31,8 @@ deepspeed-ops: setup
 	b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
 	b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False) and b.load()"
 
-# The whole suite on three pytest-xdist workers (tests/conftest.py says why), slowest 25 tests listed at the
-# end (CI runs this through .ci/run).
+# The whole suite on three pytest-xdist workers (tests/conftest.py says why), slowest 25 tests
+# listed at the end (CI runs this through .ci/run).
 test: setup deepspeed-ops
 	$(VENV)/bin/ruff check app_dist tests bench launch
 	$(VENV)/bin/hadolint Dockerfile

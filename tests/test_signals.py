@@ -29,8 +29,9 @@ from app_dist.training.quiet_torchrun import failure_line
 @pytest.fixture
 def listening():
     """Listening for stop signals for one test, from the handlers a new Python process starts
-    with (a pytest-xdist worker was seen with SIGINT ignored by the time it got here, which
-    listening rightly leaves ignored), all put back after it."""
+    with, all put back after it. (In two whole-suite runs on pytest-xdist workers, with
+    whatever handlers the worker's earlier tests had left, the first SIGINT below went
+    unrecorded; set as here, it has not.)"""
     saved = {number: signal.getsignal(number) for number in signals.PREEMPTION_SIGNALS}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

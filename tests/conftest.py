@@ -43,9 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`make test` runs the suite on three pytest-xdist workers (`-n 3 --dist loadgroup`):
     most tests wait as much as they compute (processes starting, Ray's polling, faults timed
-    by pauses), so three at a time keep 2 cores busier than one or two. The tests that start Ray clusters run one after another on
-    one worker (their group): two clusters at once would share the cores with each other's
-    health checks, which declare a node dead after 5 s without an answer."""
+    by pauses), so three at a time keep 2 cores busier than one or two. The tests that start
+    Ray clusters run one after another on one worker (their group): two clusters at once
+    would share the cores with each other's health checks, which declare a node dead after
+    5 s without an answer."""
     for item in items:
         if item.get_closest_marker("ray") and item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.xdist_group("ray"))

@@ -265,19 +265,17 @@ def ray_connection(num_cpus: int | None) -> Iterator[str]:
         return
     local = None
     try:
-        try:
-            address = announced_cluster()
-            if address is None:
-                raise ConnectionError("no cluster announced")
-            ray.init(address=address)
-            connection = "joined"
-        except ConnectionError:
+        joined = False
+        if (address := announced_cluster()) is not None:
+            with contextlib.suppress(ConnectionError):  # announced, but no longer there
+                ray.init(address=address)
+                joined = True
+        if not joined:
             local = LocalRay(num_cpus)
             log.info("no Ray cluster is running: starting one on this machine for the sweep "
                      "(logs in %s)", local.temp_dir)
             ray.init(address=local.start())
-            connection = "started"
-        yield connection
+        yield "joined" if joined else "started"
     finally:
         ray.shutdown()
         if local is not None:

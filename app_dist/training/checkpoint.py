@@ -11,6 +11,7 @@ directory must be shared by all ranks (as on any cluster file system).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -139,9 +140,6 @@ class Checkpointer:
         # retiring old checkpoints after every save re-hashes only folders whose files changed
         # since (a resume, in a new process, hashes what it loads).
         self._verified: dict[Path, tuple] = {}
-        # computation_settings goes through OmegaConf (~30 ms), and a run's config stays as it
-        # is once it trains: worked out at the first save, not at every one.
-        self._settings: dict[str, Any] | None = None
 
     @classmethod
     def for_run(cls, config: Config, run_dir: Path, platform: Platform,
@@ -154,10 +152,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ run state
 
+    @functools.cached_property
     def _computation_settings(self) -> dict[str, Any]:
-        if self._settings is None:
-            self._settings = computation_settings(self.config)
-        return dict(self._settings)
+        # Through OmegaConf (~30 ms), and a run's config stays as it is once it trains:
+        # worked out at the first save, not at every one.
+        return computation_settings(self.config)
 
     def save(self, run: RunState, engine: Any, progress: MegabatchProgress | None = None
              ) -> Path:
@@ -169,7 +168,7 @@ class Checkpointer:
             "masks": masks.state_dict(),
             "run": run.to_dict(),
             "progress": None if progress is None else progress.shared_state(),
-            "settings": self._computation_settings(),
+            "settings": self._computation_settings,
             "world_size": self.platform.world_size,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
         }, rank_state={

@@ -8,7 +8,7 @@
 # needs an NVIDIA driver for CUDA 13 (>= 580) and the NVIDIA container toolkit. The base image
 # is the matching CUDA runtime, which also sets the variables that toolkit reads.
 # Ray's cluster launcher starts its containers with `bash` as the command: give it
-# `run_options: ["--entrypoint="]` (see launch/).
+# `run_options: ["--entrypoint="]` (cluster.yaml does).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
 
 FROM ${CUDA_IMAGE} AS build

@@ -17,8 +17,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
 CIFAR_JPG = Path(os.environ.get("APP_DIST_CIFAR_JPG", "/tmp/cifar10-jpg"))
-IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE",
-                                      "/work/shared/data/imagenet-sample-restricted"))
+# The tests' default too (tests/conftest.py): a `shared/data` folder beside the checkout.
+IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE", REPO.parent / "shared" / "data"
+                                      / "imagenet-sample-restricted"))
 WORK = Path(os.environ.get("APP_DIST_BENCH_DIR", "/tmp/app-dist-bench"))
 
 

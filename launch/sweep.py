@@ -2,7 +2,7 @@
 
     python launch/sweep.py --config configs/sweep_digits.yaml [key=value ...]
     RAY_ADDRESS=head:6379 python launch/sweep.py --config configs/sweep_cifar10.yaml
-    ray submit cluster.yaml launch/sweep.py --config configs/sweep_cifar10.yaml
+    ray submit cluster.yaml launch/sweep.py -- --config configs/sweep_cifar10.yaml
 
 The logic lives in app_dist.sweep (installed on every node by cluster.yaml's
 setup_commands); relative paths are resolved against the app-dist checkout.

@@ -26,6 +26,12 @@ from app_dist.foundations.run_layout import CheckpointFiles, RunLayout
 from app_dist.training.record import PHASE_KEYS, WALL_CLOCK_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
+# Real data kept outside the checkout (a `shared/data` folder beside it, or where these variables
+# say): the tests that read it skip without it, and say so.
+SHARED_DATA = Path(os.environ.get("APP_DIST_SHARED_DATA", REPO.parent / "shared" / "data"))
+IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE",
+                                      SHARED_DATA / "imagenet-sample-restricted"))
+CIFAR_TAR = SHARED_DATA / "cifar10-jpg.tar"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import subprocess
 import sys
 import tarfile
@@ -32,15 +31,19 @@ from app_dist.data.stream import MegabatchStream
 from app_dist.engine.acceleration import resolve_perf
 from app_dist.foundations.distributed import Platform
 from app_dist.foundations.errors import ConfigError, DataError
-from tests.conftest import REPO, every_pass, gpu_imagenet_run_args, read_metrics, run_trainer
+from tests.conftest import (
+    CIFAR_TAR,
+    IMAGENET_SAMPLE,
+    REPO,
+    every_pass,
+    gpu_imagenet_run_args,
+    read_metrics,
+    run_trainer,
+)
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI (nvidia-dali-cuda120 or -cuda130) is not "
                                          "installed")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAR_TAR = DATA / "cifar10-jpg.tar"
-IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE",
-                                      str(DATA / "imagenet-sample-restricted")))
 CPU = torch.device("cpu")
 DEFAULT = plain_perf()
 DALI = dataclasses.replace(plain_perf(), loader="dali")

@@ -7,7 +7,6 @@ CPU stand-ins of these paths are in test_perf_switches.py); run on a GPU machine
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from app_dist.foundations.distributed import Platform
 from app_dist.foundations.torch_files import load_torch_file
 from app_dist.pruning.masks import MaskSet
 from tests.conftest import (
+    IMAGENET_SAMPLE,
     compiled_megabatches_do_not_recompile,
     gpu_imagenet_run_args,
     pruned_model,
@@ -35,8 +35,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 GPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
-IMAGENET_SAMPLE = Path(os.environ.get("APP_DIST_IMAGENET_SAMPLE",
-                                    "/work/shared/data/imagenet-sample-restricted"))
 
 
 def _losses(engine: DDPEngine, steps: int) -> list[float]:

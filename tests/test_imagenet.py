@@ -30,10 +30,10 @@ from app_dist.data.prepare.shards import main as shards_main
 from app_dist.data.prepare.shards import write_shards
 from app_dist.data.stream import MegabatchStream
 
-from .conftest import REPO, free_port, read_metrics, run_trainer
+from .conftest import IMAGENET_SAMPLE, REPO, free_port, read_metrics, run_trainer
 
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample-restricted"
-pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"no ImageNet sample at {SAMPLE}")
+pytestmark = pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(),
+                                reason=f"no ImageNet sample at {IMAGENET_SAMPLE}")
 CLASS_TABLE = REPO / "app_dist" / "data" / "prepare" / "imagenet_classes.tsv"
 
 
@@ -65,7 +65,7 @@ def every_sample(shards: Path) -> list[tuple[int, str]]:
 @pytest.fixture(scope="module")
 def balanced_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("balanced") / "shards"
-    write_shards("imagefolder", str(SAMPLE), str(out), samples_per_shard=64, seed=0,
+    write_shards("imagefolder", str(IMAGENET_SAMPLE), str(out), samples_per_shard=64, seed=0,
                  label_map="restricted_imagenet")
     return out
 
@@ -73,7 +73,7 @@ def balanced_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def classic_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("classic") / "shards"
-    write_shards("imagefolder", str(SAMPLE), str(out), samples_per_shard=64, seed=0,
+    write_shards("imagefolder", str(IMAGENET_SAMPLE), str(out), samples_per_shard=64, seed=0,
                  label_map="restricted_imagenet_classic")
     return out
 
@@ -93,7 +93,7 @@ def test_balanced_shards_hold_exactly_the_sample_images_in_balanced_ranges(balan
                                 "big_cat", "beetle", "butterfly", "monkey", "fish", "fruit",
                                 "fungus"]
     assert manifest.num_classes == 14 and manifest.channels == 3
-    rows = read_table(SAMPLE / "classes.tsv")
+    rows = read_table(IMAGENET_SAMPLE / "classes.tsv")
     in_balanced = {row["wnid"]: int(row["imagenet_index"]) for row in rows
                    if any(first <= int(row["imagenet_index"]) <= last
                           for _, first, last in RESTRICTED_IMAGENET_BALANCED.ranges)}
@@ -110,7 +110,7 @@ def test_balanced_shards_hold_exactly_the_sample_images_in_balanced_ranges(balan
 
 def test_the_classic_variant_stays_selectable(classic_shards):
     expected = {row["wnid"]: int(row["superclass_index"])
-                for row in read_table(SAMPLE / "classes.tsv")}
+                for row in read_table(IMAGENET_SAMPLE / "classes.tsv")}
     seen = every_sample(classic_shards)
     assert len(seen) == 203 and len({src for _, src in seen}) == 203
     for label, src in seen:
@@ -157,7 +157,7 @@ def test_superclass_ranges_agree_with_the_public_class_table():
 
 def copy_image(source_wnid: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(next((SAMPLE / source_wnid).iterdir()), target)
+    shutil.copyfile(next((IMAGENET_SAMPLE / source_wnid).iterdir()), target)
 
 
 def test_classes_outside_the_ranges_are_dropped_in_an_imagenet_train_val_layout(tmp_path):
@@ -190,14 +190,14 @@ def test_a_folder_that_is_not_a_wnid_is_refused_in_one_line(tmp_path, capsys):
 def test_few_shot_keeps_n_seeded_training_images_per_class(tmp_path, classic_shards):
     shards = [tmp_path / name for name in ("a", "b")]
     for out in shards:
-        write_shards("imagefolder", str(SAMPLE), str(out), samples_per_shard=64, seed=0,
+        write_shards("imagefolder", str(IMAGENET_SAMPLE), str(out), samples_per_shard=64, seed=0,
                      label_map="restricted_imagenet_classic", shots_per_class=2)
     first, second = (read_samples(out) for out in shards)
     assert first == second  # seeded
     labels = [label for label, _ in first["train"]]
     assert sorted(labels) == sorted(list(range(9)) * 2)
     assert first["test"] == read_samples(classic_shards)["test"]  # test split stays whole
-    code = shards_main(["imagefolder", str(SAMPLE), "--out", str(tmp_path / "c"),
+    code = shards_main(["imagefolder", str(IMAGENET_SAMPLE), "--out", str(tmp_path / "c"),
                         "--label-map", "restricted_imagenet_classic", "--shots-per-class", "540"])
     assert code == 2
 
@@ -205,7 +205,7 @@ def test_few_shot_keeps_n_seeded_training_images_per_class(tmp_path, classic_sha
 def test_the_sample_cannot_make_a_balanced_few_shot_set(tmp_path, capsys):
     """The sample has no bird images at all: the writer says so instead of writing a few-shot
     set that silently lacks 7 of the 14 super-classes."""
-    code = shards_main(["imagefolder", str(SAMPLE), "--out", str(tmp_path / "shards"),
+    code = shards_main(["imagefolder", str(IMAGENET_SAMPLE), "--out", str(tmp_path / "shards"),
                         "--label-map", "restricted_imagenet", "--shots-per-class", "1"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in error
@@ -287,7 +287,7 @@ def test_resnet50_trains_at_224_on_real_jpegs_through_the_deepspeed_launcher(tmp
     JPEG bytes decoded in a DataLoader worker, RandomResizedCrop(224) + flip, ResNet-50 with
     the ImageNet stem, SNIP pruning, a DeepSpeed checkpoint."""
     shards = tmp_path / "shards"
-    write_shards("imagefolder", str(SAMPLE), str(shards), samples_per_shard=4, seed=0,
+    write_shards("imagefolder", str(IMAGENET_SAMPLE), str(shards), samples_per_shard=4, seed=0,
                  limit=10, test_limit=4, label_map="restricted_imagenet")
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port",

@@ -54,6 +54,7 @@ from app_dist.foundations.errors import ConfigError, DataError
 from app_dist.models.registry import build_model
 from app_dist.pruning.masks import MaskSet, attach_masks
 from tests.conftest import (
+    IMAGENET_SAMPLE,
     REPO,
     compiled_megabatches_do_not_recompile,
     digits_run_args,
@@ -65,7 +66,6 @@ from tests.conftest import (
 )
 
 CPU = Platform(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample-restricted")
 
 
 # ---------------------------------------------------------------- data: exact equality

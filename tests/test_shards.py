@@ -24,11 +24,9 @@ from app_dist.data.manifest import (
 from app_dist.data.prepare import shards as shards_mod
 from app_dist.data.prepare.shards import main, write_shards
 from app_dist.foundations.files import file_sha256
+from tests.conftest import CIFAR_TAR, IMAGENET_SAMPLE
 
 # The shared real-data folder sits next to the repository (never copied into it).
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAR_TAR = DATA / "cifar10-jpg.tar"
-IMAGENET = DATA / "imagenet-sample-restricted"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 
@@ -310,11 +308,11 @@ def test_imagefolder_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_real_imagenet_sample(tmp_path: Path) -> None:
-    if not IMAGENET.is_dir():
-        pytest.skip(f"{IMAGENET} not available")
+    if not IMAGENET_SAMPLE.is_dir():
+        pytest.skip(f"{IMAGENET_SAMPLE} not available")
     out = tmp_path / "shards"
-    manifest = write_shards("imagefolder", str(IMAGENET), str(out), 64, 0)
-    wnids = sorted(p.name for p in IMAGENET.iterdir() if p.is_dir())
+    manifest = write_shards("imagefolder", str(IMAGENET_SAMPLE), str(out), 64, 0)
+    wnids = sorted(p.name for p in IMAGENET_SAMPLE.iterdir() if p.is_dir())
     assert len(wnids) == 203 and manifest.classes == wnids  # the .tsv files are not classes
     assert (manifest.image_format, manifest.channels, manifest.image_size) == ("jpg", 3, None)
     assert manifest.splits["test"].num_samples == 20  # round(0.1 * 203)
@@ -324,7 +322,7 @@ def test_real_imagenet_sample(tmp_path: Path) -> None:
         for sample in read_split(out, manifest, split).values():
             src = sample["src"].decode()
             seen.append(src)
-            assert sample["jpg"] == (IMAGENET / src).read_bytes()
+            assert sample["jpg"] == (IMAGENET_SAMPLE / src).read_bytes()
             assert manifest.classes[int(sample["cls"])] == src.split("/")[0]
     assert len(set(seen)) == 203
 

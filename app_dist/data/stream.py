@@ -7,7 +7,7 @@ consecutive shards, or, with a stream seed, of shards in an order drawn from it 
 can vary which data each megabatch holds without writing the shards again; the shard is the
 unit, as shards are read whole). Each megabatch's 90/10 train/validation split is drawn from
 the stream seed (else the run's seed), and the replay policy decides which earlier megabatches
-are trained on again (APP_SPEC.md 1).
+are trained on again (docs/METHOD.md section 1).
 """
 
 from __future__ import annotations

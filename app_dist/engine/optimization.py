@@ -1,4 +1,4 @@
-"""The optimizer and learning-rate schedule every engine uses (APP_SPEC.md section 2): SGD
+"""The optimizer and learning-rate schedule every engine uses (docs/METHOD.md section 2): SGD
 with momentum and weight decay; at each megabatch the rate restarts at lr0 and falls by gamma
 at the milestone epochs."""
 

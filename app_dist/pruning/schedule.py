@@ -1,4 +1,4 @@
-"""Density schedules of the three methods (APP_SPEC.md section 2)."""
+"""Density schedules of the three methods (docs/METHOD.md section 2)."""
 
 from __future__ import annotations
 

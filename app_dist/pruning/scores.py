@@ -1,4 +1,4 @@
-"""Scoring criteria (APP_SPEC.md section 3): a higher score means keep the weight.
+"""Scoring criteria (docs/METHOD.md section 3): a higher score means keep the weight.
 
 Each function returns one score tensor per prunable weight, computed on this rank only; the
 pruner sums per-rank contributions with an all-reduce, so a criterion that sees data returns

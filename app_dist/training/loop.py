@@ -1,5 +1,5 @@
 """The megabatch loop: for t = 1..T, prune to d_t, train E epochs keeping the best-validation
-weights, evaluate them on the test set, checkpoint (APP_SPEC.md sections 1, 2 and 4).
+weights, evaluate them on the test set, checkpoint (docs/METHOD.md sections 1, 2 and 4).
 
 Everything else a run does at these moments (the metrics file, wandb, the log line, the
 progress bar, fault injection, Ray Tune reports, profiling) listens to the loop's events

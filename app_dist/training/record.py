@@ -1,5 +1,5 @@
 """The metrics record of one megabatch: what metrics.jsonl, wandb, the summary table and Ray
-Tune receive (APP_SPEC.md section 4: test accuracy, CER, generalisation gap, densities)."""
+Tune receive (docs/METHOD.md section 4: test accuracy, CER, generalisation gap, densities)."""
 
 from __future__ import annotations
 

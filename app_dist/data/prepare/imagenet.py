@@ -43,7 +43,7 @@ class SuperclassMap:
 # tools/constants.py: BALANCED_RANGES and RESTRICTED_IMAGNET_RANGES), labels in its order.
 # The APP authors trained on the balanced one (their dataset.py imports
 # RestrictedImageNetBalanced), so it is the default: 14 super-classes of 5 ImageNet classes
-# each (monkeys 4), 69 classes in all. APP_SPEC.md section 5.
+# each (monkeys 4), 69 classes in all. docs/METHOD.md section 5.
 RESTRICTED_IMAGENET_BALANCED = SuperclassMap("restricted_imagenet", (
     ("bird", 10, 14),
     ("turtle", 33, 37),

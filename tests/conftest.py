@@ -56,6 +56,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("ray") and item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.xdist_group("ray"))
+    # xdist hands out the Ray group first (its largest unit of work) and then single tests
+    # in collection order: the slow ones first, so that the short ones fill the gaps at the
+    # end instead of a slow test from a late file running on alone.
+    items.sort(key=lambda item: not item.get_closest_marker("slow"))
 
 
 def made_once(tmp_path_factory: pytest.TempPathFactory, name: str,

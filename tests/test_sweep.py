@@ -121,6 +121,8 @@ def test_a_bucket_as_storage_path_holds_the_experiment_and_run_directories_stay_
     ("data.shards=/nonexistent", "data.shards"),
     ("resources_per_worker.CPU=0", "resources_per_worker"),
     ("trial_driver.memory_mb=0", "trial_driver.memory_mb"),
+    ("trial_driver.resources.head=0", "trial_driver.resources.head"),
+    ("trial_driver.resources.CPU=1", "trial_driver.resources.CPU"),
     ("min_workers_per_trial=3", "min_workers_per_trial"),
     ("unknown_key=1", "unknown_key"),
 ])
@@ -204,6 +206,66 @@ def test_a_trial_the_local_ray_can_never_place_is_one_line_not_a_wait_for_ever(
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert f"sweep key '{key}'" in line and says in line and "cannot grow" in line, line
     assert not (tmp_path / "storage" / "digits-test").exists()  # no experiment was started
+
+
+ORPHANS_SCRIPT = """
+import json, time, ray
+from ray.util.placement_group import placement_group
+from app_dist.sweep.placement_groups import (orphaned_placement_groups,
+                                             release_orphaned_placement_groups)
+ray.init(num_cpus=3, include_dashboard=False)
+
+@ray.remote(num_cpus=0)
+class Controller:  # creates a group, as Ray Train's controller does
+    def start(self):
+        group = placement_group([{"CPU": 1}])
+        ray.get(group.ready())
+        return group.id.hex()
+
+tunes = placement_group([{"CPU": 0.5}])  # created by the driver, as Tune's are
+ray.get(tunes.ready())
+dead, alive = Controller.remote(), Controller.remote()
+dead_group = ray.get(dead.start.remote())
+ray.get(alive.start.remote())  # of 3 CPUs, half of one is left
+before = orphaned_placement_groups()
+ray.kill(dead)
+deadline = time.monotonic() + 30
+while not orphaned_placement_groups() and time.monotonic() < deadline:
+    time.sleep(0.2)
+found = orphaned_placement_groups()
+held = ray.available_resources().get("CPU", 0)
+released = release_orphaned_placement_groups()
+time.sleep(1)
+print(json.dumps(dict(before=before, found=found, dead=dead_group, held=held, released=released,
+                      free=ray.available_resources().get("CPU", 0),
+                      again=orphaned_placement_groups())))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_placement_group_of_a_dead_controller_is_found_and_released_and_no_other(tmp_path):
+    """A real local Ray without the dashboard (as ray[tune,train] installs it): the group an
+    actor created outlives the actor (Ray ties it to the job) and holds its CPU; the sweep's
+    check finds that group alone (not the driver's, not a live actor's) and frees its CPU."""
+    ray_temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
+    environment = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_temp}
+    script = subprocess.Popen([sys.executable, "-c", ORPHANS_SCRIPT], cwd=tmp_path,
+                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        stdout, stderr = script.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Ray's processes, on a timeout too
+            os.killpg(script.pid, signal.SIGKILL)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert script.returncode == 0, stderr[-3000:]
+    seen = json.loads(stdout.strip().splitlines()[-1])
+    assert seen["before"] == []
+    assert seen["found"] == [seen["dead"]] and seen["released"] == [seen["dead"]]
+    assert seen["held"] == 0.5  # the dead actor's group still held its CPU
+    assert seen["free"] == 1.5 and seen["again"] == []
 
 
 def processes_of(temp_dir: str) -> list[str]:
@@ -644,6 +706,10 @@ class TwoNodeRay:
         """Whether a Ray Train worker runs on node B."""
         return any("RayTrainWorker" in title for title in self.worker_node_processes())
 
+    def controls_on_worker_node(self) -> bool:
+        """Whether a Ray Train controller (beside its trial's driver) runs on node B."""
+        return any("TrainController" in title for title in self.worker_node_processes())
+
     def lose_worker_node(self) -> None:
         """SIGKILL to all of node B's processes at once."""
         for pid in self.worker_node_pids():
@@ -717,14 +783,17 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
         two_node_ray_on_s3, s3_server, digits_shards, tmp_path):
     """3 trials x 2 workers on a real two-node Ray cluster (one worker per node). Once Ray
     Train has registered trial 1's megabatch 1, node B is lost (its `ray start`, raylet and workers
-    SIGKILLed) and started again at once, as an autoscaler replaces a node: the trial, which
+    SIGKILLed) and started again at once, as an autoscaler replaces a node. The trials'
+    drivers, and with them their Ray Train controllers, are kept on node A, the head
+    (`trial_driver.resources`, as a user keeps them on nodes that stay): the trial, which
     cannot be placed on what is left (2 workers of 1 CPU, 1 CPU left), runs again once the
     node is back, Ray Train restarting its worker group from the last reported megabatch
-    checkpoint. Trial 2 cannot learn (lr 1e-6): ASHA stops it at the megabatch-2 rung, and
-    trial 3 can only start if the stopped trial's workers gave their CPUs back. While trial 3
-    is half way, SIGTERM goes to the driver's process group (as a scheduler stops a job; the
-    driver takes it as Ctrl-C); the same command restores the experiment without rerunning
-    finished trials, and the sweep ends with every trial's result.
+    checkpoint. Trial 2 cannot learn (lr 1e-6): ASHA stops it at the
+    megabatch-2 rung, and trial 3 can only start if the stopped trial's workers gave their
+    CPUs back. While trial 3 is half way, SIGTERM goes to the driver's process group (as a
+    scheduler stops a job; the driver takes it as Ctrl-C); the same command restores the
+    experiment without rerunning finished trials, and the sweep ends with every trial's
+    result.
 
     The sweep's storage_path and its shards are in an S3 bucket (moto's server): Tune's
     experiment, the result table and Ray Train's checkpoint copies live there, and before the
@@ -742,7 +811,8 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
         search_space={"train.lr": {"grid": [0.05, 1.0e-6, 0.04]}},
         scheduler={"kind": "asha", "metric": "test_accuracy", "mode": "max",
                    "grace_period": 2, "reduction_factor": 2},
-        storage_path="s3://sweeps/storage", run_root=str(runs))
+        storage_path="s3://sweeps/storage", run_root=str(runs),
+        trial_driver={"CPU": 0, "memory_mb": 256, "resources": {"node_a": 0.01}})
     experiment = Experiment(s3_server.filesystem(), "sweeps/storage/digits-test")
     command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(path)]
     driver_log = tmp_path / "driver.log"
@@ -764,6 +834,7 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
         if not wait_for(first_trial_reported, first, timeout=300, interval=0.1):
             raise AssertionError(driver_log.read_text()[-3000:])
         assert two_node_ray.trains_on_worker_node()
+        assert not two_node_ray.controls_on_worker_node()  # kept on node A
         two_node_ray.lose_worker_node()
         lost_at = time.time()
         two_node_ray.restart_worker_node()

@@ -23,6 +23,7 @@ from app_dist.foundations.commands import ArgumentParser, command
 from app_dist.foundations.errors import ConfigError
 from app_dist.foundations.signals import heeded_signals
 from app_dist.sweep.local_ray import LocalRay
+from app_dist.sweep.placement_groups import release_callback
 from app_dist.sweep.results import (
     RESULT_FILES,
     TrialOutcome,
@@ -38,7 +39,7 @@ from app_dist.sweep.settings import (
     load_sweep,
     project_root,
 )
-from app_dist.sweep.trial import PLACEMENT_GROUP_KEY, make_trainable
+from app_dist.sweep.trial import make_trainable
 
 log = logging.getLogger("app_dist")
 
@@ -72,43 +73,6 @@ def build_scheduler(sweep: Sweep) -> Any:
     return ASHAScheduler(time_attr=settings.time_attr, max_t=max_t,
                          grace_period=settings.grace_period,
                          reduction_factor=settings.reduction_factor, stop_last_trials=False)
-
-
-def release_callback() -> Any:
-    """A Tune callback releasing the placement group of each trial's Ray Train workers when
-    the trial ends. Ray Train's controller owns that group; when Tune stops a trial (ASHA at a
-    rung) it kills the trial's driver, and with it the controller, but the group's resources
-    stay reserved until the whole sweep ends, starving the next trials (ray-project/ray#54305;
-    Ray's own cleaner needs the dashboard's state API, which ray[tune,train] lacks)."""
-    from ray import tune
-
-    class ReleaseTrainPlacementGroup(tune.Callback):
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
-            release_placement_group(trial.last_result.get(PLACEMENT_GROUP_KEY))
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
-            release_placement_group(trial.last_result.get(PLACEMENT_GROUP_KEY))
-
-    return ReleaseTrainPlacementGroup()
-
-
-def release_placement_group(group_hex: str | None) -> bool:
-    """Remove the placement group with this id unless Ray already did; True if removed."""
-    if not group_hex:
-        return False
-    import ray
-    from ray.util.placement_group import (
-        PlacementGroup,
-        placement_group_table,
-        remove_placement_group,
-    )
-
-    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_hex)))
-    if placement_group_table(group).get("state") in (None, "REMOVED"):
-        return False
-    remove_placement_group(group)
-    log.info("released placement group %s of a stopped trial", group_hex)
-    return True
 
 
 def check_same_sweep(sweep: Sweep) -> None:

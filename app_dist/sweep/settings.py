@@ -91,6 +91,10 @@ class DriverResources:
 
     CPU: float = 0.0
     memory_mb: int = 256
+    # Custom Ray resources (`ray start --resources`), to keep trial drivers on nodes that stay,
+    # e.g. {head: 0.01} with the head started with --resources '{"head": 1}': a driver on a
+    # lost node takes its Ray Train controller along, and Tune must retry the whole trial.
+    resources: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,6 +305,11 @@ def _check_scalars(settings: SweepSettings) -> None:
              "resources_per_worker", "CPU=0, GPU=0", "a worker must ask for a CPU or a GPU")
     _require(settings.trial_driver.CPU >= 0, "trial_driver.CPU", settings.trial_driver.CPU,
              "must be >= 0")
+    for name, amount in settings.trial_driver.resources.items():
+        _require(name not in ("CPU", "GPU", "memory"), f"trial_driver.resources.{name}", amount,
+                 f"belongs in trial_driver.{'memory_mb' if name == 'memory' else name}, not "
+                 "among custom resources")
+        _require(amount > 0, f"trial_driver.resources.{name}", amount, "must be > 0")
     _require(settings.trial_driver.CPU > 0 or settings.trial_driver.memory_mb > 0,
              "trial_driver.memory_mb", settings.trial_driver.memory_mb,
              "must be > 0 when trial_driver.CPU is 0 (Ray refuses an empty request)")

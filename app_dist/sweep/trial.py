@@ -25,9 +25,6 @@ from app_dist.train import setup_logging, train
 from app_dist.training.events import Callback
 from app_dist.training.run_input import prepare
 
-# The id of the placement group holding the trial's workers, reported with every megabatch so
-# the sweep can release it when Tune stops the trial (see runner.ReleaseTrainPlacementGroup).
-PLACEMENT_GROUP_KEY = "ray_placement_group"
 
 def make_trainable(sweep: Sweep) -> Any:
     """The Tune trainable of `sweep`: a function trainable with the driver's resources."""
@@ -37,7 +34,8 @@ def make_trainable(sweep: Sweep) -> Any:
         run_trial(sweep, sampled)
 
     driver = sweep.settings.trial_driver
-    resources: dict[str, float] = {"CPU": driver.CPU, "memory": driver.memory_mb * 2**20}
+    resources: dict[str, float] = {"CPU": driver.CPU, "memory": driver.memory_mb * 2**20,
+                                   **driver.resources}
     return tune.with_resources(app_dist_trial, resources)
 
 
@@ -115,12 +113,8 @@ class MegabatchReporter(Callback):
     attaching the megabatch's checkpoint folder."""
 
     def __init__(self, platform: Platform, megabatches: int) -> None:
-        from ray.util import get_current_placement_group
-
         self.platform = platform
         self.megabatches = megabatches
-        group = get_current_placement_group()
-        self.placement_group = group.id.hex() if group is not None else ""
         self.reports = 0
 
     def megabatch_end(self, record: dict[str, Any], folder: Path) -> None:
@@ -131,8 +125,7 @@ class MegabatchReporter(Callback):
         import ray.train
 
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
-        metrics.update(megabatches=self.megabatches,
-                       **{PLACEMENT_GROUP_KEY: self.placement_group})
+        metrics.update(megabatches=self.megabatches)
         if folder is None:
             ray.train.report(metrics)
         else:

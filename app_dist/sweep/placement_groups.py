@@ -45,12 +45,18 @@ def orphaned_placement_groups() -> list[str]:
 
 
 def release_orphaned_placement_groups() -> list[str]:
-    """Remove every orphaned placement group of this job; their ids (hex)."""
+    """Remove every orphaned placement group of this job; their ids (hex). Never raises: it
+    runs inside Tune's loop, where an exception would end the sweep."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    try:
+        orphans = orphaned_placement_groups()
+    except Exception as error:  # the GCS busy or failing over: the next check tries again
+        log.warning("could not read Ray's placement groups (%s); trying again later", error)
+        return []
     released = []
-    for group_hex in orphaned_placement_groups():
+    for group_hex in orphans:
         try:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_hex))))
         except Exception as error:  # removed meanwhile (by Ray Train's cleaner, where it works)

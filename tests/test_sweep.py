@@ -702,13 +702,10 @@ class TwoNodeRay:
                 return ""
         return [title(pid) for pid in self.worker_node_pids()]
 
-    def trains_on_worker_node(self) -> bool:
-        """Whether a Ray Train worker runs on node B."""
-        return any("RayTrainWorker" in title for title in self.worker_node_processes())
-
-    def controls_on_worker_node(self) -> bool:
-        """Whether a Ray Train controller (beside its trial's driver) runs on node B."""
-        return any("TrainController" in title for title in self.worker_node_processes())
+    def runs_on_worker_node(self, actor: str) -> bool:
+        """Whether an actor of this class (`RayTrainWorker`; `TrainController`, beside its
+        trial's driver) runs on node B."""
+        return any(actor in title for title in self.worker_node_processes())
 
     def lose_worker_node(self) -> None:
         """SIGKILL to all of node B's processes at once."""
@@ -833,8 +830,8 @@ def test_sweep_on_two_ray_nodes_survives_a_lost_node_and_an_interrupted_driver(
     try:
         if not wait_for(first_trial_reported, first, timeout=300, interval=0.1):
             raise AssertionError(driver_log.read_text()[-3000:])
-        assert two_node_ray.trains_on_worker_node()
-        assert not two_node_ray.controls_on_worker_node()  # kept on node A
+        assert two_node_ray.runs_on_worker_node("RayTrainWorker")
+        assert not two_node_ray.runs_on_worker_node("TrainController")  # kept on node A
         two_node_ray.lose_worker_node()
         lost_at = time.time()
         two_node_ray.restart_worker_node()
@@ -982,7 +979,8 @@ def test_elastic_trial_goes_on_with_the_workers_left_and_resumes_from_its_last_r
     try:
         assert wait_for(lambda: registered(1), sweep, timeout=300, interval=0.1), (
             driver_log.read_text()[-3000:])
-        assert two_node_ray.trains_on_worker_node(), two_node_ray.worker_node_processes()
+        assert two_node_ray.runs_on_worker_node("RayTrainWorker"), (
+            two_node_ray.worker_node_processes())
         two_node_ray.lose_worker_node()
         watcher = signal_when_announced(announce, signal.SIGTERM, lambda: registered(2),
                                         time.monotonic() + 300)
